@@ -1,0 +1,5 @@
+"""``python -m echo`` is ``echoctl``."""
+
+from echo.cli import main
+
+main()

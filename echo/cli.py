@@ -1,0 +1,283 @@
+"""``echoctl``: thin commands that parse, call and print. No logic lives here."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+import echo
+from echo.config import ConfigError, Settings, load_settings, with_dev_secret
+
+app = typer.Typer(
+    help="Echo: real-time messaging with in-transit middleware. Start with `echoctl dev`.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+functions_app = typer.Typer(help="Create, list and run echo functions.", no_args_is_help=True)
+app.add_typer(functions_app, name="functions")
+
+out = Console()
+err = Console(stderr=True)
+
+ProjectOption = Annotated[
+    Path, typer.Option("--project", "-C", help="Project folder.", show_default="current folder")
+]
+
+
+def fail(message: str, hint: str | None = None, code: int = 2) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    if hint:
+        err.print(f"[dim]hint:[/] {hint}", highlight=False)
+    raise typer.Exit(code)
+
+
+def settings_for(project: Path | None, dev: bool = True, **overrides: Any) -> Settings:
+    project = project or Path.cwd()
+    if not project.is_dir():
+        fail(f"no project folder {project}", "create one with `echoctl init DIR`")
+    try:
+        settings = load_settings(project, **overrides)
+    except ConfigError as exc:
+        fail(str(exc), "fix the setting in echo.toml or the ECHO_* environment variable")
+    return with_dev_secret(settings) if dev else settings
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(name)s: %(message)s",
+        handlers=[RichHandler(console=err, show_path=False, markup=False)],
+        force=True,
+    )
+
+
+def template_dir() -> Path:
+    """Demo functions/apps: packaged in a wheel, or the repository itself in a checkout."""
+    packaged = Path(echo.__file__).parent / "_template"
+    return packaged if packaged.is_dir() else Path(echo.__file__).parent.parent
+
+
+@app.command()
+def version() -> None:
+    """Print Echo's version."""
+    out.print(echo.__version__)
+
+
+@app.command()
+def init(directory: Annotated[Path, typer.Argument(help="Folder to create.")] = Path(".")) -> None:
+    """Scaffold a project: functions/, apps/, associations.json and echo.toml."""
+    source = template_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    created = []
+    for name in ("functions", "apps"):
+        target = directory / name
+        if target.exists():
+            out.print(f"[yellow]kept[/] existing {target}")
+            continue
+        shutil.copytree(
+            source / name, target, ignore=shutil.ignore_patterns("__pycache__", "node_modules")
+        )
+        created.append(f"{name}/")
+    for name, content in (
+        ("associations.json", (source / "associations.json").read_text(encoding="utf-8")),
+        ("echo.toml", "# Echo settings; ECHO_* environment variables override these.\n"
+                      "port = 3000\nmax_message_bytes = 65536\n"),
+    ):
+        target = directory / name
+        if target.exists():
+            out.print(f"[yellow]kept[/] existing {target}")
+        else:
+            target.write_text(content, encoding="utf-8")
+            created.append(name)
+    out.print(f"[green]created[/] {', '.join(created) or 'nothing new'} in {directory.resolve()}")
+    out.print(f"next: [bold]cd {directory} && echoctl dev[/]")
+
+
+@app.command()
+def dev(
+    project: ProjectOption = Path("."),
+    host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning...")] = None,
+) -> None:
+    """Run server, local function runner and hot reload, and serve apps/ under /apps/."""
+    settings = settings_for(project, host=host, port=port, log_level=log_level)
+    _logging(settings.log_level)
+    from echo.core import serving
+    from echo.emulator.dev import build_dev_server
+
+    server = build_dev_server(settings)
+    shown_host = "localhost" if settings.host in ("127.0.0.1", "0.0.0.0", "::") else settings.host
+
+    def banner() -> None:
+        base = f"http://{shown_host}:{settings.port}"
+        apps_dir = settings.path(settings.apps_dir)
+        apps = sorted(p.name for p in apps_dir.iterdir() if (p / "index.html").exists()) \
+            if apps_dir.is_dir() else []
+        err.print(f"\n[bold green]Echo dev server[/] at [bold]{base}[/]  (Ctrl+C to stop)")
+        for name in apps:
+            err.print(f"  app        {base}/apps/{name}/")
+        err.print(f"  functions  {settings.path(settings.functions_dir)} (hot reload on)")
+        err.print(f"  channels   {settings.path(settings.associations)} (applied live)")
+        err.print(f"  tokens     `echoctl jwt APP` (pages served here fetch {base}/dev/token)\n")
+
+    try:
+        serving.run(server.asgi, settings.host, settings.port, settings.log_level, on_ready=banner)
+    except OSError as exc:
+        fail(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}",
+             "pick another port with --port or ECHO_PORT")
+
+
+@app.command()
+def jwt(
+    app_name: Annotated[str, typer.Argument(metavar="APP", help="App (namespace) name.")],
+    admin: Annotated[bool, typer.Option("--admin", help="Print only an admin token.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    ttl: Annotated[int | None, typer.Option(help="Expire after this many seconds.")] = None,
+    project: ProjectOption = Path("."),
+) -> None:
+    """Print the endpoint, a user token and an admin token for APP (as Ekko's `jwt`)."""
+    from echo.core.auth import issue_token
+    from echo.core.protocol import CHANNEL_NAME
+
+    if not CHANNEL_NAME.match(app_name):
+        fail(f"{app_name!r} is not an app name", "use letters, digits and - _ : .")
+    settings = settings_for(project)
+    secret = settings.require_secret()
+    endpoint = f"http://{'localhost' if settings.host in ('127.0.0.1', '0.0.0.0') else settings.host}:{settings.port}"
+    user_token = issue_token(secret, app_name, admin=False, ttl=ttl)
+    admin_token = issue_token(secret, app_name, admin=True, ttl=ttl)
+    if as_json:
+        body = {"endpoint": endpoint, "appName": app_name, "adminJwt": admin_token}
+        if not admin:
+            body["jwt"] = user_token
+        out.print_json(json.dumps(body))
+        return
+    if admin:
+        print(admin_token)
+        return
+    out.print(f"[bold]Echo server endpoint:[/] {endpoint}")
+    out.print(f"[bold]User JWT ({app_name}):[/]")
+    print(user_token)
+    out.print(f"[bold]Admin JWT ({app_name}):[/]")
+    print(admin_token)
+
+
+HANDLER_TEMPLATE = '''"""{name}: an echo function. `event` is the published message; return the new one.
+
+Return None to drop the message. `context.client_context.custom` has app, channel, uuid.
+"""
+
+
+def handler(event, context):
+    return event
+'''
+
+
+@functions_app.command("new")
+def functions_new(
+    name: Annotated[str, typer.Argument(help="Function name (letters, digits, - _).")],
+    project: ProjectOption = Path("."),
+) -> None:
+    """Create functions/NAME with a handler that passes messages through."""
+    from echo.core.associations import FUNCTION_NAME
+
+    if not FUNCTION_NAME.match(name):
+        fail(f"{name!r} is not a function name", "use letters, digits, - and _ (up to 64)")
+    settings = settings_for(project)
+    folder = settings.path(settings.functions_dir) / name
+    if folder.exists():
+        fail(f"{folder} already exists", "pick another name, or edit the existing function")
+    folder.mkdir(parents=True)
+    (folder / "handler.py").write_text(HANDLER_TEMPLATE.format(name=name), encoding="utf-8")
+    (folder / "function.toml").write_text(
+        f'description = "{name}"\ntimeout = {settings.function_timeout:g}\n', encoding="utf-8"
+    )
+    out.print(f"[green]created[/] {folder}/handler.py")
+    out.print(f"next: add it to a channel in {settings.associations} and publish on that channel")
+
+
+@functions_app.command("list")
+def functions_list(project: ProjectOption = Path(".")) -> None:
+    """List the functions in functions/ and the channels that use them."""
+    from echo.core.associations import AssociationsError
+    from echo.core.store import FileStore
+    from echo.functions import FunctionConfigError, discover
+
+    settings = settings_for(project)
+    try:
+        specs = discover(settings.path(settings.functions_dir), settings.function_timeout)
+    except FunctionConfigError as exc:
+        fail(str(exc))
+    try:
+        associations = asyncio.run(FileStore(settings.path(settings.associations)).load())
+    except AssociationsError as exc:
+        fail(f"{settings.associations}: {exc}", "fix the file; `echoctl dev` keeps the last good one")
+    used: dict[str, list[str]] = {}
+    for app_name, chains in associations.apps.items():
+        for channel, chain in [*chains.exact.items(), *chains.patterns]:
+            for function in chain:
+                used.setdefault(function, []).append(f"{app_name}/{channel}")
+    table = Table("function", "timeout", "channels", "description")
+    for name, spec in specs.items():
+        table.add_row(name, f"{spec.timeout:g}s", ", ".join(used.get(name, [])) or "-",
+                      spec.description)
+    for missing in sorted(set(used) - set(specs)):
+        table.add_row(f"[red]{missing}[/]", "-", ", ".join(used[missing]), "[red]not found[/]")
+    out.print(table)
+
+
+@functions_app.command("invoke")
+def functions_invoke(
+    name: Annotated[str, typer.Argument(help="Function to run.")],
+    data: Annotated[str, typer.Option("--data", "-d", help="The event, as JSON.")] = "null",
+    app_name: Annotated[str, typer.Option("--app", help="context app")] = "local",
+    channel: Annotated[str, typer.Option(help="context channel")] = "local",
+    project: ProjectOption = Path("."),
+) -> None:
+    """Run one function locally, in a worker process, and print its result as JSON."""
+    from echo.core.runners import FunctionError, InvocationContext
+    from echo.emulator.local_runner import LocalRunner
+
+    try:
+        event = json.loads(data)
+    except json.JSONDecodeError as exc:
+        fail(f"--data is not JSON: {exc.msg} at column {exc.colno}",
+             "quote it for the shell, e.g. --data '\"hello\"'")
+    settings = settings_for(project)
+
+    async def run() -> Any:
+        runner = LocalRunner(settings.path(settings.functions_dir),
+                             default_timeout=settings.function_timeout, max_workers=1)
+        await runner.start()
+        try:
+            return await runner.invoke(
+                name, event, InvocationContext(app=app_name, channel=channel, uuid="cli",
+                                               message_id="cli-1"))
+        finally:
+            await runner.close()
+
+    try:
+        result = asyncio.run(run())
+    except FunctionError as exc:
+        hint = "create it with `echoctl functions new NAME`" if exc.kind == "not_found" else None
+        fail(str(exc), hint, code=1)
+    print(json.dumps(result, ensure_ascii=False))
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

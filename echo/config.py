@@ -1,0 +1,188 @@
+"""Settings: one validated object built from ``echo.toml`` and ``ECHO_*`` environment variables.
+
+The environment wins over the file, so a container can override a committed config. Every
+value is checked once, at start-up; a bad one raises :class:`ConfigError` naming the setting
+and where it came from, so the CLI can print one clear line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIG_FILE = "echo.toml"
+ENV_PREFIX = "ECHO_"
+DEV_SECRET_FILE = Path(".echo") / "secret"
+
+
+class ConfigError(ValueError):
+    """A setting is missing or invalid; the message names it and its source."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a server, a runner and the CLI need to know about a project."""
+
+    project_dir: Path = field(default_factory=Path.cwd)
+    secret: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 3000
+    redis_url: str | None = None
+    functions_dir: Path = Path("functions")
+    apps_dir: Path = Path("apps")
+    associations: Path = Path("associations.json")
+    max_message_bytes: int = 64 * 1024
+    function_timeout: float = 3.0
+    max_workers: int = 4
+    max_pending_per_channel: int = 1000
+    cors_origins: tuple[str, ...] = ("*",)
+    log_level: str = "info"
+
+    def path(self, relative: Path) -> Path:
+        """Resolve a project-relative path setting."""
+        return relative if relative.is_absolute() else self.project_dir / relative
+
+    def require_secret(self) -> str:
+        if not self.secret:
+            raise ConfigError(
+                "secret: not set. Set ECHO_SECRET or `secret = \"...\"` in echo.toml "
+                "(at least 32 characters)."
+            )
+        return self.secret
+
+
+def _to_int(name: str, raw: Any, low: int, high: int) -> int:
+    try:
+        value = int(raw)
+        if isinstance(raw, float) and raw != value:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: expected a whole number, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name}: {value} is out of range ({low}..{high})")
+    return value
+
+
+def _to_float(name: str, raw: Any, low: float, high: float) -> float:
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: expected a number, got {raw!r}") from None
+    if not low < value <= high:
+        raise ConfigError(f"{name}: {value} is out of range (more than {low}, at most {high})")
+    return value
+
+
+def _to_str(name: str, raw: Any) -> str:
+    if not isinstance(raw, str) or not raw.strip():
+        raise ConfigError(f"{name}: expected a non-empty string, got {raw!r}")
+    return raw.strip()
+
+
+def _to_origins(name: str, raw: Any) -> tuple[str, ...]:
+    items = raw.split(",") if isinstance(raw, str) else raw
+    if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+        raise ConfigError(f"{name}: expected a list of origins or a comma-separated string")
+    return tuple(i.strip() for i in items if i.strip())
+
+
+_LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+def _convert(key: str, name: str, raw: Any) -> Any:
+    """Turn one raw value (from TOML or the environment) into its typed form."""
+    match key:
+        case "port":
+            return _to_int(name, raw, 0, 65535)
+        case "max_message_bytes":
+            return _to_int(name, raw, 64, 16 * 1024 * 1024)
+        case "max_workers":
+            return _to_int(name, raw, 1, 256)
+        case "max_pending_per_channel":
+            return _to_int(name, raw, 1, 1_000_000)
+        case "function_timeout":
+            return _to_float(name, raw, 0.0, 900.0)
+        case "functions_dir" | "apps_dir" | "associations":
+            return Path(_to_str(name, raw))
+        case "cors_origins":
+            return _to_origins(name, raw)
+        case "log_level":
+            level = _to_str(name, raw).lower()
+            if level not in _LOG_LEVELS:
+                raise ConfigError(f"{name}: {raw!r} is not one of {', '.join(_LOG_LEVELS)}")
+            return level
+        case "secret":
+            value = _to_str(name, raw)
+            if len(value) < 32:
+                raise ConfigError(f"{name}: too short ({len(value)} characters, need 32 or more: HS256 wants a 256-bit key)")
+            return value
+        case "redis_url":
+            value = _to_str(name, raw)
+            if not value.startswith(("redis://", "rediss://", "unix://")):
+                raise ConfigError(f"{name}: {raw!r} is not a redis:// or rediss:// URL")
+            return value
+        case _:
+            return _to_str(name, raw)
+
+
+_KEYS = tuple(f.name for f in dataclasses.fields(Settings) if f.name != "project_dir")
+
+
+def load_settings(
+    project_dir: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Build settings: defaults < echo.toml < ECHO_* environment < explicit overrides."""
+    project_dir = (project_dir or Path.cwd()).resolve()
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+
+    config_path = project_dir / CONFIG_FILE
+    if config_path.exists():
+        try:
+            document = tomllib.loads(config_path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{config_path}: not valid TOML ({exc})") from None
+        for key, raw in document.items():
+            if key not in _KEYS:
+                raise ConfigError(
+                    f"{config_path}: unknown setting {key!r} (known: {', '.join(_KEYS)})"
+                )
+            values[key] = _convert(key, f"{CONFIG_FILE}: {key}", raw)
+
+    for key in _KEYS:
+        env_name = ENV_PREFIX + key.upper()
+        if env_name in environ:
+            values[key] = _convert(key, env_name, environ[env_name])
+
+    for key, raw in overrides.items():
+        if raw is not None:
+            values[key] = _convert(key, f"--{key.replace('_', '-')}", raw)
+
+    return Settings(project_dir=project_dir, **values)
+
+
+def with_dev_secret(settings: Settings) -> Settings:
+    """Give a dev project a stable secret of its own, kept in ``.echo/secret``.
+
+    ``echoctl dev`` and ``echoctl jwt`` both call this, so tokens printed by one are accepted
+    by the other without any configuration. Never used by ``echoctl serve``.
+    """
+    if settings.secret:
+        return settings
+    secret_file = settings.project_dir / DEV_SECRET_FILE
+    if secret_file.exists():
+        secret = secret_file.read_text(encoding="utf-8").strip()
+    else:
+        secret = secrets.token_urlsafe(32)
+        secret_file.parent.mkdir(parents=True, exist_ok=True)
+        secret_file.write_text(secret + "\n", encoding="utf-8")
+        secret_file.chmod(0o600)
+    return dataclasses.replace(settings, secret=secret)

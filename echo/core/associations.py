@@ -1,0 +1,141 @@
+"""The associations document: which echo functions run, in order, on which channels.
+
+Ekko's format, kept as is::
+
+    {"applications": {"chat-demo": {"channels": [
+        {"channelName": "angry", "functionNames": ["demo-angry", "demo-emojify"]},
+        {"channelName": "chat:*", "functionNames": ["profanity-filter"]}]}}}
+
+A channel name is matched exactly; a name containing ``*``, ``?`` or ``[`` is a glob pattern
+(``fnmatch`` rules). An exact entry wins over patterns; among patterns the first listed wins.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+_GLOB_CHARS = re.compile(r"[*?\[]")
+FUNCTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+class AssociationsError(ValueError):
+    """The document is invalid; ``path`` points at the offending part (e.g. ``applications.x``)."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(f"{path}: {problem}" if path else problem)
+        self.path = path
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class AppChains:
+    exact: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    patterns: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def match(self, channel: str) -> tuple[str, ...]:
+        chain = self.exact.get(channel)
+        if chain is not None:
+            return chain
+        for pattern, pattern_chain in self.patterns:
+            if fnmatch.fnmatchcase(channel, pattern):
+                return pattern_chain
+        return ()
+
+
+@dataclass(frozen=True)
+class Associations:
+    """A validated document plus a fast ``match(app, channel)``."""
+
+    document: dict[str, Any]
+    apps: dict[str, AppChains]
+
+    @classmethod
+    def empty(cls) -> Associations:
+        return cls(document={"applications": {}}, apps={})
+
+    def match(self, app: str, channel: str) -> tuple[str, ...]:
+        """The function chain for a channel of an app; empty when none applies."""
+        chains = self.apps.get(app)
+        return chains.match(channel) if chains else ()
+
+    def function_names(self) -> set[str]:
+        names: set[str] = set()
+        for chains in self.apps.values():
+            for chain in chains.exact.values():
+                names.update(chain)
+            for _, chain in chains.patterns:
+                names.update(chain)
+        return names
+
+
+def _expect(value: Any, kind: type, path: str, described: str) -> Any:
+    if not isinstance(value, kind):
+        raise AssociationsError(path, f"expected {described}, got {type(value).__name__}")
+    return value
+
+
+def parse_associations(data: Any) -> Associations:
+    """Validate a decoded JSON document; raise AssociationsError naming the bad path."""
+    _expect(data, dict, "", "a JSON object with an 'applications' key")
+    unknown = set(data) - {"applications", "version"}
+    if unknown:
+        raise AssociationsError(sorted(unknown)[0], "unknown key (expected 'applications')")
+    if "applications" not in data:
+        raise AssociationsError("applications", "missing")
+    applications = _expect(data["applications"], dict, "applications", "an object of apps")
+
+    apps: dict[str, AppChains] = {}
+    for app_name, app_doc in applications.items():
+        app_path = f"applications.{app_name}"
+        if not app_name:
+            raise AssociationsError(app_path, "app name must not be empty")
+        _expect(app_doc, dict, app_path, "an object with a 'channels' list")
+        channels = _expect(app_doc.get("channels", []), list, f"{app_path}.channels", "a list")
+        exact: dict[str, tuple[str, ...]] = {}
+        patterns: list[tuple[str, tuple[str, ...]]] = []
+        for index, entry in enumerate(channels):
+            entry_path = f"{app_path}.channels[{index}]"
+            _expect(entry, dict, entry_path, "an object with channelName and functionNames")
+            name = entry.get("channelName")
+            if not isinstance(name, str) or not name:
+                raise AssociationsError(f"{entry_path}.channelName", "must be a non-empty string")
+            names = _expect(
+                entry.get("functionNames", []),
+                list,
+                f"{entry_path}.functionNames",
+                "a list of function names",
+            )
+            for position, function in enumerate(names):
+                if not isinstance(function, str) or not FUNCTION_NAME.match(function):
+                    raise AssociationsError(
+                        f"{entry_path}.functionNames[{position}]",
+                        f"{function!r} is not a function name (letters, digits, - and _)",
+                    )
+            chain = tuple(names)
+            if _GLOB_CHARS.search(name):
+                if any(p == name for p, _ in patterns):
+                    raise AssociationsError(f"{entry_path}.channelName", f"{name!r} listed twice")
+                patterns.append((name, chain))
+            else:
+                if name in exact:
+                    raise AssociationsError(f"{entry_path}.channelName", f"{name!r} listed twice")
+                exact[name] = chain
+        apps[app_name] = AppChains(exact=exact, patterns=tuple(patterns))
+    return Associations(document=data, apps=apps)
+
+
+def parse_associations_text(text: str | bytes, source: str = "associations") -> Associations:
+    """Parse JSON text; a syntax error names the line and column."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise AssociationsError(
+            "", f"{source} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
+        ) from None
+    except UnicodeDecodeError:
+        raise AssociationsError("", f"{source} is not UTF-8 text") from None
+    return parse_associations(data)

@@ -1,0 +1,118 @@
+"""HTTP endpoints beside the sockets: health, readiness and the associations document.
+
+``/associations`` needs an admin token (``Authorization: Bearer <jwt>`` with ``admin: true``);
+user tokens are refused, unlike Ekko where any token signed with the secret could replace
+everyone's associations. An invalid document gets 400 and the previous one stays in force.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from echo.core.associations import AssociationsError, parse_associations_text
+from echo.core.auth import AuthError, Claims, verify_token
+
+if TYPE_CHECKING:
+    from echo.core.app import EchoServer
+
+MAX_ASSOCIATIONS_BYTES = 1024 * 1024
+
+
+def _problem(status: int, code: str, message: str, **details: object) -> JSONResponse:
+    return JSONResponse(
+        {"ok": False, "error": {"code": code, "message": message, **details}}, status_code=status
+    )
+
+
+def _admin_claims(request: Request, secret: str) -> Claims | JSONResponse:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return _problem(
+            401, "unauthorized", "send an admin token: Authorization: Bearer <jwt> "
+            "(`echoctl jwt APP --admin`)"
+        )
+    try:
+        claims = verify_token(secret, token.strip())
+    except AuthError as exc:
+        return _problem(401, "unauthorized", str(exc))
+    if not claims.admin:
+        return _problem(403, "forbidden", "an admin token is required; user tokens are refused")
+    return claims
+
+
+def routes(server: EchoServer) -> list[Route]:
+    secret = server.settings.require_secret()
+
+    async def health(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    async def ready(request: Request) -> JSONResponse:
+        problems = server.readiness_problems()
+        body = {"ready": not problems, "problems": problems}
+        return JSONResponse(body, status_code=503 if problems else 200)
+
+    async def get_associations(request: Request) -> JSONResponse:
+        claims = _admin_claims(request, secret)
+        if isinstance(claims, JSONResponse):
+            return claims
+        return JSONResponse(server.associations.document)
+
+    async def put_associations(request: Request) -> JSONResponse:
+        claims = _admin_claims(request, secret)
+        if isinstance(claims, JSONResponse):
+            return claims
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_ASSOCIATIONS_BYTES:
+                return _problem(
+                    413, "too_large", f"the document is over {MAX_ASSOCIATIONS_BYTES} bytes"
+                )
+        try:
+            associations = parse_associations_text(body, source="request body")
+        except AssociationsError as exc:
+            return _problem(400, "invalid_associations", str(exc), path=exc.path)
+        await server.store.save(associations)
+        await server.apply_associations(associations, source=f"PUT by {claims.app} admin")
+        return JSONResponse({"ok": True, "applications": sorted(associations.apps)})
+
+    return [
+        Route("/health", health),
+        Route("/ready", ready),
+        Route("/associations", get_associations, methods=["GET"]),
+        Route("/associations", put_associations, methods=["PUT"]),
+        *client_routes,
+    ]
+
+
+CLIENT_DIR = Path(__file__).resolve().parent.parent / "client"
+SOCKET_IO_DIST = CLIENT_DIR / "node_modules" / "socket.io-client" / "dist"
+_CLIENT_FILES = {
+    "echo.js": CLIENT_DIR / "echo.js",
+    "socket.io.esm.min.js": SOCKET_IO_DIST / "socket.io.esm.min.js",
+    "socket.io.esm.min.js.map": SOCKET_IO_DIST / "socket.io.esm.min.js.map",
+}
+
+
+async def client_file(request: Request) -> Response:
+    """The browser client (``/client/echo.js``) and the socket.io-client build it imports."""
+    path = _CLIENT_FILES.get(request.path_params["name"])
+    if path is None:
+        return PlainTextResponse("no such client file", status_code=404)
+    if not path.exists():
+        return PlainTextResponse(
+            f"{path.name} is missing: install the browser client's dependencies with "
+            f"`npm ci --prefix {CLIENT_DIR}`",
+            status_code=503,
+        )
+    media = "application/json" if path.suffix == ".map" else "text/javascript"
+    return FileResponse(path, media_type=media)
+
+
+client_routes = [Route("/client/{name}", client_file)]

@@ -1,0 +1,76 @@
+"""Runners execute echo functions. One small interface, several backends.
+
+A backend is found by name through the ``echo.runners`` entry-point group, so the server
+never imports a particular one: ``echoctl dev`` plugs in the local worker-process runner, a
+cloud deployment a Lambda runner, and a third party can add its own package.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any
+
+RUNNER_GROUP = "echo.runners"
+
+
+@dataclass(frozen=True)
+class InvocationContext:
+    """Who published what where; reaches the function as Lambda's ``client_context.custom``."""
+
+    app: str
+    channel: str
+    uuid: str | None
+    message_id: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "app": self.app,
+            "channel": self.channel,
+            "uuid": self.uuid,
+            "messageId": self.message_id,
+        }
+
+
+class FunctionError(Exception):
+    """An echo function did not produce a usable result.
+
+    ``kind`` is one of ``raised`` (the handler raised), ``timeout``, ``bad_result`` (not
+    JSON), ``crashed`` (the worker process died), ``not_found``.
+    """
+
+    def __init__(self, function: str, kind: str, detail: str) -> None:
+        super().__init__(f"function {function!r} {kind}: {detail}")
+        self.function = function
+        self.kind = kind
+        self.detail = detail
+
+
+class Runner(abc.ABC):
+    """Runs one echo function on one event and returns its JSON-compatible result."""
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Acquire resources (processes, clients) before the first invoke."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release everything; invoke is not called afterwards."""
+
+    @abc.abstractmethod
+    async def invoke(self, function: str, event: Any, context: InvocationContext) -> Any:
+        """Return the function's result (``None`` filters the message) or raise FunctionError."""
+
+    def reload(self, functions: set[str] | None = None) -> None:  # noqa: B027 - optional hook
+        """Pick up changed code for ``functions`` (all when None) on the next invoke."""
+
+
+def load_runner_class(name: str) -> type[Runner]:
+    """Find a runner backend registered under ``name`` in the ``echo.runners`` group."""
+    found = entry_points(group=RUNNER_GROUP, name=name)
+    if not found:
+        available = sorted(ep.name for ep in entry_points(group=RUNNER_GROUP))
+        raise LookupError(f"no runner named {name!r} (available: {', '.join(available)})")
+    runner_class = next(iter(found)).load()
+    if not (isinstance(runner_class, type) and issubclass(runner_class, Runner)):
+        raise LookupError(f"runner {name!r} does not point at a Runner subclass")
+    return runner_class

@@ -1,0 +1,44 @@
+"""Run an ASGI app under uvicorn with the settings measured to be fastest here.
+
+uvloop + httptools, the sans-I/O websockets implementation, and no per-message deflate: see
+``shared/notes/performance.md`` (deflate alone cut throughput to 0.34x).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import uvicorn
+
+
+def uvicorn_config(app: Any, host: str, port: int, log_level: str = "info") -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        # uvicorn's info lines (one per websocket) drown Echo's own; keep its warnings
+        log_level=log_level if log_level in ("debug", "warning", "error", "critical") else "warning",
+        loop="auto",
+        http="auto",
+        ws="websockets-sansio",
+        ws_per_message_deflate=False,
+        lifespan="on",
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+
+
+def run(app: Any, host: str, port: int, log_level: str = "info",
+        on_ready: Callable[[], None] | None = None) -> None:
+    server = uvicorn.Server(uvicorn_config(app, host, port, log_level))
+    if on_ready is not None:
+        original = server.startup
+
+        async def startup(sockets: Any = None) -> None:
+            await original(sockets)
+            if server.started:
+                on_ready()
+
+        server.startup = startup  # type: ignore[method-assign]
+    server.run()

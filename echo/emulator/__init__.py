@@ -1,0 +1,1 @@
+"""The local development loop: worker-process runner, hot reload, ``echoctl dev``."""

@@ -1,0 +1,91 @@
+"""``echoctl dev``: the whole system on one laptop, with hot reload and the demo apps.
+
+Same server as production (:class:`echo.core.app.EchoServer`), plus the local worker runner,
+the project's ``associations.json`` as the store, file watchers, ``/apps/`` and a dev-only
+``/dev/token`` endpoint so demo pages connect without copy-pasting a token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+from pathlib import Path
+
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from echo.config import Settings
+from echo.core.app import EchoServer
+from echo.core.auth import issue_token
+from echo.core.protocol import CHANNEL_NAME
+from echo.core.store import FileStore
+from echo.emulator.local_runner import LocalRunner
+from echo.emulator.watch import watch_associations, watch_functions
+
+DEV_TOKEN_TTL = 24 * 3600
+
+
+def _dev_routes(settings: Settings, apps_dir: Path) -> list[BaseRoute]:
+    secret = settings.require_secret()
+
+    async def dev_token(request: Request) -> JSONResponse:
+        app = request.query_params.get("app", "")
+        if not CHANNEL_NAME.match(app):
+            return JSONResponse(
+                {"ok": False, "error": {"code": "bad_request", "message": "?app=NAME is required"}},
+                status_code=400,
+            )
+        admin = request.query_params.get("admin", "").lower() in ("1", "true", "yes")
+        token = issue_token(secret, app, admin=admin, ttl=DEV_TOKEN_TTL)
+        return JSONResponse({"appName": app, "jwt": token, "admin": admin})
+
+    async def index(request: Request) -> Response:
+        apps = sorted(p.name for p in apps_dir.iterdir() if (p / "index.html").exists()) \
+            if apps_dir.is_dir() else []
+        if len(apps) == 1:
+            return RedirectResponse(f"/apps/{apps[0]}/")
+        links = "".join(
+            f'<li><a href="/apps/{html.escape(a)}/">{html.escape(a)}</a></li>' for a in apps
+        )
+        return HTMLResponse(f"<!doctype html><title>Echo dev</title><h1>Echo apps</h1><ul>{links}</ul>")
+
+    routes: list[BaseRoute] = [
+        Route("/", index),
+        Route("/dev/token", dev_token),
+    ]
+    if apps_dir.is_dir():
+        routes.append(Mount("/apps", app=StaticFiles(directory=apps_dir, html=True)))
+    return routes
+
+
+def build_dev_server(settings: Settings) -> EchoServer:
+    functions_dir = settings.path(settings.functions_dir)
+    associations = settings.path(settings.associations)
+    runner = LocalRunner(
+        functions_dir, default_timeout=settings.function_timeout, max_workers=settings.max_workers
+    )
+    stop = asyncio.Event()
+    tasks: list[asyncio.Task[None]] = []
+
+    async def start_watching() -> None:
+        stop.clear()
+        tasks.append(asyncio.create_task(watch_functions(server, functions_dir, stop)))
+        tasks.append(asyncio.create_task(watch_associations(server, associations, stop)))
+
+    async def stop_watching() -> None:
+        stop.set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    server = EchoServer(
+        settings,
+        runner,
+        FileStore(associations),
+        routes=_dev_routes(settings, settings.path(settings.apps_dir)),
+        on_startup=[start_watching],
+        on_shutdown=[stop_watching],
+    )
+    return server

@@ -1,0 +1,128 @@
+"""A function worker process: reads invocations on stdin, answers on its original stdout.
+
+Run as ``python -m echo.emulator.worker``. Each line in is a JSON request, each line out a
+JSON response. The handler's own ``print`` output goes to stderr (the dev server's console),
+so it can never corrupt the protocol. Handlers are compiled straight from source (no .pyc),
+so an edit is always seen by a fresh worker, even within the same second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import os
+import sys
+import time
+import traceback
+import types
+from pathlib import Path
+from typing import Any
+
+
+class ClientContext:
+    """Lambda's ``context.client_context``: Echo puts app, channel, uuid in ``custom``."""
+
+    def __init__(self, custom: dict[str, Any]) -> None:
+        self.custom = custom
+        self.client = None
+        self.env = None
+
+
+class LambdaContext:
+    """The attributes AWS Lambda's Python runtime gives a handler, emulated locally."""
+
+    def __init__(self, function_name: str, request_id: str, timeout: float, custom: dict) -> None:
+        self.function_name = function_name
+        self.function_version = "$LATEST"
+        self.invoked_function_arn = f"arn:aws:lambda:local:000000000000:function:{function_name}"
+        self.memory_limit_in_mb = 128
+        self.aws_request_id = request_id
+        self.log_group_name = f"/aws/lambda/{function_name}"
+        self.log_stream_name = "local"
+        self.identity = None
+        self.client_context = ClientContext(custom)
+        self._deadline = time.monotonic() + timeout
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(0, int((self._deadline - time.monotonic()) * 1000))
+
+
+_handlers: dict[str, Any] = {}
+
+
+def _load_handler(request: dict[str, Any]) -> Any:
+    name = request["function"]
+    if name in _handlers:
+        return _handlers[name]
+    folder = Path(request["path"])
+    module_name, function_name = request["handler"].split(".", 1)
+    source_file = folder / f"{module_name}.py"
+    module = types.ModuleType(f"echo_function_{name.replace('-', '_')}")
+    module.__file__ = str(source_file)
+    sys.path.insert(0, str(folder))  # let a handler import modules beside it
+    try:
+        code = compile(source_file.read_bytes(), str(source_file), "exec")
+        exec(code, module.__dict__)
+    finally:
+        sys.path.remove(str(folder))
+    handler = getattr(module, function_name, None)
+    if not callable(handler):
+        raise LookupError(f"{source_file.name} defines no function {function_name!r}")
+    _handlers[name] = handler
+    return handler
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def handle(request: dict[str, Any]) -> dict[str, Any]:
+    try:
+        handler = _load_handler(request)
+    except Exception as exc:
+        traceback.print_exc()
+        return {"ok": False, "kind": "load_failed", "detail": _describe(exc)}
+    context = LambdaContext(
+        request["function"], request["context"].get("messageId", ""), request["timeout"],
+        request["context"],
+    )
+    try:
+        result = handler(request["event"], context)
+        if inspect.isawaitable(result):
+            result = asyncio.run(_await(result))
+    except Exception as exc:
+        print(f"[{request['function']}] raised:", file=sys.stderr)
+        traceback.print_exc()
+        return {"ok": False, "kind": "raised", "detail": _describe(exc)}
+    return {"ok": True, "result": result}
+
+
+async def _await(awaitable: Any) -> Any:
+    return await awaitable
+
+
+def main() -> None:
+    protocol_out = os.fdopen(os.dup(1), "w", encoding="utf-8", buffering=1)
+    os.dup2(2, 1)  # anything printed by a handler lands on stderr
+    sys.stdout = sys.stderr
+    for line in sys.stdin:
+        request = json.loads(line)
+        response = handle(request)
+        response["id"] = request["id"]
+        try:
+            out = json.dumps(response, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            result = response.get("result")
+            out = json.dumps({
+                "id": request["id"],
+                "ok": False,
+                "kind": "bad_result",
+                "detail": f"returned {type(result).__name__}, which is not JSON ({exc})",
+            })
+        protocol_out.write(out + "\n")
+
+
+if __name__ == "__main__":
+    main()

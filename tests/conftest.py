@@ -1,0 +1,197 @@
+"""Shared fixtures: a real ``echoctl dev`` process on a free port, and real Socket.IO clients.
+
+Each test module gets its own project folder (the repo's demo functions and apps, the test
+functions from tests/fixtures, and a test associations file) and its own server process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import socketio
+
+from echo.core.auth import issue_token
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+SECRET = "test-secret-0123456789abcdef-0123456789"
+TEST_APP = "test-app"
+
+TEST_ASSOCIATIONS: dict[str, Any] = {
+    "applications": {
+        "chat-demo": json.loads((REPO / "associations.json").read_text())["applications"][
+            "chat-demo"
+        ],
+        TEST_APP: {
+            "channels": [
+                {"channelName": "plain", "functionNames": []},
+                {"channelName": "angry", "functionNames": ["demo-angry"]},
+                {"channelName": "chain", "functionNames": ["tag-a", "tag-b"]},
+                {"channelName": "filtered", "functionNames": ["demo-filter-shouting"]},
+                {"channelName": "raise", "functionNames": ["fail-raise"]},
+                {"channelName": "hang", "functionNames": ["fail-hang"]},
+                {"channelName": "garbage", "functionNames": ["fail-garbage"]},
+                {"channelName": "exit", "functionNames": ["fail-exit"]},
+                {"channelName": "missing", "functionNames": ["no-such-function"]},
+                {"channelName": "slow", "functionNames": ["slow-echo"]},
+                {"channelName": "room:*", "functionNames": ["demo-backwards"]},
+                {"channelName": "room:exact", "functionNames": ["demo-robot"]},
+            ]
+        },
+    }
+}
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_project(root: Path) -> Path:
+    """A project folder with demo + test functions and the test associations."""
+    functions = root / "functions"
+    shutil.copytree(REPO / "functions", functions, ignore=shutil.ignore_patterns("__pycache__"))
+    for folder in (FIXTURES / "functions").iterdir():
+        shutil.copytree(folder, functions / folder.name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "apps", root / "apps", ignore=shutil.ignore_patterns("node_modules"))
+    (root / "associations.json").write_text(json.dumps(TEST_ASSOCIATIONS, indent=2))
+    return root
+
+
+class EchoProcess:
+    """``python -m echo dev`` in a subprocess, on a free port."""
+
+    def __init__(self, project: Path, env: dict[str, str] | None = None) -> None:
+        self.project = project
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = project / f"echo-{self.port}.log"
+        self.env = {**os.environ, "ECHO_SECRET": SECRET, **(env or {})}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 20) -> EchoProcess:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "echo", "dev", "--project", str(self.project),
+             "--port", str(self.port)],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"echo exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=0.5).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"echo did not become healthy within {timeout}s:\n{self.log()}")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def token(self, app: str = TEST_APP, admin: bool = False, **kwargs: Any) -> str:
+        return issue_token(SECRET, app, admin=admin, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def echo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EchoProcess]:
+    project = make_project(tmp_path_factory.mktemp("project"))
+    server = EchoProcess(project).start()
+    yield server
+    server.stop()
+
+
+class Client:
+    """A python-socketio AsyncClient on one app namespace that records what it receives."""
+
+    def __init__(self, app: str) -> None:
+        self.app = app
+        self.namespace = "/" + app
+        self.sio = socketio.AsyncClient(reconnection=False)
+        self.received: dict[str, list[Any]] = {"message": [], "presence": [], "status": [],
+                                               "error": []}
+        for event in self.received:
+            self.sio.on(event, self._recorder(event), namespace=self.namespace)
+
+    def _recorder(self, event: str) -> Any:
+        def record(data: Any) -> None:
+            self.received[event].append(data)
+        return record
+
+    @property
+    def messages(self) -> list[Any]:
+        return self.received["message"]
+
+    async def call(self, event: str, data: Any, timeout: float = 10) -> Any:
+        return await self.sio.call(event, data, namespace=self.namespace, timeout=timeout)
+
+    async def emit(self, event: str, *data: Any) -> None:
+        await self.sio.emit(event, data[0] if len(data) == 1 else data, namespace=self.namespace)
+
+    async def wait_for(self, event: str, count: int = 1, timeout: float = 5) -> list[Any]:
+        deadline = time.monotonic() + timeout
+        while len(self.received[event]) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"{self.app}: wanted {count} {event} event(s) within {timeout}s, got "
+                    f"{self.received[event]!r}"
+                )
+            await asyncio.sleep(0.01)
+        return self.received[event]
+
+    async def disconnect(self) -> None:
+        if self.sio.connected:
+            await self.sio.disconnect()
+
+
+async def connect(server: EchoProcess, app: str = TEST_APP, *, token: str | None = None,
+                  uuid: str | None = None, admin: bool = False) -> Client:
+    client = Client(app)
+    auth: dict[str, Any] = {"jwt": token if token is not None else server.token(app, admin=admin)}
+    if uuid is not None:
+        auth["uuid"] = uuid
+    await client.sio.connect(server.url, namespaces=[client.namespace], auth=auth,
+                             transports=["websocket"], wait_timeout=5)
+    return client
+
+
+@pytest.fixture
+async def clients() -> AsyncIterator[list[Client]]:
+    """Collects clients a test opens and disconnects them afterwards."""
+    opened: list[Client] = []
+    yield opened
+    for client in opened:
+        await client.disconnect()

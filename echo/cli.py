@@ -118,10 +118,8 @@ def dev(
     from echo.emulator.dev import build_dev_server
 
     server = build_dev_server(settings)
-    shown_host = "localhost" if settings.host in ("127.0.0.1", "0.0.0.0", "::") else settings.host
-
     def banner() -> None:
-        base = f"http://{shown_host}:{settings.port}"
+        base = settings.local_url
         apps_dir = settings.path(settings.apps_dir)
         apps = sorted(p.name for p in apps_dir.iterdir() if (p / "index.html").exists()) \
             if apps_dir.is_dir() else []
@@ -155,7 +153,7 @@ def jwt(
         fail(f"{app_name!r} is not an app name", "use letters, digits and - _ : .")
     settings = settings_for(project)
     secret = settings.require_secret()
-    endpoint = f"http://{'localhost' if settings.host in ('127.0.0.1', '0.0.0.0') else settings.host}:{settings.port}"
+    endpoint = settings.local_url
     user_token = issue_token(secret, app_name, admin=False, ttl=ttl)
     admin_token = issue_token(secret, app_name, admin=True, ttl=ttl)
     if as_json:

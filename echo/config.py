@@ -48,6 +48,12 @@ class Settings:
         """Resolve a project-relative path setting."""
         return relative if relative.is_absolute() else self.project_dir / relative
 
+    @property
+    def local_url(self) -> str:
+        """Where a browser on this machine reaches the server."""
+        wildcard = self.host in ("127.0.0.1", "0.0.0.0", "::", "localhost")
+        return f"http://{'localhost' if wildcard else self.host}:{self.port}"
+
     def require_secret(self) -> str:
         if not self.secret:
             raise ConfigError(
@@ -120,7 +126,9 @@ def _convert(key: str, name: str, raw: Any) -> Any:
         case "secret":
             value = _to_str(name, raw)
             if len(value) < 32:
-                raise ConfigError(f"{name}: too short ({len(value)} characters, need 32 or more: HS256 wants a 256-bit key)")
+                raise ConfigError(
+                    f"{name}: too short ({len(value)} characters; HS256 needs 32 or more)"
+                )
             return value
         case "redis_url":
             value = _to_str(name, raw)

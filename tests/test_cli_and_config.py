@@ -1,0 +1,126 @@
+"""echoctl commands and start-up configuration, run as a user would run them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from echo.config import ConfigError, load_settings
+from echo.core.auth import verify_token
+from tests.conftest import SECRET, EchoProcess, make_project
+
+
+def echoctl(*args: str, cwd: Path, env: dict[str, str] | None = None,
+            timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "echo", *args], cwd=cwd, capture_output=True, text=True,
+        timeout=timeout, env={**os.environ, "COLUMNS": "200", **(env or {})},
+    )
+
+
+def test_init_scaffolds_a_project_that_lists_and_runs_its_functions(tmp_path: Path) -> None:
+    result = echoctl("init", "myproj", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    project = tmp_path / "myproj"
+    assert (project / "functions" / "demo-angry" / "handler.py").exists()
+    assert (project / "apps" / "chat-demo" / "index.html").exists()
+    assert json.loads((project / "associations.json").read_text())["applications"]["chat-demo"]
+    listed = echoctl("functions", "list", cwd=project)
+    assert listed.returncode == 0 and "demo-angry" in listed.stdout and "chat-demo/angry" in listed.stdout
+    invoked = echoctl("functions", "invoke", "demo-angry", "--data", '{"text": "hey"}', cwd=project)
+    assert invoked.returncode == 0, invoked.stderr
+    assert json.loads(invoked.stdout) == {"text": "HEY!!!"}
+
+
+def test_functions_new_then_invoke(tmp_path: Path) -> None:
+    assert echoctl("init", ".", cwd=tmp_path).returncode == 0
+    created = echoctl("functions", "new", "shout-back", cwd=tmp_path)
+    assert created.returncode == 0, created.stderr
+    assert json.loads(echoctl("functions", "invoke", "shout-back", "-d", "[1, 2]",
+                              cwd=tmp_path).stdout) == [1, 2]
+    again = echoctl("functions", "new", "shout-back", cwd=tmp_path)
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["functions", "invoke", "demo-angry", "--data", "{oops"], "--data is not JSON"),
+        (["functions", "invoke", "nope"], "function 'nope' not_found"),
+        (["functions", "new", "bad name"], "'bad name' is not a function name"),
+        (["jwt", "bad app!"], "is not an app name"),
+        (["dev", "--project", "/does/not/exist"], "no project folder /does/not/exist"),
+    ],
+)
+def test_bad_arguments_get_one_line_errors_not_tracebacks(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    echoctl("init", ".", cwd=tmp_path)
+    result = echoctl(*args, cwd=tmp_path)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_function_errors_from_invoke_are_explained(tmp_path: Path) -> None:
+    make_project(tmp_path)
+    result = echoctl("functions", "invoke", "fail-raise", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "raised: ValueError: boom from fail-raise" in result.stderr
+
+
+def test_jwt_prints_tokens_that_the_dev_server_accepts(tmp_path: Path) -> None:
+    echoctl("init", ".", cwd=tmp_path)
+    result = echoctl("jwt", "chat-demo", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    body = json.loads(result.stdout)
+    assert body["endpoint"] == "http://localhost:3000"
+    secret = (tmp_path / ".echo" / "secret").read_text().strip()
+    assert verify_token(secret, body["jwt"], app="chat-demo").admin is False
+    assert verify_token(secret, body["adminJwt"], app="chat-demo").admin is True
+    # the plain form, as Ekko printed it
+    plain = echoctl("jwt", "chat-demo", cwd=tmp_path).stdout
+    assert "Echo server endpoint" in plain and "User JWT" in plain and "Admin JWT" in plain
+
+
+def test_settings_environment_wins_over_file_and_bad_values_are_named(tmp_path: Path) -> None:
+    (tmp_path / "echo.toml").write_text('port = 4000\nmax_message_bytes = 1024\n')
+    settings = load_settings(tmp_path, environ={"ECHO_PORT": "5000"})
+    assert settings.port == 5000 and settings.max_message_bytes == 1024
+    with pytest.raises(ConfigError, match="ECHO_PORT: expected a whole number, got 'abc'"):
+        load_settings(tmp_path, environ={"ECHO_PORT": "abc"})
+    with pytest.raises(ConfigError, match="ECHO_SECRET: too short"):
+        load_settings(tmp_path, environ={"ECHO_SECRET": "short"})
+    (tmp_path / "echo.toml").write_text("prot = 1\n")
+    with pytest.raises(ConfigError, match="unknown setting 'prot'"):
+        load_settings(tmp_path, environ={})
+    (tmp_path / "echo.toml").write_text("port = [\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(tmp_path, environ={})
+
+
+def test_bad_setting_stops_dev_startup_with_its_name(tmp_path: Path) -> None:
+    make_project(tmp_path)
+    result = echoctl("dev", cwd=tmp_path, env={"ECHO_PORT": "99999", "ECHO_SECRET": SECRET})
+    assert result.returncode == 2
+    assert "ECHO_PORT: 99999 is out of range" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_broken_associations_at_start_serves_and_says_not_ready(tmp_path: Path) -> None:
+    project = make_project(tmp_path)
+    (project / "associations.json").write_text('{"applications": {"a": {"channels": 3}}}')
+    server = EchoProcess(project).start()
+    try:
+        ready = httpx.get(server.url + "/ready")
+        assert ready.status_code == 503
+        [problem] = ready.json()["problems"]
+        assert "applications.a.channels: expected a list, got int" in problem
+    finally:
+        server.stop()

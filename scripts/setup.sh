@@ -26,3 +26,18 @@ setup_npm() {
     touch "$dir/node_modules"
   fi
 }
+
+setup_browser() {
+  # tests/test_browser_chat.py drives Debian's Chromium through Playwright; it never
+  # downloads a browser of its own (no `playwright install`)
+  if [ -x /usr/bin/chromium ]; then
+    return 0
+  fi
+  if [ "$(id -u)" = 0 ]; then
+    echo "==> installing chromium (apt-get)"
+    apt-get update -qq && apt-get install -y -qq chromium fonts-noto-color-emoji
+  else
+    echo "note: /usr/bin/chromium is missing, so the browser test will be skipped;" \
+      "install it with: sudo apt-get install -y chromium" >&2
+  fi
+}

@@ -1,0 +1,219 @@
+// Echo chat demo: one chat per channel; the server's functions rewrite messages in transit.
+// The channels and their functions are set in the project's associations.json.
+
+const CHANNELS = [
+  { name: "boring", functions: [], about: "No functions: messages arrive exactly as sent." },
+  { name: "angry", functions: ["demo-angry"], about: "Shouts every message." },
+  { name: "backwards", functions: ["demo-backwards"], about: "Reverses the text." },
+  { name: "robot", functions: ["demo-robot"], about: "Speaks binary, 8 bits per byte." },
+  { name: "emoji", functions: ["demo-angry", "demo-emojify"], about: "Two functions in a row: shout, then add angry faces." },
+  { name: "polite", functions: ["demo-filter-shouting", "demo-capitalize"], about: "Drops messages typed in ALL CAPS, capitalizes the rest." },
+];
+const STORAGE_KEY = "echo-chat-demo";
+
+const $ = (selector) => document.querySelector(selector);
+const panel = (channel) => $(`.messages[data-channel="${channel}"]`);
+const tab = (channel) => $(`.tab[data-channel="${channel}"]`);
+
+/** Who this tab is ({uuid, name, avatar, active}): in sessionStorage, so each tab is its own person. */
+const session = JSON.parse(sessionStorage.getItem(STORAGE_KEY) || "{}");
+session.active = CHANNELS.some((c) => c.name === session.active) ? session.active : "boring";
+const save = () => sessionStorage.setItem(STORAGE_KEY, JSON.stringify(session));
+save();
+
+let echo = null;
+
+function el(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function buildChannels() {
+  for (const { name } of CHANNELS) {
+    const button = el("button", "tab");
+    Object.assign(button, { type: "button", id: `tab-${name}` });
+    button.dataset.channel = name;
+    button.setAttribute("role", "tab");
+    button.append(el("span", "tab-name", `#${name}`), el("span", "badge"));
+    button.addEventListener("click", () => selectChannel(name));
+    $("#tabs").append(button);
+
+    const list = el("ul", "messages");
+    list.dataset.channel = name;
+    list.dataset.empty = `Nothing on #${name} yet. Say something!`;
+    list.setAttribute("role", "tabpanel");
+    list.setAttribute("aria-labelledby", button.id);
+    $("#panels").append(list);
+  }
+}
+
+function selectChannel(name) {
+  session.active = name;
+  save();
+  for (const { name: other } of CHANNELS) {
+    const selected = other === name;
+    tab(other).setAttribute("aria-selected", String(selected));
+    panel(other).hidden = !selected;
+  }
+  const badge = tab(name).querySelector(".badge");
+  badge.textContent = "";
+  const { functions, about } = CHANNELS.find((c) => c.name === name);
+  const info = $("#channel-info");
+  info.replaceChildren(el("span", "", about + " "));
+  for (const fn of functions) info.append(el("code", "fn", fn));
+  scrollDown(panel(name), true);
+  $("#message").focus();
+}
+
+function scrollDown(list, force = false) {
+  const nearBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 80;
+  if (force || nearBottom) list.scrollTop = list.scrollHeight;
+}
+
+function append(channel, item) {
+  const list = panel(channel);
+  if (!list) return;
+  list.append(item);
+  scrollDown(list, item.dataset.mine === "true");
+  if (channel !== session.active) {
+    const badge = tab(channel).querySelector(".badge");
+    badge.textContent = String(Number(badge.textContent || 0) + 1);
+  }
+}
+
+/** A delivered message: `{channel, message: {text, name, avatar}, uuid, id, seq, ts}`. */
+function showMessage({ channel, message, uuid, id, ts }) {
+  const body = typeof message === "object" && message !== null ? message : { text: message };
+  const text = typeof body.text === "string" ? body.text : JSON.stringify(body.text ?? message);
+  const item = el("li", "message");
+  Object.assign(item.dataset, { id: id ?? "", uuid: uuid ?? "", mine: String(uuid === session.uuid) });
+  const meta = el("div", "message-meta");
+  meta.append(el("span", "message-name", String(body.name || "someone")));
+  const time = el("time", "message-time", new Date(ts || Date.now()).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" }));
+  meta.append(time);
+  const bubble = el("div", "message-body");
+  bubble.append(meta, el("p", "message-text", text));
+  item.append(el("span", "message-avatar", String(body.avatar || "👤")), bubble);
+  append(channel, item);
+}
+
+/** A line from the app itself: kind "filtered" or "error". */
+function showNotice(channel, kind, text) {
+  const item = el("li", `notice notice-${kind}`);
+  item.dataset.kind = kind;
+  item.dataset.mine = "true";
+  item.append(el("span", "notice-icon", kind === "error" ? "⚠️" : "🚫"), el("span", "notice-text", text));
+  append(channel, item);
+}
+
+function setStatus(state, text) {
+  const status = $("#status");
+  status.dataset.state = state;
+  status.textContent = text;
+  status.title = text;
+}
+
+function showFatal(text) {
+  const fatal = $("#fatal");
+  fatal.textContent = text;
+  fatal.hidden = false;
+}
+
+function showJoin() {
+  $("#chat").hidden = true;
+  $("#join").hidden = false;
+  $("#name").value = session.name || "";
+  const chosen = document.querySelector(`input[name=avatar][value="${session.avatar}"]`);
+  if (chosen) chosen.checked = true;
+  $("#name").focus();
+}
+
+function showChat() {
+  $("#join").hidden = true;
+  $("#chat").hidden = false;
+  $("#me").textContent = `${session.avatar} ${session.name}`;
+  selectChannel(session.active);
+}
+
+const quote = (text) => (text.length > 60 ? `“${text.slice(0, 57)}…”` : `“${text}”`);
+
+async function send(event) {
+  event.preventDefault();
+  const input = $("#message");
+  const text = input.value.trim();
+  const channel = session.active;
+  if (!text) return;
+  if (!echo) {
+    showNotice(channel, "error", "Not connected to Echo; the message was not sent.");
+    return;
+  }
+  input.value = "";
+  try {
+    const ack = await echo.publish({ channel, message: { text, name: session.name, avatar: session.avatar } });
+    if (ack.delivered === false) {
+      showNotice(channel, "filtered", `Your message ${quote(text)} was dropped by ${ack.filteredBy || "a filter"}.`);
+    }
+  } catch (err) {
+    showNotice(channel, "error", `Not delivered (${err.code || "error"}): ${err.message}`);
+  }
+}
+
+async function connect() {
+  let token;
+  let Echo;
+  try {
+    ({ Echo } = await import("/client/echo.js"));
+    const response = await fetch("/dev/token?app=chat-demo");
+    if (!response.ok) throw new Error(`/dev/token answered ${response.status}`);
+    token = await response.json();
+  } catch (err) {
+    setStatus("error", "offline");
+    showFatal(`Could not load the Echo client or a dev token (${err.message}). ` +
+      "Start the server with ./scripts/dev and open this page from it.");
+    return;
+  }
+  let subscribed = false;
+  echo = new Echo({ host: location.origin, appName: token.appName, jwt: token.jwt, uuid: session.uuid });
+  session.uuid = echo.uuid; // random the first time; the same uuid after a reload
+  save();
+  echo.addListener({
+    message: showMessage,
+    error: (err) => showNotice(session.active, "error", `${err.code}: ${err.message}`),
+    state: ({ state, message, retrying }) => {
+      if (state === "connected") setStatus(subscribed ? "live" : "connected", subscribed ? "live" : "connected");
+      else if (state === "connecting") setStatus("connecting", "connecting…");
+      else if (state === "disconnected" || retrying) setStatus("disconnected", "offline, reconnecting…");
+      else {
+        setStatus("error", message || "error");
+        showFatal(`Echo refused the connection: ${message}`);
+      }
+    },
+  });
+  try {
+    await echo.subscribe({ channels: CHANNELS.map((c) => c.name) });
+    subscribed = true;
+    setStatus("live", "live");
+  } catch (err) {
+    if ($("#status").dataset.state === "error") return; // refused: already explained
+    setStatus("error", "not subscribed");
+    showFatal(`Could not join the channels (${err.code}): ${err.message}`);
+  }
+}
+
+buildChannels();
+$("#join-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const name = $("#name").value.trim();
+  if (!name) return;
+  session.name = name;
+  session.avatar = new FormData(event.target).get("avatar") || "🦊";
+  save();
+  showChat();
+});
+$("#me").addEventListener("click", showJoin);
+$("#composer").addEventListener("submit", send);
+if (session.name) showChat();
+else showJoin();
+connect();

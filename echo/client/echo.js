@@ -1,0 +1,164 @@
+/**
+ * Echo's browser client, with the API of Ekko's client.
+ *
+ *   import { Echo } from "/client/echo.js";
+ *   const echo = new Echo({ host: location.origin, appName: "chat-demo", jwt });
+ *   echo.addListener({ message: (m) => console.log(m.channel, m.message) });
+ *   await echo.subscribe({ channels: ["angry"] });
+ *   await echo.publish({ channel: "angry", message: { text: "hello" } });
+ *
+ * Requests resolve with the server's ack (`{ok: true, ...}`) or reject with an EchoError
+ * whose `.code` is the server's error code ("timeout" when no ack came back in time).
+ * The server serves this file at /client/echo.js, next to the socket.io-client build.
+ */
+import { io } from "./socket.io.esm.min.js";
+
+/** How long a request waits for the server's ack, in milliseconds. */
+export const ACK_TIMEOUT_MS = 10000;
+
+/** The server refused a request (or never answered it). */
+export class EchoError extends Error {
+  /** @param {{code: string, message: string}} error the `error` of an `{ok: false}` ack */
+  constructor(error) {
+    super(error.message);
+    this.name = "EchoError";
+    this.code = error.code;
+    this.details = error;
+  }
+}
+
+/** A random v4 uuid; crypto.randomUUID is missing outside secure contexts (plain http). */
+function randomUUID() {
+  if (globalThis.crypto?.randomUUID) return crypto.randomUUID();
+  const b = crypto.getRandomValues(new Uint8Array(16));
+  b[6] = (b[6] & 0x0f) | 0x40;
+  b[8] = (b[8] & 0x3f) | 0x80;
+  const hex = [...b].map((x) => x.toString(16).padStart(2, "0")).join("");
+  return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
+}
+
+export class Echo {
+  /**
+   * Connects at once (and reconnects by itself) to the app's namespace `host/appName`.
+   * @param {{host: string, appName: string, jwt: string, uuid?: string}} options
+   *   `uuid` names this client to others (messages, presence); random when absent.
+   */
+  constructor({ host, appName, jwt, uuid } = {}) {
+    if (!host || !appName || !jwt) throw new TypeError("new Echo({host, appName, jwt}) needs all three");
+    this.appName = appName;
+    this.uuid = uuid || randomUUID();
+    /** @type {Map<string, boolean>} subscribed channel -> withPresence; replayed on reconnect */
+    this.channels = new Map();
+    this._listeners = new Set();
+    this._connectedBefore = false;
+
+    const url = host.replace(/\/+$/, "") + "/" + appName;
+    this.socket = io(url, { transports: ["websocket"], auth: { jwt, uuid: this.uuid } });
+    const socket = this.socket;
+    socket.on("connect", async () => {
+      // after a reconnect, "connected" means back in our channels too
+      if (this._connectedBefore) await this._resubscribe();
+      this._connectedBefore = true;
+      if (socket.connected) this._emit("state", { state: "connected" });
+    });
+    socket.on("disconnect", (reason) => this._emit("state", { state: "disconnected", reason }));
+    // retrying: false when the server refused us (bad token); true for network trouble
+    socket.on("connect_error", (err) =>
+      this._emit("state", { state: "error", message: err.message, retrying: socket.active }));
+    socket.io.on("reconnect_attempt", () => this._emit("state", { state: "connecting" }));
+    for (const event of ["message", "status", "presence", "error"]) {
+      socket.on(event, (payload) => this._emit(event, payload));
+    }
+    // after the constructor returns, so a listener added right away still hears it
+    queueMicrotask(() => { if (!socket.connected) this._emit("state", { state: "connecting" }); });
+  }
+
+  /**
+   * Adds callbacks, any of: message(msg), status(event), presence(event), error(err),
+   * state({state, reason?, message?, retrying?}); state is "connecting", "connected",
+   * "disconnected" or "error". Returns a function that removes them again.
+   */
+  addListener(listener) {
+    this._listeners.add(listener);
+    return () => this.removeListener(listener);
+  }
+
+  /** Removes callbacks given to addListener. */
+  removeListener(listener) {
+    this._listeners.delete(listener);
+  }
+
+  /**
+   * Joins channels; kept across reconnects until unsubscribe.
+   * @param {{channels: string[], withPresence?: boolean}} request
+   * @returns {Promise<{ok: true, channels: string[]}>}
+   */
+  async subscribe({ channels, withPresence = false }) {
+    const reply = await this._request("subscribe", { channels, withPresence });
+    for (const channel of channels) this.channels.set(channel, withPresence);
+    return reply;
+  }
+
+  /**
+   * Leaves channels.
+   * @param {{channels: string[]}} request
+   * @returns {Promise<{ok: true, channels: string[]}>}
+   */
+  async unsubscribe({ channels }) {
+    for (const channel of channels) this.channels.delete(channel);
+    return this._request("unsubscribe", { channels });
+  }
+
+  /**
+   * Sends a message through the channel's functions to its subscribers.
+   * @param {{channel: string, message: any}} request
+   * @returns {Promise<{ok: true, id: string, seq: number, ts: number, delivered: boolean,
+   *   filteredBy?: string}>} `delivered: false` when a filter function dropped it.
+   */
+  publish({ channel, message }) {
+    return this._request("publish", { channel, message });
+  }
+
+  /** Closes the connection for good; no more reconnects. */
+  stop() {
+    this.socket.disconnect();
+  }
+
+  /** Emits `event` and settles with its ack. */
+  _request(event, data) {
+    return new Promise((resolve, reject) => {
+      this.socket.timeout(ACK_TIMEOUT_MS).emit(event, data, (timedOut, reply) => {
+        if (timedOut) {
+          reject(new EchoError({ code: "timeout", message: `${event}: no answer within ${ACK_TIMEOUT_MS} ms` }));
+        } else if (reply && reply.ok) {
+          resolve(reply);
+        } else {
+          reject(new EchoError(reply?.error ?? { code: "bad_reply", message: `${event}: unexpected ack ${JSON.stringify(reply)}` }));
+        }
+      });
+    });
+  }
+
+  /** After a reconnect the server has forgotten our rooms: join them again. */
+  _resubscribe() {
+    const requests = [];
+    for (const withPresence of [false, true]) {
+      const channels = [...this.channels].filter(([, p]) => p === withPresence).map(([c]) => c);
+      for (let i = 0; i < channels.length; i += 100) { // the server takes 100 names per request
+        requests.push(this._request("subscribe", { channels: channels.slice(i, i + 100), withPresence })
+          .catch((err) => this._emit("error", { code: err.code, message: `re-subscribe failed: ${err.message}` })));
+      }
+    }
+    return Promise.all(requests);
+  }
+
+  _emit(event, payload) {
+    for (const listener of [...this._listeners]) {
+      try {
+        listener[event]?.(payload);
+      } catch (err) {
+        console.error(`Echo: ${event} listener threw`, err);
+      }
+    }
+  }
+}

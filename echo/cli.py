@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import shutil
@@ -138,6 +139,44 @@ def dev(
 
 
 @app.command()
+def serve(
+    project: ProjectOption = Path("."),
+    host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning...")] = None,
+) -> None:
+    """Run the production server (what a container runs): no dev routes, no file watching.
+
+    Configured by echo.toml and ECHO_* variables: ECHO_SECRET (required), ECHO_REDIS_URL
+    (set it to run several nodes as one), ECHO_RUNNER, ECHO_ASSOCIATIONS ...
+    """
+    settings = settings_for(project, dev=False, host=host, port=port, log_level=log_level)
+    try:
+        settings.require_secret()
+    except ConfigError as exc:
+        fail(str(exc), "generate one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'")
+    _logging(settings.log_level)
+    from echo.core import serving
+    from echo.core.app import build_server
+
+    try:
+        server = build_server(settings)
+    except LookupError as exc:
+        fail(str(exc), "set ECHO_RUNNER to one of the runners listed")
+    mode = f"Redis {settings.redis_url}" if settings.redis_url else "single node, in memory"
+    try:
+        serving.run(
+            server.asgi, settings.host, settings.port, settings.log_level,
+            on_ready=lambda: logging.getLogger("echo").info(
+                "serving on %s:%s (%s, runner %s)", settings.host, settings.port, mode,
+                settings.runner),
+        )
+    except OSError as exc:
+        fail(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}",
+             "pick another port with --port or ECHO_PORT")
+
+
+@app.command()
 def jwt(
     app_name: Annotated[str, typer.Argument(metavar="APP", help="App (namespace) name.")],
     admin: Annotated[bool, typer.Option("--admin", help="Print only an admin token.")] = False,
@@ -256,8 +295,7 @@ def functions_invoke(
     settings = settings_for(project)
 
     async def run() -> Any:
-        runner = LocalRunner(settings.path(settings.functions_dir),
-                             default_timeout=settings.function_timeout, max_workers=1)
+        runner = LocalRunner.from_settings(dataclasses.replace(settings, max_workers=1))
         await runner.start()
         try:
             return await runner.invoke(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import secrets
 import tomllib
 from collections.abc import Mapping
@@ -34,6 +35,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 3000
     redis_url: str | None = None
+    runner: str = "local"
     functions_dir: Path = Path("functions")
     apps_dir: Path = Path("apps")
     associations: Path = Path("associations.json")
@@ -129,6 +131,11 @@ def _convert(key: str, name: str, raw: Any) -> Any:
                 raise ConfigError(
                     f"{name}: too short ({len(value)} characters; HS256 needs 32 or more)"
                 )
+            return value
+        case "runner":
+            value = _to_str(name, raw)
+            if not re.fullmatch(r"[a-z][a-z0-9_-]*", value):
+                raise ConfigError(f"{name}: {raw!r} is not a runner name (e.g. local)")
             return value
         case "redis_url":
             value = _to_str(name, raw)

@@ -78,10 +78,12 @@ def make_project(root: Path) -> Path:
 
 
 class EchoProcess:
-    """``python -m echo dev`` in a subprocess, on a free port."""
+    """``python -m echo dev`` (or ``serve``) in a subprocess, on a free port."""
 
-    def __init__(self, project: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, project: Path, env: dict[str, str] | None = None,
+                 command: str = "dev") -> None:
         self.project = project
+        self.command = command
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = project / f"echo-{self.port}.log"
@@ -91,7 +93,7 @@ class EchoProcess:
     def start(self, timeout: float = 20) -> EchoProcess:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "echo", "dev", "--project", str(self.project),
+            [sys.executable, "-m", "echo", self.command, "--project", str(self.project),
              "--port", str(self.port)],
             env=self.env, stdout=log, stderr=subprocess.STDOUT,
         )
@@ -115,6 +117,11 @@ class EchoProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -186,6 +193,48 @@ async def connect(server: EchoProcess, app: str = TEST_APP, *, token: str | None
     await client.sio.connect(server.url, namespaces=[client.namespace], auth=auth,
                              transports=["websocket"], wait_timeout=5)
     return client
+
+
+class RedisServer:
+    """A private ``redis-server`` on a free port; ``stop``/``start`` keep the port."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 10) -> RedisServer:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            if os.environ.get("CI") == "true":
+                pytest.fail("redis-server is not installed (apt-get install -y redis-server)")
+            pytest.skip("SKIPPED LOUDLY: redis-server is not installed; "
+                        "`apt-get install -y redis-server` to run the Redis tests")
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return self
+            time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not listen on {self.port}")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

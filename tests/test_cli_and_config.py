@@ -124,3 +124,26 @@ def test_broken_associations_at_start_serves_and_says_not_ready(tmp_path: Path) 
         assert "applications.a.channels: expected a list, got int" in problem
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({}, "secret: not set"),
+        ({"ECHO_SECRET": SECRET, "ECHO_REDIS_URL": "localhost:6379"},
+         "ECHO_REDIS_URL: 'localhost:6379' is not a redis:// or rediss:// URL"),
+        ({"ECHO_SECRET": SECRET, "ECHO_RUNNER": "nosuch"}, "no runner named 'nosuch'"),
+    ],
+)
+def test_serve_refuses_to_start_misconfigured(
+    tmp_path: Path, env: dict[str, str], message: str
+) -> None:
+    make_project(tmp_path)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("ECHO_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "echo", "serve", "--port", "0"], cwd=tmp_path,
+        capture_output=True, text=True, timeout=30, env={**clean, **env},
+    )
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr

@@ -7,9 +7,11 @@ store, a cloud deployment passes others.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
 
 import socketio
 from starlette.applications import Starlette
@@ -18,12 +20,14 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import BaseRoute
 
 from echo.config import Settings
-from echo.core import http
+from echo.core import http, metrics
 from echo.core.associations import Associations, AssociationsError
 from echo.core.pipeline import Pipeline
 from echo.core.realtime import Realtime
-from echo.core.runners import Runner
-from echo.core.store import AssociationsStore
+from echo.core.redis_conn import redis_client
+from echo.core.redis_manager import EchoRedisManager
+from echo.core.runners import Runner, load_runner_class
+from echo.core.store import AssociationsStore, FileStore, RedisStore
 
 log = logging.getLogger("echo.server")
 
@@ -49,6 +53,9 @@ class EchoServer:
         self.associations_problem: str | None = "not loaded yet"
         self._on_startup = list(on_startup)
         self._on_shutdown = list(on_shutdown)
+        self.redis = redis_client(settings.redis_url) if settings.redis_url else None
+        if client_manager is None and settings.redis_url:
+            client_manager = EchoRedisManager(settings.redis_url)
         self.realtime = Realtime(
             settings,
             lambda realtime: Pipeline(
@@ -78,6 +85,7 @@ class EchoServer:
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
         await self.runner.start()
         await self.load_associations()
+        watcher = asyncio.create_task(self.store.watch(self.load_associations))
         for hook in self._on_startup:
             await hook()
         try:
@@ -85,36 +93,79 @@ class EchoServer:
         finally:
             for hook in self._on_shutdown:
                 await hook()
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+            await self.store.close()
             await self.runner.close()
 
-    def readiness_problems(self) -> list[str]:
-        return [f"associations: {self.associations_problem}"] if self.associations_problem else []
+    async def readiness_problems(self) -> list[str]:
+        problems = []
+        if self.associations_problem:
+            problems.append(f"associations: {self.associations_problem}")
+        if self.redis is not None:
+            try:
+                await asyncio.wait_for(self.redis.ping(), 1)
+            except Exception as exc:
+                problems.append(f"redis: unreachable ({exc or type(exc).__name__})")
+        return problems
 
     async def load_associations(self) -> bool:
-        """(Re)load from the store; a broken document keeps the previous one in force."""
+        """(Re)load from the store; a broken or unreachable one keeps the previous in force."""
         try:
             associations = await self.store.load()
-        except AssociationsError as exc:
+        except Exception as exc:
+            kind = "broken" if isinstance(exc, AssociationsError) else "unreachable"
             message = f"{self.store.describe()}: {exc}"
             if self.associations_problem == "not loaded yet":
-                self.associations_problem = f"broken at start-up, serving without: {message}"
-            log.error("associations not applied, keeping the previous ones: %s", message)
-            await self._status_all("associations_error", error=message)
+                self.associations_problem = f"{kind} at start-up, serving without: {message}"
+            await self.report_associations_error(message)
             return False
-        if associations.document != self.associations.document or self.associations_problem:
+        current = self.associations
+        if associations.version < current.version:
+            return False  # never go back to an older shared document
+        if associations.document != current.document or self.associations_problem:
             await self.apply_associations(associations, source=self.store.describe())
         return True
 
+    async def replace_associations(self, associations: Associations, *, source: str) -> Associations:
+        """Store a new document (shared with every node, where the store is) and apply it."""
+        stored = await self.store.save(associations)
+        await self.apply_associations(stored, source=source)
+        return stored
+
+    async def report_associations_error(self, message: str) -> None:
+        log.error("associations not applied, keeping the previous ones: %s", message)
+        await self._status_all("associations_error", error=message)
+
     async def apply_associations(self, associations: Associations, *, source: str) -> None:
+        if associations.version and associations.version < self.associations.version:
+            return
         self.associations = associations
         self.associations_problem = None
-        log.info("associations applied from %s: %s", source, ", ".join(sorted(associations.apps)))
-        await self._status_all("associations_updated", source=source)
+        metrics.ASSOCIATIONS_VERSION.set(associations.version)
+        log.info("associations v%d applied from %s: %s", associations.version, source,
+                 ", ".join(sorted(associations.apps)))
+        await self._status_all("associations_updated", source=source,
+                               version=associations.version)
 
     def connected_apps(self) -> list[str]:
         """Apps with a namespace on this node (the ones whose admins can hear a status)."""
         return [ns.lstrip("/") for ns in self.realtime.sio.manager.get_namespaces() if ns != "/"]
 
     async def _status_all(self, event: str, **details: object) -> None:
+        """A node-local event (every node applies a sync itself): tell this node's admins."""
         for app in self.connected_apps():
-            await self.realtime.status(app, event, **details)
+            await self.realtime.status(app, event, local=True, **details)
+
+
+def make_store(settings: Settings) -> AssociationsStore:
+    """The project's file; shared through Redis (file as durable copy) when Redis is set."""
+    durable = FileStore(settings.path(settings.associations))
+    return RedisStore(settings.redis_url, durable) if settings.redis_url else durable
+
+
+def build_server(settings: Settings, runner: Runner | None = None, **options: Any) -> EchoServer:
+    """An EchoServer from settings: the runner named by ``settings.runner`` unless given."""
+    if runner is None:
+        runner = load_runner_class(settings.runner).from_settings(settings)
+    return EchoServer(settings, runner, make_store(settings), **options)

@@ -48,10 +48,15 @@ class AppChains:
 
 @dataclass(frozen=True)
 class Associations:
-    """A validated document plus a fast ``match(app, channel)``."""
+    """A validated document plus a fast ``match(app, channel)``.
+
+    ``version`` is assigned by a store that shares the document between nodes (0 = local
+    only); a node never replaces a document with one of a lower version.
+    """
 
     document: dict[str, Any]
     apps: dict[str, AppChains]
+    version: int = 0
 
     @classmethod
     def empty(cls) -> Associations:

@@ -7,9 +7,11 @@ everyone's associations. An invalid document gets 400 and the previous one stays
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
@@ -19,6 +21,8 @@ from echo.core.auth import AuthError, Claims, verify_token
 
 if TYPE_CHECKING:
     from echo.core.app import EchoServer
+
+log = logging.getLogger("echo.http")
 
 MAX_ASSOCIATIONS_BYTES = 1024 * 1024
 
@@ -53,7 +57,7 @@ def routes(server: EchoServer) -> list[Route]:
         return JSONResponse({"status": "ok"})
 
     async def ready(request: Request) -> JSONResponse:
-        problems = server.readiness_problems()
+        problems = await server.readiness_problems()
         body = {"ready": not problems, "problems": problems}
         return JSONResponse(body, status_code=503 if problems else 200)
 
@@ -78,13 +82,28 @@ def routes(server: EchoServer) -> list[Route]:
             associations = parse_associations_text(body, source="request body")
         except AssociationsError as exc:
             return _problem(400, "invalid_associations", str(exc), path=exc.path)
-        await server.store.save(associations)
-        await server.apply_associations(associations, source=f"PUT by {claims.app} admin")
-        return JSONResponse({"ok": True, "applications": sorted(associations.apps)})
+        try:
+            stored = await server.replace_associations(
+                associations, source=f"PUT by {claims.app} admin"
+            )
+        except Exception as exc:
+            log.error("PUT /associations not stored in %s: %s", server.store.describe(), exc)
+            return _problem(
+                503, "unavailable",
+                f"could not store the document in {server.store.describe()} ({exc}); "
+                "nothing was changed, try again",
+            )
+        return JSONResponse(
+            {"ok": True, "version": stored.version, "applications": sorted(stored.apps)}
+        )
+
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return [
         Route("/health", health),
         Route("/ready", ready),
+        Route("/metrics", metrics_endpoint),
         Route("/associations", get_associations, methods=["GET"]),
         Route("/associations", put_associations, methods=["PUT"]),
         *client_routes,

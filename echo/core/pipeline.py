@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from echo.core import metrics
 from echo.core.associations import Associations
 from echo.core.runners import FunctionError, InvocationContext, Runner
 
@@ -132,14 +133,17 @@ class Pipeline:
         )
         value = envelope.message
         for function in chain:
+            started = time.perf_counter()
             try:
                 value = await self._runner.invoke(function, value, context)
-            except FunctionError as exc:
+            except Exception as exc:
+                if not isinstance(exc, FunctionError):  # a runner bug must not stall the channel
+                    log.exception("runner failed on %s", function)
+                    exc = FunctionError(function, "failed", f"runner error: {exc!r}")
+                metrics.FUNCTION_ERRORS.labels(function, exc.kind).inc()
                 return Outcome(envelope, delivered=False, error=exc)
-            except Exception as exc:  # a runner bug must not take the channel down
-                log.exception("runner failed on %s", function)
-                error = FunctionError(function, "failed", f"runner error: {exc!r}")
-                return Outcome(envelope, delivered=False, error=error)
+            finally:
+                metrics.FUNCTION_DURATION.labels(function).observe(time.perf_counter() - started)
             if value is None:
                 return Outcome(envelope, delivered=False, filtered_by=function)
         return Outcome(replace(envelope, message=value), delivered=True)

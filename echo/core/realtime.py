@@ -17,7 +17,7 @@ from typing import Any
 import socketio
 
 from echo.config import Settings
-from echo.core import protocol
+from echo.core import metrics, protocol
 from echo.core.auth import AuthError, verify_token
 from echo.core.pipeline import Envelope, Overloaded, Pipeline
 from echo.core.protocol import ADMIN_CHANNEL, ProtocolError
@@ -96,12 +96,14 @@ class Realtime:
             "seq": envelope.seq,
             "ts": envelope.ts,
         }
+        metrics.MESSAGES_DELIVERED.labels(envelope.app).inc()
         await self.sio.emit("message", payload, room=envelope.channel, namespace="/" + envelope.app)
 
-    async def status(self, app: str, event: str, **details: Any) -> None:
-        """Tell the app's admin sockets what happened."""
+    async def status(self, app: str, event: str, *, local: bool = False, **details: Any) -> None:
+        """Tell the app's admin sockets what happened (``local``: on this node only)."""
         await self.sio.emit(
-            "status", status_payload(event, app, **details), room=ADMIN_CHANNEL, namespace="/" + app
+            "status", status_payload(event, app, **details), room=ADMIN_CHANNEL,
+            namespace="/" + app, ignore_queue=local,
         )
 
     async def report_function_error(self, envelope: Envelope, error: FunctionError) -> None:
@@ -140,6 +142,7 @@ class Realtime:
             uuid = sid
         client = Client(app=app, uuid=uuid, admin=claims.admin)
         self.clients[sid] = client
+        metrics.CONNECTIONS.labels(app).inc()
         if claims.admin:
             await self.sio.enter_room(sid, ADMIN_CHANNEL, namespace=namespace)
         await self.status(app, "connection", uuid=uuid, admin=claims.admin)
@@ -148,6 +151,7 @@ class Realtime:
         client = self.clients.pop(sid, None)
         if client is None:
             return
+        metrics.CONNECTIONS.labels(client.app).dec()
         for channel in client.channels:
             await self._presence(client, channel, "left")
         await self.status(client.app, "disconnection", uuid=client.uuid, admin=client.admin)
@@ -170,6 +174,7 @@ class Realtime:
                 raise ProtocolError("bad_request", f"{event} takes one object argument")
             return await handler(self, sid, client, data)
         except ProtocolError as exc:
+            metrics.MESSAGES_REJECTED.labels(exc.code).inc()
             reply = protocol.error(exc.code, exc.message, **exc.details)
             if not _wants_ack.get():
                 await self.sio.emit(
@@ -209,6 +214,7 @@ class Realtime:
 
     async def _publish(self, sid: str, client: Client, data: Any) -> dict[str, Any]:
         request = protocol.parse_publish(data, self.settings.max_message_bytes)
+        metrics.MESSAGES_PUBLISHED.labels(client.app).inc()
         try:
             outcome = await self.pipeline.publish(
                 client.app, request.channel, request.message, client.uuid

@@ -10,7 +10,10 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from echo.config import Settings
 
 RUNNER_GROUP = "echo.runners"
 
@@ -49,6 +52,11 @@ class FunctionError(Exception):
 
 class Runner(abc.ABC):
     """Runs one echo function on one event and returns its JSON-compatible result."""
+
+    @classmethod
+    @abc.abstractmethod
+    def from_settings(cls, settings: Settings) -> Runner:
+        """Build the runner a server with ``settings`` should use."""
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Acquire resources (processes, clients) before the first invoke."""

@@ -8,12 +8,20 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import dataclasses
 import json
+import logging
 import os
 import tempfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from echo.core.associations import Associations, parse_associations_text
+from echo.core.redis_conn import redis_client, subscription
+
+log = logging.getLogger("echo.store")
+
+Changed = Callable[[], Awaitable[None]]
 
 
 class AssociationsStore(abc.ABC):
@@ -22,8 +30,17 @@ class AssociationsStore(abc.ABC):
         """The stored document, validated; raise AssociationsError if it is broken."""
 
     @abc.abstractmethod
-    async def save(self, associations: Associations) -> None:
-        """Keep ``associations`` durably; the next ``load`` returns it."""
+    async def save(self, associations: Associations) -> Associations:
+        """Keep ``associations``; return it as stored (with its version, where kept)."""
+
+    async def watch(self, changed: Changed) -> None:  # noqa: B027 - optional hook
+        """Call ``changed`` whenever another node may have stored a newer document.
+
+        Runs until cancelled. Stores that are not shared have nothing to watch.
+        """
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
 
     def describe(self) -> str:
         return type(self).__name__
@@ -38,8 +55,9 @@ class MemoryStore(AssociationsStore):
     async def load(self) -> Associations:
         return self._current
 
-    async def save(self, associations: Associations) -> None:
+    async def save(self, associations: Associations) -> Associations:
         self._current = associations
+        return associations
 
 
 class FileStore(AssociationsStore):
@@ -59,10 +77,16 @@ class FileStore(AssociationsStore):
             return Associations.empty()
         return parse_associations_text(self.path.read_bytes(), source=self.path.name)
 
-    async def save(self, associations: Associations) -> None:
+    async def save(self, associations: Associations) -> Associations:
         await asyncio.to_thread(self._save, associations)
+        return associations
 
     def _save(self, associations: Associations) -> None:
+        try:
+            if json.loads(self.path.read_bytes()) == associations.document:
+                return  # already there: keep the author's formatting
+        except (OSError, ValueError):
+            pass
         text = json.dumps(associations.document, indent=2) + "\n"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # write-then-rename: a reader (or the file watcher) never sees half a document
@@ -74,3 +98,83 @@ class FileStore(AssociationsStore):
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+# Versions are Redis-clock microseconds, bumped past the last one: they keep increasing even
+# after Redis restarts empty (a plain INCR would start again at 1, and every node would then
+# refuse the "older" documents). Scripts run alone in Redis, so two concurrent PUTs on two
+# nodes can never leave an older document in place.
+_NEXT_VERSION = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local version = math.max(now, (tonumber(redis.call('GET', KEYS[1])) or 0) + 1)
+redis.call('SET', KEYS[1], string.format('%d', version))
+"""
+# Store document + version and tell every node.
+_SAVE = _NEXT_VERSION + """
+redis.call('HSET', KEYS[2], 'document', ARGV[1], 'version', string.format('%d', version))
+redis.call('PUBLISH', ARGV[2], string.format('%d', version))
+return string.format('%d', version)
+"""
+# The first node up with an empty Redis seeds it from the durable store; later ones find it.
+_SEED = """
+if redis.call('EXISTS', KEYS[2]) == 0 then
+""" + _NEXT_VERSION + """
+  redis.call('HSET', KEYS[2], 'document', ARGV[1], 'version', string.format('%d', version))
+end
+return redis.call('HMGET', KEYS[2], 'document', 'version')
+"""
+
+
+class RedisStore(AssociationsStore):
+    """Shares the document between nodes through Redis; ``durable`` keeps it across restarts.
+
+    Redis holds the current document and its version (``echo:associations``); a save
+    publishes the new version on ``echo:associations:changed`` and every node re-reads.
+    A node starting later reads the current version from Redis; if Redis is empty, the
+    durable store (a file in dev, S3 in the cloud) seeds it.
+    """
+
+    def __init__(self, url: str, durable: AssociationsStore, prefix: str = "echo") -> None:
+        self.url = url
+        self.durable = durable
+        self.redis = redis_client(url)
+        self.keys = (f"{prefix}:associations:version", f"{prefix}:associations")
+        self.channel = f"{prefix}:associations:changed"
+
+    def describe(self) -> str:
+        return f"Redis (durable copy: {self.durable.describe()})"
+
+    async def load(self) -> Associations:
+        document, version = await self.redis.hmget(self.keys[1], "document", "version")
+        if document is None:
+            seed = await self.durable.load()
+            document, version = await self.redis.eval(
+                _SEED, 2, *self.keys, json.dumps(seed.document)
+            )
+        associations = parse_associations_text(document, source="associations in Redis")
+        return dataclasses.replace(associations, version=int(version))
+
+    async def save(self, associations: Associations) -> Associations:
+        version = await self.redis.eval(
+            _SAVE, 2, *self.keys, json.dumps(associations.document), self.channel
+        )
+        stored = dataclasses.replace(associations, version=int(version))
+        try:
+            await self.durable.save(stored)
+        except Exception:
+            log.exception("associations v%s shared, but not saved to %s",
+                          version, self.durable.describe())
+        return stored
+
+    async def watch(self, changed: Changed) -> None:
+        # every (re)subscription and every change triggers a re-read: a node that was cut
+        # off while a PUT happened catches up as soon as Redis is back
+        async for _ in subscription(self.url, self.channel):
+            try:
+                await changed()
+            except Exception:
+                log.exception("re-reading associations failed")
+
+    async def close(self) -> None:
+        await self.redis.aclose()

@@ -17,10 +17,9 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from echo.config import Settings
-from echo.core.app import EchoServer
+from echo.core.app import EchoServer, build_server
 from echo.core.auth import issue_token
 from echo.core.protocol import CHANNEL_NAME
-from echo.core.store import FileStore
 from echo.emulator.local_runner import LocalRunner
 from echo.emulator.watch import watch_associations, watch_functions
 
@@ -63,9 +62,7 @@ def _dev_routes(settings: Settings, apps_dir: Path) -> list[BaseRoute]:
 def build_dev_server(settings: Settings) -> EchoServer:
     functions_dir = settings.path(settings.functions_dir)
     associations = settings.path(settings.associations)
-    runner = LocalRunner(
-        functions_dir, default_timeout=settings.function_timeout, max_workers=settings.max_workers
-    )
+    runner = LocalRunner.from_settings(settings)
     stop = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
 
@@ -80,10 +77,9 @@ def build_dev_server(settings: Settings) -> EchoServer:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    server = EchoServer(
+    server = build_server(
         settings,
         runner,
-        FileStore(associations),
         routes=_dev_routes(settings, settings.path(settings.apps_dir)),
         on_startup=[start_watching],
         on_shutdown=[stop_watching],

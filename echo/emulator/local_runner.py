@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 
+from echo.config import Settings
 from echo.core.runners import FunctionError, InvocationContext, Runner
 from echo.functions import FunctionConfigError, FunctionSpec, discover, load_spec
 
@@ -32,10 +33,12 @@ class _Worker:
     def __init__(self, process: asyncio.subprocess.Process, generation: int) -> None:
         self.process = process
         self.generation = generation
+        self.killed = False
 
     @property
     def alive(self) -> bool:
-        return self.process.returncode is None
+        # returncode stays None until the process is reaped, so a kill is recorded here
+        return not self.killed and self.process.returncode is None
 
     async def call(self, request: dict[str, Any]) -> dict[str, Any]:
         assert self.process.stdin and self.process.stdout
@@ -49,6 +52,7 @@ class _Worker:
 
     def kill(self) -> None:
         if self.alive:
+            self.killed = True
             with contextlib.suppress(ProcessLookupError):
                 self.process.kill()
             # reap it, so no zombie or unclosed transport is left behind
@@ -80,6 +84,14 @@ class LocalRunner(Runner):
         self._ids = itertools.count(1)
         self._closed = False
         self._all: set[_Worker] = set()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> LocalRunner:
+        return cls(
+            settings.path(settings.functions_dir),
+            default_timeout=settings.function_timeout,
+            max_workers=settings.max_workers,
+        )
 
     async def start(self) -> None:
         try:

@@ -14,6 +14,8 @@ from pathlib import Path
 import watchfiles
 
 from echo.core.app import EchoServer
+from echo.core.associations import AssociationsError
+from echo.core.store import FileStore
 
 log = logging.getLogger("echo.watch")
 
@@ -43,7 +45,9 @@ async def watch_functions(server: EchoServer, functions_dir: Path, stop: asyncio
             server.runner.reload(names)
             log.info("reloaded %s", ", ".join(sorted(names)))
             for app in server.connected_apps():
-                await server.realtime.status(app, "functions_reloaded", functions=sorted(names))
+                await server.realtime.status(
+                    app, "functions_reloaded", local=True, functions=sorted(names)
+                )
 
 
 async def watch_associations(server: EchoServer, path: Path, stop: asyncio.Event) -> None:
@@ -57,4 +61,18 @@ async def watch_associations(server: EchoServer, path: Path, stop: asyncio.Event
         recursive=False,
         watch_filter=lambda _, changed: Path(changed).resolve() == target,
     ):
-        await server.load_associations()
+        await apply_file(server, target)
+
+
+async def apply_file(server: EchoServer, path: Path) -> None:
+    """Apply the edited file through the server's store (shared with other nodes if any)."""
+    try:
+        associations = await FileStore(path).load()
+    except AssociationsError as exc:
+        await server.report_associations_error(f"{path}: {exc}")
+        return
+    if associations.document != server.associations.document:
+        try:
+            await server.replace_associations(associations, source=str(path))
+        except Exception as exc:
+            await server.report_associations_error(f"{path} not stored: {exc}")

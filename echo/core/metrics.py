@@ -1,0 +1,34 @@
+"""Prometheus metrics for ``/metrics``: connections, messages, functions, Redis.
+
+Counted where things happen (realtime, pipeline, Redis manager); exposed by http.py.
+Labels stay low-cardinality: app and function names, never channels or users.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+CONNECTIONS = Gauge("echo_connections", "Open client connections on this node", ["app"])
+MESSAGES_PUBLISHED = Counter(
+    "echo_messages_published_total", "Publish requests accepted", ["app"]
+)
+MESSAGES_DELIVERED = Counter(
+    "echo_messages_delivered_total", "Messages emitted to a channel's subscribers", ["app"]
+)
+MESSAGES_REJECTED = Counter(
+    "echo_messages_rejected_total", "Requests refused, by error code", ["code"]
+)
+FUNCTION_DURATION = Histogram(
+    "echo_function_duration_seconds",
+    "Echo function invocation time, including the runner round-trip",
+    ["function"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+FUNCTION_ERRORS = Counter(
+    "echo_function_errors_total", "Echo function failures, by kind", ["function", "kind"]
+)
+REDIS_RECONNECTS = Counter("echo_redis_reconnects_total", "Re-subscriptions to Redis after a loss")
+REDIS_PUBLISH_FAILURES = Counter(
+    "echo_redis_publish_failures_total", "Emits not sent to other nodes because Redis was down"
+)
+ASSOCIATIONS_VERSION = Gauge("echo_associations_version", "Version of the associations in force")

@@ -27,6 +27,8 @@ app = typer.Typer(
 )
 functions_app = typer.Typer(help="Create, list and run echo functions.", no_args_is_help=True)
 app.add_typer(functions_app, name="functions")
+associations_app = typer.Typer(help="Check and push associations.json.", no_args_is_help=True)
+app.add_typer(associations_app, name="associations")
 
 out = Console()
 err = Console(stderr=True)
@@ -111,14 +113,20 @@ def dev(
     host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
     port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning...")] = None,
+    functions: Annotated[
+        str, typer.Option(help="Where functions run: local (worker processes) or localstack.")
+    ] = "local",
 ) -> None:
-    """Run server, local function runner and hot reload, and serve apps/ under /apps/."""
+    """Run server, function runner and hot reload, and serve apps/ under /apps/."""
+    from echo.emulator.dev import FUNCTION_MODES, build_dev_server
+
+    if functions not in FUNCTION_MODES:
+        fail(f"--functions {functions!r} is not one of {', '.join(FUNCTION_MODES)}")
     settings = settings_for(project, host=host, port=port, log_level=log_level)
     _logging(settings.log_level)
     from echo.core import serving
-    from echo.emulator.dev import build_dev_server
 
-    server = build_dev_server(settings)
+    server = build_dev_server(settings, functions)
     def banner() -> None:
         base = settings.local_url
         apps_dir = settings.path(settings.apps_dir)
@@ -127,7 +135,8 @@ def dev(
         err.print(f"\n[bold green]Echo dev server[/] at [bold]{base}[/]  (Ctrl+C to stop)")
         for name in apps:
             err.print(f"  app        {base}/apps/{name}/")
-        err.print(f"  functions  {settings.path(settings.functions_dir)} (hot reload on)")
+        where = "LocalStack Lambda" if functions == "localstack" else "local workers"
+        err.print(f"  functions  {settings.path(settings.functions_dir)} ({where}, hot reload on)")
         err.print(f"  channels   {settings.path(settings.associations)} (applied live)")
         err.print(f"  tokens     `echoctl jwt APP` (pages served here fetch {base}/dev/token)\n")
 
@@ -182,6 +191,9 @@ def jwt(
     admin: Annotated[bool, typer.Option("--admin", help="Print only an admin token.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     ttl: Annotated[int | None, typer.Option(help="Expire after this many seconds.")] = None,
+    target: Annotated[
+        str | None, typer.Option("--target", "-t", help="Use a deployment's endpoint and secret.")
+    ] = None,
     project: ProjectOption = Path("."),
 ) -> None:
     """Print the endpoint, a user token and an admin token for APP (as Ekko's `jwt`)."""
@@ -190,9 +202,14 @@ def jwt(
 
     if not CHANNEL_NAME.match(app_name):
         fail(f"{app_name!r} is not an app name", "use letters, digits and - _ : .")
-    settings = settings_for(project)
-    secret = settings.require_secret()
-    endpoint = settings.local_url
+    if target:
+        outputs = _run_target_step(open_target(target, project, None).outputs)
+        if not outputs.secret:
+            fail(f"the {target} deployment keeps its secret remotely", "see its README section")
+        endpoint, secret = outputs.endpoint, outputs.secret
+    else:
+        settings = settings_for(project)
+        endpoint, secret = settings.local_url, settings.require_secret()
     user_token = issue_token(secret, app_name, admin=False, ttl=ttl)
     admin_token = issue_token(secret, app_name, admin=True, ttl=ttl)
     if as_json:
@@ -249,8 +266,8 @@ def functions_new(
 def functions_list(project: ProjectOption = Path(".")) -> None:
     """List the functions in functions/ and the channels that use them."""
     from echo.core.associations import AssociationsError
+    from echo.core.functions import FunctionConfigError, discover
     from echo.core.store import FileStore
-    from echo.functions import FunctionConfigError, discover
 
     settings = settings_for(project)
     try:
@@ -263,8 +280,8 @@ def functions_list(project: ProjectOption = Path(".")) -> None:
         fail(f"{settings.associations}: {exc}", "fix the file; `echoctl dev` keeps the last good one")
     used: dict[str, list[str]] = {}
     for app_name, chains in associations.apps.items():
-        for channel, chain in [*chains.exact.items(), *chains.patterns]:
-            for function in chain:
+        for channel, rule in chains.rules():
+            for function in rule.functions:
                 used.setdefault(function, []).append(f"{app_name}/{channel}")
     table = Table("function", "timeout", "channels", "description")
     for name, spec in specs.items():
@@ -284,6 +301,7 @@ def functions_invoke(
     project: ProjectOption = Path("."),
 ) -> None:
     """Run one function locally, in a worker process, and print its result as JSON."""
+    from echo.core.functions import FunctionCatalog, FunctionConfigError
     from echo.core.runners import FunctionError, InvocationContext
     from echo.emulator.local_runner import LocalRunner
 
@@ -293,14 +311,19 @@ def functions_invoke(
         fail(f"--data is not JSON: {exc.msg} at column {exc.colno}",
              "quote it for the shell, e.g. --data '\"hello\"'")
     settings = settings_for(project)
+    try:
+        spec = FunctionCatalog(settings.path(settings.functions_dir), settings.function_timeout).get(
+            name
+        )
+    except FunctionConfigError as exc:
+        fail(str(exc))
 
     async def run() -> Any:
         runner = LocalRunner.from_settings(dataclasses.replace(settings, max_workers=1))
         await runner.start()
         try:
-            return await runner.invoke(
-                name, event, InvocationContext(app=app_name, channel=channel, uuid="cli",
-                                               message_id="cli-1"))
+            context = InvocationContext(app=app_name, channel=channel, uuid="cli", message_id="cli-1")
+            return await runner.invoke(spec, event, context)
         finally:
             await runner.close()
 
@@ -310,6 +333,163 @@ def functions_invoke(
         hint = "create it with `echoctl functions new NAME`" if exc.kind == "not_found" else None
         fail(str(exc), hint, code=1)
     print(json.dumps(result, ensure_ascii=False))
+
+
+@functions_app.command("package")
+def functions_package(
+    name: Annotated[str, typer.Argument(help="Function to package.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for NAME.zip.")] = Path("."),
+    project: ProjectOption = Path("."),
+) -> None:
+    """Build the Lambda zip of a function (deterministic: same inputs, same bytes)."""
+    from echo.core.functions import FunctionCatalog, FunctionConfigError
+    from echo.packaging import PackagingError, build_zip
+
+    settings = settings_for(project)
+    try:
+        package = build_zip(FunctionCatalog(settings.path(settings.functions_dir)).get(name))
+    except (FunctionConfigError, PackagingError) as exc:
+        fail(str(exc))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / f"{name}.zip"
+    target.write_bytes(package.data)
+    out.print(f"[green]wrote[/] {target} ({len(package.data)} bytes, sha256 {package.sha256})")
+
+
+TargetOption = Annotated[str, typer.Option("--target", "-t", help="Deploy target (docker, aws, ...).")]
+TargetOptions = Annotated[
+    list[str] | None,
+    typer.Option("--option", "-o", help="Target setting KEY=VALUE (repeatable).", metavar="KEY=VALUE"),
+]
+
+
+def open_target(name: str, project: Path, options: list[str] | None) -> Any:
+    from echo.targets.base import load_target
+
+    parsed: dict[str, str] = {}
+    for item in options or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            fail(f"--option {item!r} is not KEY=VALUE")
+        parsed[key.strip()] = value.strip()
+    settings = settings_for(project, dev=False)
+    try:
+        return load_target(name, settings, parsed)
+    except LookupError as exc:
+        fail(str(exc))
+    except ValueError as exc:  # a target validating its options
+        fail(str(exc))
+
+
+def _progress(line: str) -> None:
+    err.print(f"[dim]•[/] {line}", highlight=False)
+
+
+def _run_target_step(step: Any) -> Any:
+    from echo.targets.base import TargetError
+
+    try:
+        return step()
+    except TargetError as exc:
+        fail(str(exc), code=1)
+
+
+@app.command()
+def deploy(
+    target: TargetOption,
+    option: TargetOptions = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only write what would be deployed.")] = False,
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for --dry-run output.")] = Path(
+        "echo-out"
+    ),
+    project: ProjectOption = Path("."),
+) -> None:
+    """Deploy the project (server, functions, associations) to a target."""
+    plugin = open_target(target, project, option)
+    if dry_run:
+        for path in _run_target_step(lambda: plugin.synth(out_dir, _progress)):
+            err.print(f"[green]wrote[/] {path}")
+        return
+    outputs = _run_target_step(lambda: plugin.deploy(_progress))
+    err.print(f"[bold green]deployed[/] to {target}: {outputs.endpoint}")
+    err.print(f"tokens: [bold]echoctl jwt APP --target {target}[/]")
+
+
+@app.command()
+def status(
+    target: TargetOption, option: TargetOptions = None, project: ProjectOption = Path(".")
+) -> None:
+    """Show what a target is running."""
+    plugin = open_target(target, project, option)
+    out.print_json(json.dumps(_run_target_step(plugin.status)))
+
+
+@app.command()
+def teardown(
+    target: TargetOption,
+    option: TargetOptions = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    project: ProjectOption = Path("."),
+) -> None:
+    """Remove everything a deploy created on a target."""
+    plugin = open_target(target, project, option)
+    if not yes and not typer.confirm(f"Remove the {target} deployment of {project.resolve()}?"):
+        raise typer.Exit(1)
+    _run_target_step(lambda: plugin.teardown(_progress))
+    err.print(f"[green]removed[/] the {target} deployment")
+
+
+@associations_app.command("check")
+def associations_check(project: ProjectOption = Path(".")) -> None:
+    """Validate associations.json and name the bad path if it is invalid."""
+    settings = settings_for(project)
+    associations = _load_associations_file(settings)
+    out.print(f"[green]valid[/]: {len(associations.apps)} app(s): {', '.join(sorted(associations.apps))}")
+
+
+def _load_associations_file(settings: Settings) -> Any:
+    from echo.core.associations import AssociationsError
+    from echo.core.store import FileStore
+
+    path = settings.path(settings.associations)
+    if not path.exists():
+        fail(f"no {path}", "create it, or run `echoctl init`")
+    try:
+        return asyncio.run(FileStore(path).load())
+    except AssociationsError as exc:
+        fail(f"{path}: {exc}")
+
+
+@associations_app.command("push")
+def associations_push(
+    target: Annotated[str | None, typer.Option("--target", "-t", help="Deploy target.")] = None,
+    url: Annotated[str | None, typer.Option(help="Server URL (default: the dev server).")] = None,
+    option: TargetOptions = None,
+    project: ProjectOption = Path("."),
+) -> None:
+    """Upload associations.json to a deployment (--target) or PUT it to a running server."""
+    import httpx
+
+    from echo.core.auth import issue_token
+
+    if target:
+        plugin = open_target(target, project, option)
+        associations = _load_associations_file(plugin.settings)
+        _run_target_step(lambda: plugin.push_associations(associations, _progress))
+        err.print(f"[green]pushed[/] associations to {target}")
+        return
+    settings = settings_for(project)
+    associations = _load_associations_file(settings)
+    endpoint = url or settings.local_url
+    token = issue_token(settings.require_secret(), "echoctl", admin=True, ttl=60)
+    try:
+        reply = httpx.put(endpoint + "/associations", json=associations.document,
+                          headers={"authorization": f"Bearer {token}"}, timeout=10)
+    except httpx.HTTPError as exc:
+        fail(f"cannot reach {endpoint}: {exc}", "is `echoctl dev` running? pass --url otherwise")
+    if reply.status_code != 200:
+        fail(f"{endpoint} refused the document ({reply.status_code}): {reply.text}")
+    err.print(f"[green]pushed[/] associations to {endpoint}: version {reply.json().get('version')}")
 
 
 def main() -> None:

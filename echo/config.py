@@ -36,6 +36,10 @@ class Settings:
     port: int = 3000
     redis_url: str | None = None
     runner: str = "local"
+    lambda_endpoint_url: str | None = None
+    lambda_prefix: str = ""
+    aws_region: str = "us-east-1"
+    http_url: str | None = None
     functions_dir: Path = Path("functions")
     apps_dir: Path = Path("apps")
     associations: Path = Path("associations.json")
@@ -136,6 +140,16 @@ def _convert(key: str, name: str, raw: Any) -> Any:
             value = _to_str(name, raw)
             if not re.fullmatch(r"[a-z][a-z0-9_-]*", value):
                 raise ConfigError(f"{name}: {raw!r} is not a runner name (e.g. local)")
+            return value
+        case "lambda_endpoint_url" | "http_url":
+            value = _to_str(name, raw)
+            if not value.startswith(("http://", "https://")):
+                raise ConfigError(f"{name}: {raw!r} is not an http:// or https:// URL")
+            return value
+        case "lambda_prefix":
+            value = raw if isinstance(raw, str) else ""
+            if not re.fullmatch(r"[A-Za-z0-9_-]{0,32}", value):
+                raise ConfigError(f"{name}: {raw!r} must be up to 32 letters, digits, - or _")
             return value
         case "redis_url":
             value = _to_str(name, raw)

@@ -47,6 +47,12 @@ TEST_ASSOCIATIONS: dict[str, Any] = {
                 {"channelName": "exit", "functionNames": ["fail-exit"]},
                 {"channelName": "missing", "functionNames": ["no-such-function"]},
                 {"channelName": "slow", "functionNames": ["slow-echo"]},
+                {"channelName": "slow-unordered", "functionNames": ["slow-echo"],
+                 "ordered": False},
+                {"channelName": "flaky", "functionNames": ["flaky"]},
+                {"channelName": "pass-chain", "functionNames": ["pass-on-error", "demo-angry"]},
+                {"channelName": "drop", "functionNames": ["drop-on-error"]},
+                {"channelName": "serial:*", "functionNames": ["serial"]},
                 {"channelName": "room:*", "functionNames": ["demo-backwards"]},
                 {"channelName": "room:exact", "functionNames": ["demo-robot"]},
             ]
@@ -88,13 +94,14 @@ class EchoProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = project / f"echo-{self.port}.log"
         self.env = {**os.environ, "ECHO_SECRET": SECRET, **(env or {})}
+        self.extra_args: list[str] = []
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 20) -> EchoProcess:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "echo", self.command, "--project", str(self.project),
-             "--port", str(self.port)],
+             "--port", str(self.port), *self.extra_args],
             env=self.env, stdout=log, stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + timeout
@@ -228,6 +235,56 @@ class RedisServer:
         if self.process and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+
+class MotoServer:
+    """moto's AWS API server on a free port (the AWS emulator for tests)."""
+
+    def __init__(self, workdir: Path, use_docker: bool = False) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.use_docker = use_docker
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 20) -> MotoServer:
+        binary = Path(sys.executable).parent / "moto_server"
+        log = (self.workdir / "moto.log").open("ab")
+        self.process = subprocess.Popen(
+            [str(binary), "-H", "127.0.0.1", "-p", str(self.port)], stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"},
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                # without Docker, moto's Lambda invoke echoes the payload back
+                reply = httpx.post(self.url + "/moto-api/config",
+                                   json={"lambda": {"use_docker": self.use_docker}}, timeout=1)
+                if reply.is_success:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"moto_server did not start on {self.port}")
+
+    def client(self, service: str) -> Any:
+        import boto3
+
+        return boto3.client(service, endpoint_url=self.url, region_name="us-east-1",
+                            aws_access_key_id="test", aws_secret_access_key="test")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+
+@pytest.fixture(scope="module")
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    server = MotoServer(tmp_path_factory.mktemp("moto")).start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -18,14 +18,17 @@ def test_exact_beats_pattern_and_first_pattern_wins() -> None:
         {"channelName": "chat:ops", "functionNames": ["ops"]},
         {"channelName": "news", "functionNames": []},
     ))
-    assert associations.match("app", "chat:ops") == ("ops",)
-    assert associations.match("app", "chat:vip-lounge") == ("general",)
-    assert associations.match("app", "chat:") == ("general",)
-    assert associations.match("app", "news") == ()
+    def chain(app: str, channel: str) -> tuple[str, ...]:
+        return associations.match(app, channel).functions
+
+    assert chain("app", "chat:ops") == ("ops",)
+    assert chain("app", "chat:vip-lounge") == ("general",)
+    assert chain("app", "chat:") == ("general",)
+    assert chain("app", "news") == ()
     # no accidental prefix or regex matching, as Ekko had
-    assert associations.match("app", "newsroom") == ()
-    assert associations.match("app", "xchat:1") == ()
-    assert associations.match("other-app", "chat:1") == ()
+    assert chain("app", "newsroom") == ()
+    assert chain("app", "xchat:1") == ()
+    assert chain("other-app", "chat:1") == ()
     assert associations.function_names() == {"general", "vip", "ops"}
 
 
@@ -46,6 +49,10 @@ def test_exact_beats_pattern_and_first_pattern_wins() -> None:
          "applications.app.channels[0].functionNames[1]", "is not a function name"),
         (doc({"channelName": "c", "functionNames": []}, {"channelName": "c", "functionNames": []}),
          "applications.app.channels[1].channelName", "listed twice"),
+        (doc({"channelName": "c", "ordered": "no"}), "applications.app.channels[0].ordered",
+         "true or false"),
+        (doc({"channelName": "c", "functions": []}), "applications.app.channels[0].functions",
+         "unknown key"),
     ],
 )
 def test_invalid_documents_name_the_bad_path(document: object, path: str, problem: str) -> None:
@@ -60,3 +67,13 @@ def test_json_syntax_errors_give_line_and_column() -> None:
         parse_associations_text('{"applications":\n  {,}}', source="associations.json")
     with pytest.raises(AssociationsError, match="not UTF-8"):
         parse_associations_text(b"{\"a\": \"\xc3\x28\"}", source="x")
+
+
+def test_ordered_defaults_to_true_and_can_be_switched_off() -> None:
+    associations = parse_associations(doc(
+        {"channelName": "fast", "functionNames": ["f"], "ordered": False},
+        {"channelName": "calm", "functionNames": ["f"]},
+    ))
+    assert associations.match("app", "fast").ordered is False
+    assert associations.match("app", "calm").ordered is True
+    assert associations.match("app", "unlisted").ordered is True

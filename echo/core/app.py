@@ -22,11 +22,12 @@ from starlette.routing import BaseRoute
 from echo.config import Settings
 from echo.core import http, metrics
 from echo.core.associations import Associations, AssociationsError
+from echo.core.functions import FunctionCatalog
 from echo.core.pipeline import Pipeline
 from echo.core.realtime import Realtime
 from echo.core.redis_conn import redis_client
 from echo.core.redis_manager import EchoRedisManager
-from echo.core.runners import Runner, load_runner_class
+from echo.core.runners import Runner, RunnerSet, load_runner_class
 from echo.core.store import AssociationsStore, FileStore, RedisStore
 
 log = logging.getLogger("echo.server")
@@ -53,6 +54,9 @@ class EchoServer:
         self.associations_problem: str | None = "not loaded yet"
         self._on_startup = list(on_startup)
         self._on_shutdown = list(on_shutdown)
+        self.functions = FunctionCatalog(
+            settings.path(settings.functions_dir), settings.function_timeout
+        )
         self.redis = redis_client(settings.redis_url) if settings.redis_url else None
         if client_manager is None and settings.redis_url:
             client_manager = EchoRedisManager(settings.redis_url)
@@ -60,6 +64,7 @@ class EchoServer:
             settings,
             lambda realtime: Pipeline(
                 runner,
+                self.functions,
                 lambda: self.associations,
                 realtime.deliver,
                 realtime.report_function_error,
@@ -148,6 +153,11 @@ class EchoServer:
         await self._status_all("associations_updated", source=source,
                                version=associations.version)
 
+    def reload_functions(self, names: set[str] | None = None) -> None:
+        """Changed code or function.toml: fresh specs and fresh workers on the next message."""
+        self.functions.invalidate(names)
+        self.runner.reload(names)
+
     def connected_apps(self) -> list[str]:
         """Apps with a namespace on this node (the ones whose admins can hear a status)."""
         return [ns.lstrip("/") for ns in self.realtime.sio.manager.get_namespaces() if ns != "/"]
@@ -165,7 +175,8 @@ def make_store(settings: Settings) -> AssociationsStore:
 
 
 def build_server(settings: Settings, runner: Runner | None = None, **options: Any) -> EchoServer:
-    """An EchoServer from settings: the runner named by ``settings.runner`` unless given."""
-    if runner is None:
+    """An EchoServer from settings: ``runner`` (or the one ``settings.runner`` names) plus any
+    other runner a function's function.toml asks for."""
+    if runner is None:  # a misspelt runner name fails here, at start-up, not on first publish
         runner = load_runner_class(settings.runner).from_settings(settings)
-    return EchoServer(settings, runner, make_store(settings), **options)
+    return EchoServer(settings, RunnerSet(settings, runner), make_store(settings), **options)

@@ -8,6 +8,8 @@ Ekko's format, kept as is::
 
 A channel name is matched exactly; a name containing ``*``, ``?`` or ``[`` is a glob pattern
 (``fnmatch`` rules). An exact entry wins over patterns; among patterns the first listed wins.
+An entry may add ``"ordered": false`` (Echo's extra): its messages are delivered as soon as
+their chain finishes instead of in publish order.
 """
 
 from __future__ import annotations
@@ -32,18 +34,32 @@ class AssociationsError(ValueError):
 
 
 @dataclass(frozen=True)
-class AppChains:
-    exact: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    patterns: tuple[tuple[str, tuple[str, ...]], ...] = ()
+class Rule:
+    """What applies to a channel: its function chain, and whether delivery keeps order."""
 
-    def match(self, channel: str) -> tuple[str, ...]:
-        chain = self.exact.get(channel)
-        if chain is not None:
-            return chain
-        for pattern, pattern_chain in self.patterns:
+    functions: tuple[str, ...] = ()
+    ordered: bool = True
+
+
+NO_RULE = Rule()
+
+
+@dataclass(frozen=True)
+class AppChains:
+    exact: dict[str, Rule] = field(default_factory=dict)
+    patterns: tuple[tuple[str, Rule], ...] = ()
+
+    def match(self, channel: str) -> Rule:
+        rule = self.exact.get(channel)
+        if rule is not None:
+            return rule
+        for pattern, pattern_rule in self.patterns:
             if fnmatch.fnmatchcase(channel, pattern):
-                return pattern_chain
-        return ()
+                return pattern_rule
+        return NO_RULE
+
+    def rules(self) -> list[tuple[str, Rule]]:
+        return [*self.exact.items(), *self.patterns]
 
 
 @dataclass(frozen=True)
@@ -62,19 +78,18 @@ class Associations:
     def empty(cls) -> Associations:
         return cls(document={"applications": {}}, apps={})
 
-    def match(self, app: str, channel: str) -> tuple[str, ...]:
-        """The function chain for a channel of an app; empty when none applies."""
+    def match(self, app: str, channel: str) -> Rule:
+        """The rule for a channel of an app; no functions and ordered when none applies."""
         chains = self.apps.get(app)
-        return chains.match(channel) if chains else ()
+        return chains.match(channel) if chains else NO_RULE
 
     def function_names(self) -> set[str]:
-        names: set[str] = set()
-        for chains in self.apps.values():
-            for chain in chains.exact.values():
-                names.update(chain)
-            for _, chain in chains.patterns:
-                names.update(chain)
-        return names
+        return {
+            name
+            for chains in self.apps.values()
+            for _, rule in chains.rules()
+            for name in rule.functions
+        }
 
 
 def _expect(value: Any, kind: type, path: str, described: str) -> Any:
@@ -100,8 +115,8 @@ def parse_associations(data: Any) -> Associations:
             raise AssociationsError(app_path, "app name must not be empty")
         _expect(app_doc, dict, app_path, "an object with a 'channels' list")
         channels = _expect(app_doc.get("channels", []), list, f"{app_path}.channels", "a list")
-        exact: dict[str, tuple[str, ...]] = {}
-        patterns: list[tuple[str, tuple[str, ...]]] = []
+        exact: dict[str, Rule] = {}
+        patterns: list[tuple[str, Rule]] = []
         for index, entry in enumerate(channels):
             entry_path = f"{app_path}.channels[{index}]"
             _expect(entry, dict, entry_path, "an object with channelName and functionNames")
@@ -120,15 +135,21 @@ def parse_associations(data: Any) -> Associations:
                         f"{entry_path}.functionNames[{position}]",
                         f"{function!r} is not a function name (letters, digits, - and _)",
                     )
-            chain = tuple(names)
+            ordered = entry.get("ordered", True)
+            if not isinstance(ordered, bool):
+                raise AssociationsError(f"{entry_path}.ordered", "must be true or false")
+            unknown = set(entry) - {"channelName", "functionNames", "ordered"}
+            if unknown:
+                raise AssociationsError(f"{entry_path}.{sorted(unknown)[0]}", "unknown key")
+            rule = Rule(tuple(names), ordered)
             if _GLOB_CHARS.search(name):
                 if any(p == name for p, _ in patterns):
                     raise AssociationsError(f"{entry_path}.channelName", f"{name!r} listed twice")
-                patterns.append((name, chain))
+                patterns.append((name, rule))
             else:
                 if name in exact:
                     raise AssociationsError(f"{entry_path}.channelName", f"{name!r} listed twice")
-                exact[name] = chain
+                exact[name] = rule
         apps[app_name] = AppChains(exact=exact, patterns=tuple(patterns))
     return Associations(document=data, apps=apps)
 

@@ -1,12 +1,20 @@
 """The function pipeline: envelope a message, run its channel's chain, deliver in order.
 
-Chains of different messages run concurrently, yet each channel delivers in publish order:
-every message waits for its predecessor's delivery (a chain of futures) before it is
-delivered itself. A message whose chain fails, times out or filters is simply skipped in that
-order, so it never holds the channel up for longer than its own chain's timeout.
+Chains of different messages run concurrently, on one channel as on many, yet an ordered
+channel (the default) delivers in publish order: every message waits for its predecessor's
+delivery (a chain of futures) before it is delivered itself. The wait is bounded by the
+predecessor's own chain, which every runner bounds by its timeouts. A message whose chain
+fails, times out or filters is skipped in that order, never waited for. A channel with
+``"ordered": false`` delivers each message as soon as its chain finishes.
 
-The error policy is "not delivered": the publisher gets an error outcome and the server
-reports it to the app's admins; nothing is ever delivered that a function did not return.
+Back-pressure: at most ``max_pending_per_channel`` messages of one channel are in flight on
+this node (that is the reorder buffer's bound); one more is refused with ``Overloaded`` and
+the publisher gets an ``overloaded`` error to retry, so memory never grows without bound.
+
+Per function (``function.toml``): ``retries`` re-runs a function that raised, timed out or
+crashed; ``concurrency`` caps its invocations at once; ``on_error`` says what a failure does:
+``error`` (default: not delivered, error ack), ``drop`` (not delivered, ack says droppedBy),
+``pass`` (the message goes on unchanged). Every failure is reported to the app's admins.
 """
 
 from __future__ import annotations
@@ -22,9 +30,12 @@ from typing import Any
 
 from echo.core import metrics
 from echo.core.associations import Associations
+from echo.core.functions import FunctionCatalog, FunctionConfigError, FunctionSpec
 from echo.core.runners import FunctionError, InvocationContext, Runner
 
 log = logging.getLogger("echo.pipeline")
+
+RETRYABLE = frozenset({"raised", "timeout", "crashed", "failed"})
 
 
 @dataclass(frozen=True)
@@ -45,6 +56,7 @@ class Outcome:
     envelope: Envelope
     delivered: bool
     filtered_by: str | None = None
+    dropped_by: str | None = None
     error: FunctionError | None = None
 
 
@@ -53,7 +65,7 @@ class Overloaded(Exception):
 
 
 Deliver = Callable[[Envelope], Awaitable[None]]
-ReportError = Callable[[Envelope, FunctionError], Awaitable[None]]
+ReportError = Callable[[Envelope, FunctionError, float], Awaitable[None]]
 
 
 @dataclass
@@ -66,6 +78,7 @@ class Pipeline:
     def __init__(
         self,
         runner: Runner,
+        catalog: FunctionCatalog,
         associations: Callable[[], Associations],
         deliver: Deliver,
         report_error: ReportError,
@@ -73,17 +86,16 @@ class Pipeline:
         max_pending_per_channel: int = 1000,
     ) -> None:
         self._runner = runner
+        self._catalog = catalog
         self._associations = associations
         self._deliver = deliver
         self._report_error = report_error
         self._max_pending = max_pending_per_channel
         self._channels: dict[tuple[str, str], _ChannelState] = {}
         self._seq: dict[tuple[str, str], int] = {}
+        self._limits: dict[str, tuple[int, asyncio.Semaphore]] = {}
         self._node = os.urandom(4).hex()
         self._ids = itertools.count(1)
-
-    def chain_for(self, app: str, channel: str) -> tuple[str, ...]:
-        return self._associations().match(app, channel)
 
     async def publish(self, app: str, channel: str, message: Any, uuid: str | None) -> Outcome:
         """Run ``message`` through the channel's chain and deliver it; raises Overloaded."""
@@ -93,7 +105,8 @@ class Pipeline:
             state = self._channels[key] = _ChannelState()
         if state.pending >= self._max_pending:
             raise Overloaded(
-                f"channel {channel!r} has {state.pending} messages in flight; retry shortly"
+                f"channel {channel!r} has {state.pending} messages in flight "
+                f"(limit {self._max_pending}); retry shortly"
             )
         seq = self._seq.get(key, 0) + 1
         self._seq[key] = seq
@@ -106,20 +119,19 @@ class Pipeline:
             uuid=uuid,
             message=message,
         )
-        chain = self.chain_for(app, channel)
+        rule = self._associations().match(app, channel)
         previous, done = state.tail, asyncio.get_running_loop().create_future()
         state.tail = done
         state.pending += 1
         try:
-            outcome = await self._run_chain(envelope, chain) if chain else None
-            if previous is not None and not previous.done():
-                await asyncio.shield(previous)
-            if outcome is None:
+            if rule.functions:
+                outcome = await self._run_chain(envelope, rule.functions)
+            else:
                 outcome = Outcome(envelope, delivered=True)
+            if rule.ordered and previous is not None and not previous.done():
+                await asyncio.shield(previous)
             if outcome.delivered:
                 await self._deliver(outcome.envelope)
-            elif outcome.error is not None:
-                await self._report_error(envelope, outcome.error)
             return outcome
         finally:
             done.set_result(None)
@@ -134,16 +146,55 @@ class Pipeline:
         value = envelope.message
         for function in chain:
             started = time.perf_counter()
+            spec: FunctionSpec | None = None
             try:
-                value = await self._runner.invoke(function, value, context)
+                spec = self._catalog.get(function)
+                value = await self._invoke(spec, value, context)
             except Exception as exc:
-                if not isinstance(exc, FunctionError):  # a runner bug must not stall the channel
-                    log.exception("runner failed on %s", function)
-                    exc = FunctionError(function, "failed", f"runner error: {exc!r}")
-                metrics.FUNCTION_ERRORS.labels(function, exc.kind).inc()
-                return Outcome(envelope, delivered=False, error=exc)
+                error = _as_function_error(function, exc)
+                elapsed = time.perf_counter() - started
+                metrics.FUNCTION_ERRORS.labels(function, error.kind).inc()
+                await self._report_error(envelope, error, elapsed)
+                policy = spec.on_error if spec is not None else "error"
+                if policy == "pass":
+                    continue
+                if policy == "drop":
+                    return Outcome(envelope, delivered=False, dropped_by=function, error=error)
+                return Outcome(envelope, delivered=False, error=error)
             finally:
                 metrics.FUNCTION_DURATION.labels(function).observe(time.perf_counter() - started)
             if value is None:
                 return Outcome(envelope, delivered=False, filtered_by=function)
         return Outcome(replace(envelope, message=value), delivered=True)
+
+    async def _invoke(self, spec: FunctionSpec, event: Any, context: InvocationContext) -> Any:
+        """One function with its retries and concurrency limit."""
+        limit = self._limit(spec)
+        for attempt in range(spec.retries + 1):
+            try:
+                if limit is None:
+                    return await self._runner.invoke(spec, event, context)
+                async with limit:
+                    return await self._runner.invoke(spec, event, context)
+            except FunctionError as exc:
+                if exc.kind not in RETRYABLE or attempt == spec.retries:
+                    raise
+                log.info("retrying %s after %s (attempt %d)", spec.name, exc.kind, attempt + 2)
+        raise AssertionError("unreachable")
+
+    def _limit(self, spec: FunctionSpec) -> asyncio.Semaphore | None:
+        if not spec.concurrency:
+            return None
+        known = self._limits.get(spec.name)
+        if known is None or known[0] != spec.concurrency:  # new, or changed by a hot reload
+            known = self._limits[spec.name] = (spec.concurrency, asyncio.Semaphore(spec.concurrency))
+        return known[1]
+
+
+def _as_function_error(function: str, exc: Exception) -> FunctionError:
+    if isinstance(exc, FunctionError):
+        return exc
+    if isinstance(exc, FunctionConfigError):
+        return FunctionError(function, "load_failed", str(exc))
+    log.exception("runner failed on %s", function)  # a runner bug must not stall the channel
+    return FunctionError(function, "failed", f"runner error: {exc!r}")

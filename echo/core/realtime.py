@@ -106,7 +106,9 @@ class Realtime:
             namespace="/" + app, ignore_queue=local,
         )
 
-    async def report_function_error(self, envelope: Envelope, error: FunctionError) -> None:
+    async def report_function_error(
+        self, envelope: Envelope, error: FunctionError, elapsed: float
+    ) -> None:
         log.warning("%s/%s: %s", envelope.app, envelope.channel, error)
         await self.status(
             envelope.app,
@@ -117,6 +119,7 @@ class Realtime:
             kind=error.kind,
             error=error.detail,
             messageId=envelope.id,
+            durationMs=round(elapsed * 1000, 1),
         )
 
     async def _presence(self, client: Client, channel: str, event_name: str) -> None:
@@ -222,7 +225,7 @@ class Realtime:
         except Overloaded as exc:
             raise ProtocolError("overloaded", str(exc)) from None
         envelope = outcome.envelope
-        if outcome.error is not None:
+        if outcome.error is not None and outcome.dropped_by is None:
             raise ProtocolError(
                 "function_error",
                 f"not delivered: {outcome.error}",
@@ -236,6 +239,7 @@ class Realtime:
             ts=envelope.ts,
             delivered=outcome.delivered,
             **({"filteredBy": outcome.filtered_by} if outcome.filtered_by else {}),
+            **({"droppedBy": outcome.dropped_by} if outcome.dropped_by else {}),
         )
 
     _handlers = {

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from echo.config import Settings
+    from echo.core.functions import FunctionSpec
 
 RUNNER_GROUP = "echo.runners"
 
@@ -65,11 +66,59 @@ class Runner(abc.ABC):
         """Release everything; invoke is not called afterwards."""
 
     @abc.abstractmethod
-    async def invoke(self, function: str, event: Any, context: InvocationContext) -> Any:
-        """Return the function's result (``None`` filters the message) or raise FunctionError."""
+    async def invoke(self, spec: FunctionSpec, event: Any, context: InvocationContext) -> Any:
+        """Return the function's result (``None`` filters the message) or raise FunctionError.
+
+        The runner enforces ``spec.timeout``; the pipeline handles retries and ``on_error``.
+        """
 
     def reload(self, functions: set[str] | None = None) -> None:  # noqa: B027 - optional hook
         """Pick up changed code for ``functions`` (all when None) on the next invoke."""
+
+
+class RunnerSet(Runner):
+    """The project's runner plus any a function asks for in its function.toml (``runner =``).
+
+    Backends are created on first use, so a project that never names ``lambda`` never
+    imports boto3.
+    """
+
+    def __init__(self, settings: Settings, default: Runner | None = None) -> None:
+        self.settings = settings
+        self._runners: dict[str, Runner] = {settings.runner: default} if default else {}
+        self._started: set[str] = set()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RunnerSet:
+        return cls(settings)
+
+    async def _get(self, name: str) -> Runner:
+        runner = self._runners.get(name)
+        if runner is None:
+            runner = load_runner_class(name).from_settings(self.settings)
+            self._runners[name] = runner
+        if name not in self._started:
+            self._started.add(name)
+            await runner.start()
+        return runner
+
+    async def start(self) -> None:
+        await self._get(self.settings.runner)
+
+    async def close(self) -> None:
+        for runner in self._runners.values():
+            await runner.close()
+
+    def reload(self, functions: set[str] | None = None) -> None:
+        for runner in self._runners.values():
+            runner.reload(functions)
+
+    async def invoke(self, spec: FunctionSpec, event: Any, context: InvocationContext) -> Any:
+        try:
+            runner = await self._get(spec.runner or self.settings.runner)
+        except LookupError as exc:
+            raise FunctionError(spec.name, "load_failed", str(exc)) from None
+        return await runner.invoke(spec, event, context)
 
 
 def load_runner_class(name: str) -> type[Runner]:

@@ -20,8 +20,11 @@ from echo.config import Settings
 from echo.core.app import EchoServer, build_server
 from echo.core.auth import issue_token
 from echo.core.protocol import CHANNEL_NAME
+from echo.core.runners import Runner
 from echo.emulator.local_runner import LocalRunner
+from echo.emulator.localstack import LocalStackFunctions, localstack_settings
 from echo.emulator.watch import watch_associations, watch_functions
+from echo.runners.lambda_runner import LambdaRunner
 
 DEV_TOKEN_TTL = 24 * 3600
 
@@ -59,16 +62,31 @@ def _dev_routes(settings: Settings, apps_dir: Path) -> list[BaseRoute]:
     return routes
 
 
-def build_dev_server(settings: Settings) -> EchoServer:
+FUNCTION_MODES = ("local", "localstack")
+
+
+def build_dev_server(settings: Settings, functions: str = "local") -> EchoServer:
+    """The dev server; ``functions`` is where echo functions run: ``local`` worker processes
+    or ``localstack`` (deployed to the Lambda emulator, redeployed on every edit)."""
     functions_dir = settings.path(settings.functions_dir)
     associations = settings.path(settings.associations)
-    runner = LocalRunner.from_settings(settings)
+    emulator: LocalStackFunctions | None = None
+    runner: Runner
+    if functions == "localstack":
+        settings = localstack_settings(settings)
+        runner = LambdaRunner.from_settings(settings)
+    else:
+        runner = LocalRunner.from_settings(settings)
     stop = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
 
     async def start_watching() -> None:
         stop.clear()
-        tasks.append(asyncio.create_task(watch_functions(server, functions_dir, stop)))
+        on_change = None
+        if emulator is not None:
+            await emulator.deploy_all()
+            on_change = emulator.redeploy
+        tasks.append(asyncio.create_task(watch_functions(server, functions_dir, stop, on_change)))
         tasks.append(asyncio.create_task(watch_associations(server, associations, stop)))
 
     async def stop_watching() -> None:
@@ -84,4 +102,6 @@ def build_dev_server(settings: Settings) -> EchoServer:
         on_startup=[start_watching],
         on_shutdown=[stop_watching],
     )
+    if functions == "localstack":
+        emulator = LocalStackFunctions(settings, server.functions)
     return server

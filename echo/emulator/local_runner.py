@@ -21,8 +21,8 @@ from typing import Any
 import orjson
 
 from echo.config import Settings
+from echo.core.functions import FunctionConfigError, FunctionSpec, discover
 from echo.core.runners import FunctionError, InvocationContext, Runner
-from echo.functions import FunctionConfigError, FunctionSpec, discover, load_spec
 
 log = logging.getLogger("echo.runner.local")
 
@@ -133,17 +133,10 @@ class LocalRunner(Runner):
             self._idle.append(worker)
             self._available.notify()
 
-    def spec(self, function: str) -> FunctionSpec:
-        path = self.functions_dir / function
-        if not path.is_dir():
-            raise FunctionError(function, "not_found", f"no folder {path}")
-        try:
-            return load_spec(path, self.default_timeout)
-        except FunctionConfigError as exc:
-            raise FunctionError(function, "load_failed", str(exc)) from None
-
-    async def invoke(self, function: str, event: Any, context: InvocationContext) -> Any:
-        spec = self.spec(function)
+    async def invoke(self, spec: FunctionSpec, event: Any, context: InvocationContext) -> Any:
+        function = spec.name
+        if spec.path is None:
+            raise FunctionError(function, "not_found", f"no folder {self.functions_dir / function}")
         request = {
             "id": next(self._ids),
             "function": function,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import watchfiles
@@ -35,14 +36,21 @@ def changed_functions(functions_dir: Path, paths: set[str]) -> set[str]:
     return names
 
 
-async def watch_functions(server: EchoServer, functions_dir: Path, stop: asyncio.Event) -> None:
+async def watch_functions(
+    server: EchoServer,
+    functions_dir: Path,
+    stop: asyncio.Event,
+    on_change: Callable[[set[str]], Awaitable[object]] | None = None,
+) -> None:
     functions_dir.mkdir(parents=True, exist_ok=True)
     async for changes in watchfiles.awatch(
         functions_dir, stop_event=stop, debounce=DEBOUNCE_MS, step=30, recursive=True
     ):
         names = changed_functions(functions_dir, {path for _, path in changes})
         if names:
-            server.runner.reload(names)
+            server.reload_functions(names)
+            if on_change is not None:
+                await on_change(names)
             log.info("reloaded %s", ", ".join(sorted(names)))
             for app in server.connected_apps():
                 await server.realtime.status(

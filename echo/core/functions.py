@@ -1,0 +1,159 @@
+"""Echo functions on disk: ``functions/NAME/handler.py`` plus an optional ``function.toml``.
+
+The folder is the unit everything works with: the local runner runs it, the Lambda packager
+zips it, the pipeline reads its policy. ``function.toml`` keys (all optional)::
+
+    handler = "handler.handler"  # module.function, as in Lambda
+    timeout = 3.0                 # seconds per invocation
+    retries = 0                   # extra attempts after raised / timeout / crashed
+    on_error = "error"            # error: not delivered, publisher gets an error ack
+                                  # drop:  not delivered, publisher ack says droppedBy
+                                  # pass:  the message goes on unchanged past this function
+    concurrency = 0               # max invocations at once on this node (0 = no limit)
+    runner = "local"              # override the project's runner for this function
+    url = "https://..."           # for runner = "http"
+    description = "..."
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from echo.core.associations import FUNCTION_NAME
+
+SPEC_FILE = "function.toml"
+ON_ERROR = ("error", "drop", "pass")
+_HANDLER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*$")
+_KEYS = {"handler", "timeout", "retries", "on_error", "concurrency", "runner", "url",
+         "description", "runtime", "memory"}
+
+
+class FunctionConfigError(ValueError):
+    """A function folder or its function.toml is invalid; the message names the file."""
+
+
+@dataclass(frozen=True)
+class FunctionSpec:
+    """One function's code location and policy. ``path`` is None for a remote-only function."""
+
+    name: str
+    path: Path | None = None
+    handler: str = "handler.handler"
+    timeout: float = 3.0
+    retries: int = 0
+    on_error: str = "error"
+    concurrency: int = 0
+    runner: str | None = None
+    url: str | None = None
+    description: str = ""
+    runtime: str = "python3.12"
+    memory: int = 128
+
+    @property
+    def module_file(self) -> Path | None:
+        return self.path / (self.handler.split(".", 1)[0] + ".py") if self.path else None
+
+
+def _number(spec_file: Path, key: str, value: Any, low: float, high: float, whole: bool) -> Any:
+    kinds = int if whole else int | float
+    if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
+        kind = "a whole number" if whole else "a number"
+        raise FunctionConfigError(f"{spec_file}: {key} must be {kind} from {low:g} to {high:g}")
+    return value
+
+
+def load_spec(path: Path, default_timeout: float = 3.0) -> FunctionSpec:
+    name = path.name
+    if not FUNCTION_NAME.match(name):
+        raise FunctionConfigError(f"{path}: {name!r} is not a function name (letters, digits, - _)")
+    values: dict[str, Any] = {}
+    spec_file = path / SPEC_FILE
+    if spec_file.exists():
+        try:
+            values = tomllib.loads(spec_file.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise FunctionConfigError(f"{spec_file}: not valid TOML ({exc})") from None
+        unknown = set(values) - _KEYS
+        if unknown:
+            raise FunctionConfigError(
+                f"{spec_file}: unknown key {sorted(unknown)[0]!r} (known: {', '.join(sorted(_KEYS))})"
+            )
+    handler = values.get("handler", "handler.handler")
+    if not isinstance(handler, str) or not _HANDLER.match(handler):
+        raise FunctionConfigError(f"{spec_file}: handler must look like 'module.function'")
+    timeout = values.get("timeout", default_timeout)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= 900:
+        raise FunctionConfigError(f"{spec_file}: timeout must be a number of seconds in (0, 900]")
+    on_error = values.get("on_error", "error")
+    if on_error not in ON_ERROR:
+        raise FunctionConfigError(f"{spec_file}: on_error must be one of {', '.join(ON_ERROR)}")
+    for key in ("runner", "url", "description", "runtime"):
+        if key in values and not isinstance(values[key], str):
+            raise FunctionConfigError(f"{spec_file}: {key} must be a string")
+    runner = values.get("runner")
+    if runner == "http" and not values.get("url"):
+        raise FunctionConfigError(f"{spec_file}: runner = \"http\" needs url = \"https://...\"")
+    spec = FunctionSpec(
+        name=name,
+        path=path,
+        handler=handler,
+        timeout=float(timeout),
+        retries=_number(spec_file, "retries", values.get("retries", 0), 0, 10, whole=True),
+        on_error=on_error,
+        concurrency=_number(spec_file, "concurrency", values.get("concurrency", 0), 0, 10_000,
+                            whole=True),
+        runner=runner,
+        url=values.get("url"),
+        description=values.get("description", ""),
+        runtime=values.get("runtime", "python3.12"),
+        memory=_number(spec_file, "memory", values.get("memory", 128), 128, 10_240, whole=True),
+    )
+    if runner in (None, "local", "lambda") and not spec.module_file.exists():  # type: ignore[union-attr]
+        raise FunctionConfigError(f"{path}: no {spec.module_file.name} (handler {handler!r})")  # type: ignore[union-attr]
+    return spec
+
+
+def discover(functions_dir: Path, default_timeout: float = 3.0) -> dict[str, FunctionSpec]:
+    """Every valid function folder; invalid ones raise, so a typo is never silently ignored."""
+    specs: dict[str, FunctionSpec] = {}
+    if not functions_dir.is_dir():
+        return specs
+    for path in sorted(functions_dir.iterdir()):
+        if path.is_dir() and not path.name.startswith((".", "_")):
+            specs[path.name] = load_spec(path, default_timeout)
+    return specs
+
+
+class FunctionCatalog:
+    """Specs by name, read once from disk and cached until ``invalidate`` (hot reload).
+
+    A name with no folder gets a default spec without a path: a remote runner (Lambda,
+    HTTP) can still run it, the local runner reports it ``not_found``.
+    """
+
+    def __init__(self, functions_dir: Path, default_timeout: float = 3.0) -> None:
+        self.functions_dir = functions_dir
+        self.default_timeout = default_timeout
+        self._specs: dict[str, FunctionSpec] = {}
+
+    def get(self, name: str) -> FunctionSpec:
+        """The spec for ``name``; raises FunctionConfigError for a broken function.toml."""
+        spec = self._specs.get(name)
+        if spec is None:
+            path = self.functions_dir / name
+            if path.is_dir():
+                spec = load_spec(path, self.default_timeout)
+            else:
+                spec = FunctionSpec(name=name, timeout=self.default_timeout)
+            self._specs[name] = spec
+        return spec
+
+    def invalidate(self, names: set[str] | None = None) -> None:
+        if names is None:
+            self._specs.clear()
+        for name in names or ():
+            self._specs.pop(name, None)

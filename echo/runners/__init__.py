@@ -1,0 +1,1 @@
+"""Remote function runners: AWS Lambda (and LocalStack, moto) and plain HTTP endpoints."""

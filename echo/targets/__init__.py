@@ -1,0 +1,1 @@
+"""Deploy targets: plugins that stand Echo up somewhere (Docker, AWS, ...)."""

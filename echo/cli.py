@@ -141,7 +141,8 @@ def dev(
         err.print(f"  tokens     `echoctl jwt APP` (pages served here fetch {base}/dev/token)\n")
 
     try:
-        serving.run(server.asgi, settings.host, settings.port, settings.log_level, on_ready=banner)
+        serving.run(server.asgi, settings.host, settings.port, settings.log_level, on_ready=banner,
+                    before_shutdown=server.drain)
     except OSError as exc:
         fail(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}",
              "pick another port with --port or ECHO_PORT")
@@ -179,6 +180,7 @@ def serve(
             on_ready=lambda: logging.getLogger("echo").info(
                 "serving on %s:%s (%s, runner %s)", settings.host, settings.port, mode,
                 settings.runner),
+            before_shutdown=server.drain,
         )
     except OSError as exc:
         fail(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}",
@@ -187,8 +189,18 @@ def serve(
 
 @app.command()
 def jwt(
-    app_name: Annotated[str, typer.Argument(metavar="APP", help="App (namespace) name.")],
+    app_name: Annotated[
+        str | None, typer.Argument(metavar="APP", help="App (namespace) name.")
+    ] = None,
     admin: Annotated[bool, typer.Option("--admin", help="Print only an admin token.")] = False,
+    manage: Annotated[
+        bool, typer.Option("--manage", help="Print only a management token (/associations).")
+    ] = False,
+    capability: Annotated[
+        list[str] | None,
+        typer.Option("--cap", help="Limit the user token: PATTERN=op,op (subscribe, publish, "
+                                   "presence); repeatable.", metavar="PATTERN=OPS"),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     ttl: Annotated[int | None, typer.Option(help="Expire after this many seconds.")] = None,
     target: Annotated[
@@ -197,11 +209,9 @@ def jwt(
     project: ProjectOption = Path("."),
 ) -> None:
     """Print the endpoint, a user token and an admin token for APP (as Ekko's `jwt`)."""
-    from echo.core.auth import issue_token
+    from echo.core.auth import AuthError, Capabilities, issue_management_token, issue_token
     from echo.core.protocol import CHANNEL_NAME
 
-    if not CHANNEL_NAME.match(app_name):
-        fail(f"{app_name!r} is not an app name", "use letters, digits and - _ : .")
     if target:
         outputs = _run_target_step(open_target(target, project, None).outputs)
         if not outputs.secret:
@@ -209,8 +219,28 @@ def jwt(
         endpoint, secret = outputs.endpoint, outputs.secret
     else:
         settings = settings_for(project)
-        endpoint, secret = settings.local_url, settings.require_secret()
-    user_token = issue_token(secret, app_name, admin=False, ttl=ttl)
+        endpoint = settings.local_url
+        secret = settings.secrets_for(app_name)[0] if app_name else settings.require_secret()
+    if manage:
+        print(issue_management_token(secret, ttl=ttl))
+        return
+    if app_name is None:
+        fail("APP is missing", "e.g. `echoctl jwt chat-demo`, or `echoctl jwt --manage`")
+    if not CHANNEL_NAME.match(app_name):
+        fail(f"{app_name!r} is not an app name", "use letters, digits and - _ : .")
+    capabilities = None
+    if capability:
+        capabilities = {}
+        for item in capability:
+            pattern, sep, ops = item.partition("=")
+            if not sep or not pattern:
+                fail(f"--cap {item!r} is not PATTERN=op,op", "e.g. --cap 'chat:*=subscribe,publish'")
+            capabilities[pattern] = [op.strip() for op in ops.split(",") if op.strip()]
+        try:
+            Capabilities.parse(capabilities)
+        except AuthError as exc:
+            fail(str(exc))
+    user_token = issue_token(secret, app_name, admin=False, ttl=ttl, capabilities=capabilities)
     admin_token = issue_token(secret, app_name, admin=True, ttl=ttl)
     if as_json:
         body = {"endpoint": endpoint, "appName": app_name, "adminJwt": admin_token}
@@ -356,6 +386,49 @@ def functions_package(
     out.print(f"[green]wrote[/] {target} ({len(package.data)} bytes, sha256 {package.sha256})")
 
 
+def _function_target(target: str, project: Path, option: list[str] | None, method: str) -> Any:
+    plugin = open_target(target, project, option)
+    if not hasattr(plugin, method):
+        fail(f"target {target!r} does not manage functions on its own",
+             f"use `echoctl deploy --target {target}`")
+    return plugin
+
+
+@functions_app.command("deploy")
+def functions_deploy(
+    target: TargetOption,
+    names: Annotated[list[str] | None, typer.Argument(help="Functions (default: all).")] = None,
+    option: TargetOptions = None,
+    project: ProjectOption = Path("."),
+) -> None:
+    """Deploy functions to a target's function service; only changed ones are updated."""
+    plugin = _function_target(target, project, option, "deploy_functions")
+    changed = _run_target_step(lambda: plugin.deploy_functions(names, _progress))
+    err.print(f"[green]updated[/] {', '.join(changed)}" if changed else "all functions up to date")
+
+
+@functions_app.command("status")
+def functions_status(
+    target: TargetOption, option: TargetOptions = None, project: ProjectOption = Path(".")
+) -> None:
+    """Show deployed functions, their code SHA-256 and whether the local code differs."""
+    plugin = _function_target(target, project, option, "function_status")
+    out.print_json(json.dumps(_run_target_step(plugin.function_status)))
+
+
+@functions_app.command("destroy")
+def functions_destroy(
+    target: TargetOption,
+    names: Annotated[list[str], typer.Argument(help="Functions to delete.")],
+    option: TargetOptions = None,
+    project: ProjectOption = Path("."),
+) -> None:
+    """Delete functions from a target's function service (the local folders stay)."""
+    plugin = _function_target(target, project, option, "destroy_functions")
+    removed = _run_target_step(lambda: plugin.destroy_functions(names, _progress))
+    err.print(f"[green]deleted[/] {', '.join(removed)}" if removed else "none of them was deployed")
+
+
 TargetOption = Annotated[str, typer.Option("--target", "-t", help="Deploy target (docker, aws, ...).")]
 TargetOptions = Annotated[
     list[str] | None,
@@ -470,7 +543,7 @@ def associations_push(
     """Upload associations.json to a deployment (--target) or PUT it to a running server."""
     import httpx
 
-    from echo.core.auth import issue_token
+    from echo.core.auth import issue_management_token
 
     if target:
         plugin = open_target(target, project, option)
@@ -481,7 +554,7 @@ def associations_push(
     settings = settings_for(project)
     associations = _load_associations_file(settings)
     endpoint = url or settings.local_url
-    token = issue_token(settings.require_secret(), "echoctl", admin=True, ttl=60)
+    token = issue_management_token(settings.require_secret(), ttl=60)
     try:
         reply = httpx.put(endpoint + "/associations", json=associations.document,
                           headers={"authorization": f"Bearer {token}"}, timeout=10)

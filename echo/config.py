@@ -8,6 +8,7 @@ and where it came from, so the CLI can print one clear line instead of a traceba
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import secrets
@@ -32,6 +33,8 @@ class Settings:
 
     project_dir: Path = field(default_factory=Path.cwd)
     secret: str | None = None
+    previous_secret: str | None = None
+    app_secrets: dict[str, tuple[str, ...]] = field(default_factory=dict)
     host: str = "127.0.0.1"
     port: int = 3000
     redis_url: str | None = None
@@ -49,6 +52,11 @@ class Settings:
     max_pending_per_channel: int = 1000
     cors_origins: tuple[str, ...] = ("*",)
     log_level: str = "info"
+    max_channels_per_connection: int = 100
+    max_connections_per_app: int = 10_000
+    publish_rate: float = 50.0
+    publish_burst: int = 100
+    max_queued_packets: int = 1000
 
     def path(self, relative: Path) -> Path:
         """Resolve a project-relative path setting."""
@@ -59,6 +67,15 @@ class Settings:
         """Where a browser on this machine reaches the server."""
         wildcard = self.host in ("127.0.0.1", "0.0.0.0", "::", "localhost")
         return f"http://{'localhost' if wildcard else self.host}:{self.port}"
+
+    def secrets_for(self, app: str) -> tuple[str, ...]:
+        """Secrets that verify tokens of ``app``; the first one signs new tokens."""
+        if app in self.app_secrets:
+            return self.app_secrets[app]
+        return tuple(s for s in (self.require_secret(), self.previous_secret) if s)
+
+    def management_secrets(self) -> tuple[str, ...]:
+        return tuple(s for s in (self.require_secret(), self.previous_secret) if s)
 
     def require_secret(self) -> str:
         if not self.secret:
@@ -104,6 +121,28 @@ def _to_origins(name: str, raw: Any) -> tuple[str, ...]:
     return tuple(i.strip() for i in items if i.strip())
 
 
+def _to_app_secrets(name: str, raw: Any) -> dict[str, tuple[str, ...]]:
+    """``{app: [newest, older...]}`` from a TOML table or a JSON string (ECHO_APP_SECRETS)."""
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except ValueError:
+            raise ConfigError(f'{name}: expected JSON like {{"app": ["secret", ...]}}') from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{name}: expected a table of app = [secrets]")
+    result = {}
+    for app, secrets_ in raw.items():
+        if isinstance(secrets_, str):
+            secrets_ = [secrets_]
+        if not isinstance(secrets_, list) or not secrets_:
+            raise ConfigError(f"{name}.{app}: expected a non-empty list of secrets")
+        for index, value in enumerate(secrets_):
+            if not isinstance(value, str) or len(value) < 32:
+                raise ConfigError(f"{name}.{app}[{index}]: each secret needs 32 or more characters")
+        result[app] = tuple(secrets_)
+    return result
+
+
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
@@ -118,6 +157,18 @@ def _convert(key: str, name: str, raw: Any) -> Any:
             return _to_int(name, raw, 1, 256)
         case "max_pending_per_channel":
             return _to_int(name, raw, 1, 1_000_000)
+        case "max_channels_per_connection" | "max_queued_packets":
+            return _to_int(name, raw, 1, 100_000)
+        case "max_connections_per_app":
+            return _to_int(name, raw, 1, 10_000_000)
+        case "publish_burst":
+            return _to_int(name, raw, 1, 1_000_000)
+        case "publish_rate":  # 0 turns the limit off
+            if raw in (0, "0", 0.0):
+                return 0.0
+            return _to_float(name, raw, 0.0, 1_000_000.0)
+        case "app_secrets":
+            return _to_app_secrets(name, raw)
         case "function_timeout":
             return _to_float(name, raw, 0.0, 900.0)
         case "functions_dir" | "apps_dir" | "associations":
@@ -129,7 +180,7 @@ def _convert(key: str, name: str, raw: Any) -> Any:
             if level not in _LOG_LEVELS:
                 raise ConfigError(f"{name}: {raw!r} is not one of {', '.join(_LOG_LEVELS)}")
             return level
-        case "secret":
+        case "secret" | "previous_secret":
             value = _to_str(name, raw)
             if len(value) < 32:
                 raise ConfigError(

@@ -23,7 +23,7 @@ import httpx
 import pytest
 import socketio
 
-from echo.core.auth import issue_token
+from echo.core.auth import issue_management_token, issue_token
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -138,6 +138,9 @@ class EchoProcess:
 
     def token(self, app: str = TEST_APP, admin: bool = False, **kwargs: Any) -> str:
         return issue_token(SECRET, app, admin=admin, **kwargs)
+
+    def management_token(self) -> str:
+        return issue_management_token(SECRET)
 
 
 @pytest.fixture(scope="module")

@@ -45,7 +45,7 @@ async def put_associations(node: EchoProcess, document: dict[str, Any]) -> httpx
     async with httpx.AsyncClient() as http:
         return await http.put(
             node.url + "/associations", json=document,
-            headers={"authorization": "Bearer " + node.token(admin=True)},
+            headers={"authorization": "Bearer " + node.management_token()},
         )
 
 

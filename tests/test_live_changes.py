@@ -77,16 +77,19 @@ async def test_editing_associations_file_applies_live_and_broken_file_keeps_last
     await publish_until(client, "plain", "abc", "abc")
 
 
-async def test_put_associations_needs_admin_and_validates(
+async def test_put_associations_needs_a_management_token_and_validates(
     echo_server: EchoProcess, clients: list[Client]
 ) -> None:
     url = echo_server.url + "/associations"
-    admin_headers = {"authorization": "Bearer " + echo_server.token(admin=True)}
-    user_headers = {"authorization": "Bearer " + echo_server.token()}
+    admin_headers = {"authorization": "Bearer " + echo_server.management_token()}
     async with httpx.AsyncClient() as http:
         assert (await http.get(url)).status_code == 401
-        assert (await http.put(url, json=TEST_ASSOCIATIONS, headers=user_headers)).status_code == 403
-        bad_sig = {"authorization": "Bearer " + echo_server.token(admin=True)[:-4] + "AAAA"}
+        for token in (echo_server.token(), echo_server.token(admin=True)):  # user, app admin
+            refused = await http.put(url, json=TEST_ASSOCIATIONS,
+                                     headers={"authorization": f"Bearer {token}"})
+            assert refused.status_code == 403
+            assert "management token is required" in refused.json()["error"]["message"]
+        bad_sig = {"authorization": "Bearer " + echo_server.management_token()[:-4] + "AAAA"}
         assert (await http.put(url, json=TEST_ASSOCIATIONS, headers=bad_sig)).status_code == 401
 
         current = await http.get(url, headers=admin_headers)

@@ -19,7 +19,7 @@ MESSAGES = 1000
 @pytest.fixture(scope="module")
 def busy_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EchoProcess]:
     project = make_project(tmp_path_factory.mktemp("ordering"))
-    server = EchoProcess(project, env={"ECHO_MAX_WORKERS": "16"}).start()
+    server = EchoProcess(project, env={"ECHO_MAX_WORKERS": "16", "ECHO_PUBLISH_RATE": "0"}).start()
     yield server
     server.stop()
 
@@ -79,7 +79,8 @@ async def test_unordered_channel_delivers_as_soon_as_each_chain_finishes(
 @pytest.fixture(scope="module")
 def small_buffer_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EchoProcess]:
     project = make_project(tmp_path_factory.mktemp("backpressure"))
-    server = EchoProcess(project, env={"ECHO_MAX_PENDING_PER_CHANNEL": "20"}).start()
+    env = {"ECHO_MAX_PENDING_PER_CHANNEL": "20", "ECHO_PUBLISH_RATE": "0"}
+    server = EchoProcess(project, env=env).start()
     yield server
     server.stop()
 

@@ -91,6 +91,7 @@ class EchoServer:
         await self.runner.start()
         await self.load_associations()
         watcher = asyncio.create_task(self.store.watch(self.load_associations))
+        slow = asyncio.create_task(self.realtime.watch_slow_consumers())
         for hook in self._on_startup:
             await hook()
         try:
@@ -98,10 +99,15 @@ class EchoServer:
         finally:
             for hook in self._on_shutdown:
                 await hook()
-            watcher.cancel()
-            await asyncio.gather(watcher, return_exceptions=True)
+            for task in (watcher, slow):
+                task.cancel()
+            await asyncio.gather(watcher, slow, return_exceptions=True)
             await self.store.close()
             await self.runner.close()
+
+    async def drain(self, grace: float = 10) -> None:
+        """Before the transports close on shutdown: finish in-flight messages, tell clients."""
+        await self.realtime.drain(grace)
 
     async def readiness_problems(self) -> list[str]:
         problems = []
@@ -123,6 +129,9 @@ class EchoServer:
             message = f"{self.store.describe()}: {exc}"
             if self.associations_problem == "not loaded yet":
                 self.associations_problem = f"{kind} at start-up, serving without: {message}"
+                fallback = self.store.fallback() if kind == "unreachable" else None
+                if fallback is not None:
+                    await self._serve_last_known_good(fallback, message)
             await self.report_associations_error(message)
             return False
         current = self.associations
@@ -131,6 +140,18 @@ class EchoServer:
         if associations.document != current.document or self.associations_problem:
             await self.apply_associations(associations, source=self.store.describe())
         return True
+
+    async def _serve_last_known_good(self, fallback: AssociationsStore, problem: str) -> None:
+        try:
+            associations = await fallback.load()
+        except Exception as exc:
+            log.error("no last known good associations in %s either: %s", fallback.describe(), exc)
+            return
+        await self.apply_associations(associations, source=f"{fallback.describe()} (fallback)")
+        self.associations_problem = (
+            f"store unreachable at start-up, serving the last known good copy from "
+            f"{fallback.describe()}: {problem}"
+        )
 
     async def replace_associations(self, associations: Associations, *, source: str) -> Associations:
         """Store a new document (shared with every node, where the store is) and apply it."""

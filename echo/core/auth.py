@@ -1,18 +1,28 @@
-"""Tokens: Ekko-compatible HS256 JWTs carrying ``appName`` and ``admin``.
+"""Tokens: Ekko-compatible HS256 JWTs carrying ``appName`` and ``admin``, plus Echo's extras.
 
-The algorithm is pinned to HS256 so a token can never choose its own verification
-(``alg: none``, RS/HS confusion). ``exp`` and ``nbf`` are honoured when present.
+* The algorithm is pinned to HS256, so a token can never choose its own verification
+  (``alg: none``, RS/HS confusion). ``exp`` and ``nbf`` are honoured with 5 s of leeway.
+* Secrets can be per app and rotate: the first secret of a list signs, every one verifies,
+  so old tokens keep working while the new secret rolls out.
+* ``capabilities`` (optional, like Ably's): ``{"chat:*": ["subscribe", "publish"]}`` limits
+  a token to the operations it lists on matching channels. Without it, a token may do all.
+* Management tokens (``manage: true``) are the only credential for the HTTP management API
+  (``/associations``); user and app-admin tokens are refused there.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import jwt
 
 ALGORITHM = "HS256"
 LEEWAY_SECONDS = 5
+OPERATIONS = frozenset({"subscribe", "publish", "presence"})
+MANAGEMENT_APP = "*"
 
 
 class AuthError(Exception):
@@ -20,50 +30,112 @@ class AuthError(Exception):
 
 
 @dataclass(frozen=True)
+class Capabilities:
+    """Which operations a token may perform on which channels (patterns may use globs)."""
+
+    rules: tuple[tuple[str, frozenset[str]], ...]
+
+    def allows(self, operation: str, channel: str) -> bool:
+        return any(
+            operation in operations and fnmatch.fnmatchcase(channel, pattern)
+            for pattern, operations in self.rules
+        )
+
+    @classmethod
+    def parse(cls, claim: object) -> Capabilities:
+        if not isinstance(claim, dict) or not claim:
+            raise AuthError("capabilities claim must be an object of channel pattern -> operations")
+        rules = []
+        for pattern, operations in claim.items():
+            if not isinstance(operations, list) or not all(isinstance(o, str) for o in operations):
+                raise AuthError(f"capabilities[{pattern!r}] must be a list of operations")
+            wanted = set(operations)
+            if "*" in wanted:
+                wanted = set(OPERATIONS)
+            unknown = wanted - OPERATIONS
+            if unknown:
+                raise AuthError(
+                    f"capabilities[{pattern!r}]: unknown operation {sorted(unknown)[0]!r} "
+                    f"(use {', '.join(sorted(OPERATIONS))} or *)"
+                )
+            rules.append((pattern, frozenset(wanted)))
+        return cls(tuple(rules))
+
+
+@dataclass(frozen=True)
 class Claims:
     app: str
     admin: bool
+    manage: bool = False
+    capabilities: Capabilities | None = None
+
+    def may(self, operation: str, channel: str) -> bool:
+        return self.capabilities is None or self.capabilities.allows(operation, channel)
 
 
-def issue_token(secret: str, app: str, *, admin: bool = False, ttl: int | None = None) -> str:
+def issue_token(
+    secret: str,
+    app: str,
+    *,
+    admin: bool = False,
+    ttl: int | None = None,
+    capabilities: dict[str, list[str]] | None = None,
+) -> str:
     """Sign a token for ``app``; ``ttl`` seconds adds an ``exp`` claim."""
     payload: dict[str, object] = {"appName": app, "admin": admin, "iat": int(time.time())}
+    if ttl is not None:
+        payload["exp"] = int(time.time()) + ttl
+    if capabilities is not None:
+        payload["capabilities"] = capabilities
+    return jwt.encode(payload, secret, algorithm=ALGORITHM)
+
+
+def issue_management_token(secret: str, ttl: int | None = 300) -> str:
+    """A token for the HTTP management API (``/associations``), short-lived by default."""
+    payload: dict[str, object] = {"appName": MANAGEMENT_APP, "manage": True, "iat": int(time.time())}
     if ttl is not None:
         payload["exp"] = int(time.time()) + ttl
     return jwt.encode(payload, secret, algorithm=ALGORITHM)
 
 
-def verify_token(secret: str, token: object, *, app: str | None = None) -> Claims:
+def _decode(token: str, secrets: Sequence[str]) -> dict[str, object]:
+    """Try each secret in turn; only a bad signature moves on to the next one."""
+    for secret in secrets:
+        try:
+            return jwt.decode(
+                token, secret, algorithms=[ALGORITHM], leeway=LEEWAY_SECONDS,
+                options={"require": ["appName"]},
+            )
+        except jwt.InvalidSignatureError:
+            continue
+        except jwt.ExpiredSignatureError:
+            raise AuthError("token expired: get a new one (`echoctl jwt APP`)") from None
+        except jwt.ImmatureSignatureError:
+            raise AuthError("token not valid yet (nbf is in the future)") from None
+        except jwt.MissingRequiredClaimError:
+            raise AuthError("token has no appName claim") from None
+        except jwt.InvalidAlgorithmError:
+            raise AuthError(f"token algorithm not allowed (only {ALGORITHM})") from None
+        except jwt.InvalidTokenError as exc:
+            raise AuthError(f"invalid token: {exc}") from None
+    raise AuthError("bad token signature: was it signed with this server's secret?")
+
+
+def verify_token(secrets: str | Sequence[str], token: object, *, app: str | None = None) -> Claims:
     """Check signature, expiry and claims; with ``app``, also that the token is for that app."""
     if not isinstance(token, str) or not token:
         raise AuthError("missing token: pass auth {jwt: <token>} (see `echoctl jwt APP`)")
-    try:
-        payload = jwt.decode(
-            token,
-            secret,
-            algorithms=[ALGORITHM],
-            leeway=LEEWAY_SECONDS,
-            options={"require": ["appName"]},
-        )
-    except jwt.ExpiredSignatureError:
-        raise AuthError("token expired: get a new one (`echoctl jwt APP`)") from None
-    except jwt.ImmatureSignatureError:
-        raise AuthError("token not valid yet (nbf is in the future)") from None
-    except jwt.MissingRequiredClaimError:
-        raise AuthError("token has no appName claim") from None
-    except jwt.InvalidAlgorithmError:
-        raise AuthError(f"token algorithm not allowed (only {ALGORITHM})") from None
-    except jwt.InvalidSignatureError:
-        raise AuthError("bad token signature: was it signed with this server's secret?") from None
-    except jwt.InvalidTokenError as exc:
-        raise AuthError(f"invalid token: {exc}") from None
-
+    payload = _decode(token, [secrets] if isinstance(secrets, str) else secrets)
     token_app = payload.get("appName")
     if not isinstance(token_app, str) or not token_app:
         raise AuthError("token appName claim must be a non-empty string")
     admin = payload.get("admin", False)
-    if not isinstance(admin, bool):
-        raise AuthError("token admin claim must be true or false")
+    manage = payload.get("manage", False)
+    if not isinstance(admin, bool) or not isinstance(manage, bool):
+        raise AuthError("token admin and manage claims must be true or false")
     if app is not None and token_app != app:
         raise AuthError(f"token is for app {token_app!r}, not {app!r}")
-    return Claims(app=token_app, admin=admin)
+    capabilities = None
+    if "capabilities" in payload:
+        capabilities = Capabilities.parse(payload["capabilities"])
+    return Claims(app=token_app, admin=admin, manage=manage, capabilities=capabilities)

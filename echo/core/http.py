@@ -33,25 +33,26 @@ def _problem(status: int, code: str, message: str, **details: object) -> JSONRes
     )
 
 
-def _admin_claims(request: Request, secret: str) -> Claims | JSONResponse:
+def _management_claims(request: Request, secrets: tuple[str, ...]) -> Claims | JSONResponse:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
         return _problem(
-            401, "unauthorized", "send an admin token: Authorization: Bearer <jwt> "
-            "(`echoctl jwt APP --admin`)"
+            401, "unauthorized", "send a management token: Authorization: Bearer <jwt> "
+            "(`echoctl jwt --manage`)"
         )
     try:
-        claims = verify_token(secret, token.strip())
+        claims = verify_token(secrets, token.strip())
     except AuthError as exc:
         return _problem(401, "unauthorized", str(exc))
-    if not claims.admin:
-        return _problem(403, "forbidden", "an admin token is required; user tokens are refused")
+    if not claims.manage:
+        return _problem(403, "forbidden", "a management token is required (`echoctl jwt --manage`); "
+                                          "user and app admin tokens are refused")
     return claims
 
 
 def routes(server: EchoServer) -> list[Route]:
-    secret = server.settings.require_secret()
+    secrets = server.settings.management_secrets()
 
     async def health(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
@@ -62,13 +63,13 @@ def routes(server: EchoServer) -> list[Route]:
         return JSONResponse(body, status_code=503 if problems else 200)
 
     async def get_associations(request: Request) -> JSONResponse:
-        claims = _admin_claims(request, secret)
+        claims = _management_claims(request, secrets)
         if isinstance(claims, JSONResponse):
             return claims
         return JSONResponse(server.associations.document)
 
     async def put_associations(request: Request) -> JSONResponse:
-        claims = _admin_claims(request, secret)
+        claims = _management_claims(request, secrets)
         if isinstance(claims, JSONResponse):
             return claims
         body = b""
@@ -84,7 +85,7 @@ def routes(server: EchoServer) -> list[Route]:
             return _problem(400, "invalid_associations", str(exc), path=exc.path)
         try:
             stored = await server.replace_associations(
-                associations, source=f"PUT by {claims.app} admin"
+                associations, source="PUT /associations"
             )
         except Exception as exc:
             log.error("PUT /associations not stored in %s: %s", server.store.describe(), exc)

@@ -32,3 +32,7 @@ REDIS_PUBLISH_FAILURES = Counter(
     "echo_redis_publish_failures_total", "Emits not sent to other nodes because Redis was down"
 )
 ASSOCIATIONS_VERSION = Gauge("echo_associations_version", "Version of the associations in force")
+SLOW_CONSUMERS = Counter(
+    "echo_slow_consumers_disconnected_total", "Clients cut off for not reading their messages"
+)
+RATE_LIMITED = Counter("echo_publish_rate_limited_total", "Publishes refused by the rate limit")

@@ -94,8 +94,15 @@ class Pipeline:
         self._channels: dict[tuple[str, str], _ChannelState] = {}
         self._seq: dict[tuple[str, str], int] = {}
         self._limits: dict[str, tuple[int, asyncio.Semaphore]] = {}
+        self.idle = asyncio.Event()  # set whenever nothing is in flight (graceful shutdown)
+        self.idle.set()
         self._node = os.urandom(4).hex()
         self._ids = itertools.count(1)
+
+    @property
+    def in_flight(self) -> int:
+        """Messages accepted on this node and not yet delivered or given up."""
+        return sum(state.pending for state in self._channels.values())
 
     async def publish(self, app: str, channel: str, message: Any, uuid: str | None) -> Outcome:
         """Run ``message`` through the channel's chain and deliver it; raises Overloaded."""
@@ -123,6 +130,7 @@ class Pipeline:
         previous, done = state.tail, asyncio.get_running_loop().create_future()
         state.tail = done
         state.pending += 1
+        self.idle.clear()
         try:
             if rule.functions:
                 outcome = await self._run_chain(envelope, rule.functions)
@@ -138,6 +146,8 @@ class Pipeline:
             state.pending -= 1
             if state.tail is done:
                 del self._channels[key]
+            if not self._channels:
+                self.idle.set()
 
     async def _run_chain(self, envelope: Envelope, chain: tuple[str, ...]) -> Outcome:
         context = InvocationContext(

@@ -95,7 +95,10 @@ def parse_publish(data: Any, max_message_bytes: int) -> PublishRequest:
     if "message" not in data:
         raise ProtocolError("bad_request", "publish.message is missing")
     message = data["message"]
-    size = len(orjson.dumps(message))
+    try:
+        size = len(orjson.dumps(message))
+    except orjson.JSONEncodeError as exc:  # e.g. an integer beyond 64 bits, or a huge nesting
+        raise ProtocolError("bad_request", f"publish.message cannot be relayed: {exc}") from None
     if size > max_message_bytes:
         raise ProtocolError(
             "too_large",

@@ -7,6 +7,8 @@ callback (Ekko's own) gets refusals as an ``error`` event instead, so nothing fa
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import contextvars
 import logging
 import time
@@ -18,7 +20,7 @@ import socketio
 
 from echo.config import Settings
 from echo.core import metrics, protocol
-from echo.core.auth import AuthError, verify_token
+from echo.core.auth import AuthError, Claims, verify_token
 from echo.core.pipeline import Envelope, Overloaded, Pipeline
 from echo.core.protocol import ADMIN_CHANNEL, ProtocolError
 from echo.core.runners import FunctionError
@@ -41,7 +43,9 @@ class Client:
     app: str
     uuid: str
     admin: bool
+    claims: Claims
     channels: set[str] = field(default_factory=set)
+    bucket: TokenBucket | None = None
 
 
 def status_payload(event: str, app: str, **details: Any) -> dict[str, Any]:
@@ -53,6 +57,26 @@ def status_payload(event: str, app: str, **details: Any) -> dict[str, Any]:
         "admin": details.pop("admin", False),
     }
     return {**core, **details, "ts": int(time.time() * 1000), "message": dict(core)}
+
+
+class TokenBucket:
+    """Publish rate limit: ``rate`` tokens a second, up to ``burst`` saved up."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = float(burst)
+        self.updated = time.monotonic()
+
+    def take(self) -> float:
+        """Take one token; return 0 if granted, else the seconds until one is available."""
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate
 
 
 class Realtime:
@@ -80,6 +104,8 @@ class Realtime:
             engineio_logger=False,
         )
         self.clients: dict[str, Client] = {}
+        self.connections_per_app: dict[str, int] = {}
+        self.draining = False
         self.pipeline = make_pipeline(self)
         self.sio.on("connect", self._on_connect, namespace="*")
         self.sio.on("disconnect", self._on_disconnect, namespace="*")
@@ -130,21 +156,78 @@ class Realtime:
             namespace="/" + client.app,
         )
 
+    # -- protection ---------------------------------------------------------------------
+
+    async def watch_slow_consumers(self, interval: float = 0.5) -> None:
+        """Disconnect clients that stopped reading before their send queue grows unbounded.
+
+        A client that does not read fills its TCP window; uvicorn then pauses writing and
+        engine.io's per-socket queue grows with every message for it. Past
+        ``max_queued_packets`` the client is cut off and its queue dropped.
+        """
+        limit = self.settings.max_queued_packets
+        while True:
+            await asyncio.sleep(interval)
+            for eio_sid, sock in list(self.sio.eio.sockets.items()):
+                queued = sock.queue.qsize()
+                if queued <= limit or sock.closed:
+                    continue
+                log.warning("disconnecting slow consumer %s: %d packets queued (limit %d)",
+                            eio_sid, queued, limit)
+                metrics.SLOW_CONSUMERS.inc()
+                await sock.close(wait=False, abort=True)
+                while not sock.queue.empty():  # free what it never read
+                    sock.queue.get_nowait()
+                    sock.queue.task_done()
+
+    async def drain(self, grace: float) -> None:
+        """Graceful shutdown: refuse new work, finish in-flight messages, tell clients.
+
+        After this, uvicorn closes the transports; clients see a transport close (not a
+        server disconnect), so socket.io clients reconnect, to another node behind a balancer.
+        """
+        self.draining = True
+        try:
+            await asyncio.wait_for(self.pipeline.idle.wait(), grace)
+        except TimeoutError:
+            log.warning("shutting down with %d messages still in flight", self.pipeline.in_flight)
+        notice = {"code": "server_shutdown", "message": "this node is shutting down; "
+                  "reconnecting", "event": "shutdown"}
+        for namespace in list(self.sio.manager.get_namespaces()):
+            if namespace != "/":
+                await self.sio.emit("error", notice, namespace=namespace, ignore_queue=True)
+        # let the writers flush the notice (and any last delivery) before transports close
+        queues = [sock.queue.join() for sock in list(self.sio.eio.sockets.values())]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*queues), 1.0)
+
     # -- connection lifecycle ---------------------------------------------------------
 
     async def _on_connect(self, namespace: str, sid: str, environ: dict, auth: Any) -> None:
         app = namespace.lstrip("/")
         token = auth.get("jwt") if isinstance(auth, dict) else None
         try:
-            claims = verify_token(self.settings.require_secret(), token, app=app)
+            claims = verify_token(self.settings.secrets_for(app), token, app=app)
         except AuthError as exc:
             log.info("refused connection to /%s: %s", app, exc)
             raise socketio.exceptions.ConnectionRefusedError(f"Authorization error: {exc}") from None
+        if self.draining:
+            raise socketio.exceptions.ConnectionRefusedError(
+                "server_shutdown: this node is shutting down; connect again")
+        count = self.connections_per_app.get(app, 0)
+        if count >= self.settings.max_connections_per_app:
+            log.warning("refused connection to /%s: %d connections (limit)", app, count)
+            raise socketio.exceptions.ConnectionRefusedError(
+                f"limit: app {app!r} has {count} connections on this node, the limit is "
+                f"{self.settings.max_connections_per_app}; retry later or on another node")
         uuid = auth.get("uuid") if isinstance(auth, dict) else None
         if not isinstance(uuid, str) or not uuid or len(uuid) > 200:
             uuid = sid
-        client = Client(app=app, uuid=uuid, admin=claims.admin)
+        client = Client(app=app, uuid=uuid, admin=claims.admin, claims=claims)
+        if self.settings.publish_rate > 0:
+            client.bucket = TokenBucket(self.settings.publish_rate, self.settings.publish_burst)
         self.clients[sid] = client
+        self.connections_per_app[app] = count + 1
         metrics.CONNECTIONS.labels(app).inc()
         if claims.admin:
             await self.sio.enter_room(sid, ADMIN_CHANNEL, namespace=namespace)
@@ -154,6 +237,7 @@ class Realtime:
         client = self.clients.pop(sid, None)
         if client is None:
             return
+        self.connections_per_app[client.app] -= 1
         metrics.CONNECTIONS.labels(client.app).dec()
         for channel in client.channels:
             await self._presence(client, channel, "left")
@@ -175,7 +259,14 @@ class Realtime:
                 )
             if len(args) > 1:
                 raise ProtocolError("bad_request", f"{event} takes one object argument")
-            return await handler(self, sid, client, data)
+            try:
+                return await handler(self, sid, client, data)
+            except ProtocolError:
+                raise
+            except Exception as exc:  # a bug must still answer, and never take the node down
+                log.exception("%s from %s failed", event, client.uuid)
+                raise ProtocolError("internal", f"{event} failed on the server ({type(exc).__name__}); "
+                                                "it was logged") from None
         except ProtocolError as exc:
             metrics.MESSAGES_REJECTED.labels(exc.code).inc()
             reply = protocol.error(exc.code, exc.message, **exc.details)
@@ -189,6 +280,20 @@ class Realtime:
         request = protocol.parse_subscribe(data)
         if ADMIN_CHANNEL in request.channels and not client.admin:
             raise ProtocolError("forbidden", "only admin tokens may subscribe to 'admin'")
+        for channel in request.channels:
+            if channel == ADMIN_CHANNEL:
+                continue
+            if not client.claims.may("subscribe", channel):
+                raise ProtocolError("forbidden", f"this token may not subscribe to {channel!r}")
+            if request.with_presence and not client.claims.may("presence", channel):
+                raise ProtocolError("forbidden", f"this token may not see presence on {channel!r}")
+        total = len(client.channels | set(request.channels))
+        if total > self.settings.max_channels_per_connection:
+            raise ProtocolError(
+                "limit",
+                f"this would make {total} channels on one connection; the limit is "
+                f"{self.settings.max_channels_per_connection}",
+            )
         namespace = "/" + client.app
         for channel in request.channels:
             await self.sio.enter_room(sid, channel, namespace=namespace)
@@ -217,6 +322,22 @@ class Realtime:
 
     async def _publish(self, sid: str, client: Client, data: Any) -> dict[str, Any]:
         request = protocol.parse_publish(data, self.settings.max_message_bytes)
+        if not client.claims.may("publish", request.channel):
+            raise ProtocolError("forbidden", f"this token may not publish to {request.channel!r}")
+        if self.draining:
+            raise ProtocolError("server_shutdown", "this node is shutting down; publish again "
+                                                   "after reconnecting")
+        if client.bucket is not None:
+            wait = client.bucket.take()
+            if wait:
+                retry_ms = max(1, round(wait * 1000))
+                metrics.RATE_LIMITED.inc()
+                raise ProtocolError(
+                    "rate_limited",
+                    f"over {self.settings.publish_rate:g} publishes/s (burst "
+                    f"{self.settings.publish_burst}); retry in {retry_ms} ms",
+                    retryAfterMs=retry_ms,
+                )
         metrics.MESSAGES_PUBLISHED.labels(client.app).inc()
         try:
             outcome = await self.pipeline.publish(

@@ -6,7 +6,7 @@ uvloop + httptools, the sans-I/O websockets implementation, and no per-message d
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import uvicorn
@@ -29,9 +29,23 @@ def uvicorn_config(app: Any, host: str, port: int, log_level: str = "info") -> u
     )
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server with a hook that runs before it closes the connections."""
+
+    before_shutdown: Callable[[], Awaitable[None]] | None = None
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        if self.before_shutdown is not None:
+            await self.before_shutdown()
+        await super().shutdown(sockets)
+
+
 def run(app: Any, host: str, port: int, log_level: str = "info",
-        on_ready: Callable[[], None] | None = None) -> None:
-    server = uvicorn.Server(uvicorn_config(app, host, port, log_level))
+        on_ready: Callable[[], None] | None = None,
+        before_shutdown: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Serve until SIGINT/SIGTERM; ``before_shutdown`` runs first (draining in-flight work)."""
+    server = _Server(uvicorn_config(app, host, port, log_level))
+    server.before_shutdown = before_shutdown
     if on_ready is not None:
         original = server.startup
 

@@ -42,6 +42,10 @@ class AssociationsStore(abc.ABC):
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
 
+    def fallback(self) -> AssociationsStore | None:
+        """Where a last known good copy is kept when this store is unreachable, if anywhere."""
+        return None
+
     def describe(self) -> str:
         return type(self).__name__
 
@@ -144,6 +148,9 @@ class RedisStore(AssociationsStore):
 
     def describe(self) -> str:
         return f"Redis (durable copy: {self.durable.describe()})"
+
+    def fallback(self) -> AssociationsStore:
+        return self.durable
 
     async def load(self) -> Associations:
         document, version = await self.redis.hmget(self.keys[1], "document", "version")

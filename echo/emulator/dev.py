@@ -30,8 +30,6 @@ DEV_TOKEN_TTL = 24 * 3600
 
 
 def _dev_routes(settings: Settings, apps_dir: Path) -> list[BaseRoute]:
-    secret = settings.require_secret()
-
     async def dev_token(request: Request) -> JSONResponse:
         app = request.query_params.get("app", "")
         if not CHANNEL_NAME.match(app):
@@ -40,7 +38,7 @@ def _dev_routes(settings: Settings, apps_dir: Path) -> list[BaseRoute]:
                 status_code=400,
             )
         admin = request.query_params.get("admin", "").lower() in ("1", "true", "yes")
-        token = issue_token(secret, app, admin=admin, ttl=DEV_TOKEN_TTL)
+        token = issue_token(settings.secrets_for(app)[0], app, admin=admin, ttl=DEV_TOKEN_TTL)
         return JSONResponse({"appName": app, "jwt": token, "admin": admin})
 
     async def index(request: Request) -> Response:

@@ -57,6 +57,7 @@ class Settings:
     publish_rate: float = 50.0
     publish_burst: int = 100
     max_queued_packets: int = 1000
+    fast_broadcast: bool = True
 
     def path(self, relative: Path) -> Path:
         """Resolve a project-relative path setting."""
@@ -167,6 +168,14 @@ def _convert(key: str, name: str, raw: Any) -> Any:
             if raw in (0, "0", 0.0):
                 return 0.0
             return _to_float(name, raw, 0.0, 1_000_000.0)
+        case "fast_broadcast":
+            if isinstance(raw, bool):
+                return raw
+            if str(raw).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(raw).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ConfigError(f"{name}: expected true or false, got {raw!r}")
         case "app_secrets":
             return _to_app_secrets(name, raw)
         case "function_timeout":

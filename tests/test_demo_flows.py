@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from tests.conftest import Client, EchoProcess, connect
@@ -136,3 +138,40 @@ async def test_admin_gets_status_events_and_users_cannot_join_admin(
     assert connection["message"] == {
         "event": "connection", "app": "test-app", "uuid": "mallory", "admin": False}
     assert user.received["status"] == []
+
+
+async def test_broadcasts_take_the_direct_path_and_polling_clients_still_get_them(
+    echo_server: EchoProcess, clients: list[Client]
+) -> None:
+    import httpx
+    import socketio
+
+    ws_client = await connect(echo_server)
+    clients.append(ws_client)
+    polling = socketio.AsyncClient(reconnection=False)
+    got: list[dict] = []
+    polling.on("message", got.append, namespace="/test-app")
+    await polling.connect(echo_server.url, namespaces=["/test-app"],
+                          auth={"jwt": echo_server.token()}, transports=["polling"])
+    try:
+        await polling.call("subscribe", {"channels": ["mixed"]}, namespace="/test-app")
+        await ws_client.call("subscribe", {"channels": ["mixed"]})
+        for n in range(20):
+            await ws_client.call("publish", {"channel": "mixed", "message": n})
+        received = await ws_client.wait_for("message", 20)
+        assert [m["message"] for m in received] == list(range(20))
+        deadline = asyncio.get_running_loop().time() + 5
+        while len(got) < 20:
+            assert asyncio.get_running_loop().time() < deadline, got
+            await asyncio.sleep(0.02)
+        assert [m["message"] for m in got] == list(range(20))
+    finally:
+        await polling.disconnect()
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(echo_server.url + "/metrics")).text
+    direct = [line for line in text.splitlines()
+              if line.startswith('echo_socket_writes_total{path="direct"}')]
+    queued = [line for line in text.splitlines()
+              if line.startswith('echo_socket_writes_total{path="queued"}')]
+    assert direct and float(direct[0].split()[-1]) >= 20
+    assert queued and float(queued[0].split()[-1]) >= 20  # the polling client's share

@@ -22,6 +22,7 @@ from starlette.routing import BaseRoute
 from echo.config import Settings
 from echo.core import http, metrics
 from echo.core.associations import Associations, AssociationsError
+from echo.core.broadcast import EchoManager
 from echo.core.functions import FunctionCatalog
 from echo.core.pipeline import Pipeline
 from echo.core.realtime import Realtime
@@ -58,8 +59,11 @@ class EchoServer:
             settings.path(settings.functions_dir), settings.function_timeout
         )
         self.redis = redis_client(settings.redis_url) if settings.redis_url else None
-        if client_manager is None and settings.redis_url:
-            client_manager = EchoRedisManager(settings.redis_url)
+        if client_manager is None:
+            if settings.redis_url:
+                client_manager = EchoRedisManager(settings.redis_url)
+            elif settings.fast_broadcast:
+                client_manager = EchoManager()
         self.realtime = Realtime(
             settings,
             lambda realtime: Pipeline(

@@ -36,3 +36,8 @@ SLOW_CONSUMERS = Counter(
     "echo_slow_consumers_disconnected_total", "Clients cut off for not reading their messages"
 )
 RATE_LIMITED = Counter("echo_publish_rate_limited_total", "Publishes refused by the rate limit")
+SOCKET_WRITES = Counter(
+    "echo_socket_writes_total",
+    "Broadcast deliveries by path: one prebuilt frame written directly, or engine.io's queue",
+    ["path"],
+)

@@ -19,7 +19,7 @@ from typing import Any
 import socketio
 
 from echo.config import Settings
-from echo.core import metrics, protocol
+from echo.core import broadcast, metrics, protocol
 from echo.core.auth import AuthError, Claims, verify_token
 from echo.core.pipeline import Envelope, Overloaded, Pipeline
 from echo.core.protocol import ADMIN_CHANNEL, ProtocolError
@@ -103,6 +103,8 @@ class Realtime:
             logger=False,
             engineio_logger=False,
         )
+        if settings.fast_broadcast:
+            broadcast.install(self.sio)
         self.clients: dict[str, Client] = {}
         self.connections_per_app: dict[str, int] = {}
         self.draining = False

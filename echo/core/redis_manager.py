@@ -17,12 +17,13 @@ from typing import Any
 import socketio
 
 from echo.core import metrics
+from echo.core.broadcast import FastEmitMixin
 from echo.core.redis_conn import SUBSCRIBED, redis_client, subscription
 
 log = logging.getLogger("echo.redis")
 
 
-class EchoRedisManager(socketio.AsyncRedisManager):
+class EchoRedisManager(socketio.AsyncRedisManager, FastEmitMixin):
     def __init__(self, url: str, channel: str = "echo:socketio") -> None:
         super().__init__(url=url, channel=channel)
 

@@ -1,4 +1,7 @@
-"""Several `echoctl serve` nodes on one real Redis act as one, and survive Redis restarting."""
+"""Several `echoctl serve` nodes on one real Redis act as one, and survive Redis restarting.
+
+Redis is a redis-server process, then Redis in a container (testcontainers).
+"""
 
 from __future__ import annotations
 
@@ -20,21 +23,43 @@ from tests.conftest import (
     connect,
     make_project,
 )
+from tests.test_docker import ContainerRedis
 
 pytestmark = pytest.mark.anyio
 
+AnyRedis = RedisServer | ContainerRedis
 
-def start_node(project: Path, redis: RedisServer) -> EchoProcess:
+
+@pytest.fixture(scope="module", params=["process", "container"])
+def redis_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[AnyRedis]:
+    """Every test here runs twice: on a redis-server process, and on Redis in a container
+    started by testcontainers (skipped, saying why, where no Docker engine answers)."""
+    if request.param == "process":
+        server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+        yield server
+        server.stop()
+        return
+    container = ContainerRedis()
+    try:
+        yield container.start()
+    finally:
+        container.remove()
+
+
+def start_node(project: Path, redis: AnyRedis) -> EchoProcess:
     return EchoProcess(project, env={"ECHO_REDIS_URL": redis.url}, command="serve").start()
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_project(tmp_path_factory.mktemp("cluster"))
+def project(tmp_path_factory: pytest.TempPathFactory, redis_server: AnyRedis) -> Path:
+    # one per Redis variant; its parent also holds the variant's stale-project
+    return make_project(tmp_path_factory.mktemp("cluster") / "project")
 
 
 @pytest.fixture(scope="module")
-def nodes(project: Path, redis_server: RedisServer) -> Iterator[list[EchoProcess]]:
+def nodes(project: Path, redis_server: AnyRedis) -> Iterator[list[EchoProcess]]:
     started = [start_node(project, redis_server) for _ in range(3)]
     yield started
     for node in started:
@@ -110,7 +135,7 @@ async def test_presence_and_admin_status_cross_nodes(
 
 
 async def test_put_on_one_node_changes_the_chain_on_the_others_within_a_second(
-    nodes: list[EchoProcess], redis_server: RedisServer, project: Path, clients: list[Client]
+    nodes: list[EchoProcess], redis_server: AnyRedis, project: Path, clients: list[Client]
 ) -> None:
     listener = await connect(nodes[0])
     publisher = await connect(nodes[0])
@@ -141,7 +166,7 @@ async def test_put_on_one_node_changes_the_chain_on_the_others_within_a_second(
 
 
 async def test_redis_restart_resumes_delivery_and_sync_without_restarting_nodes(
-    nodes: list[EchoProcess], redis_server: RedisServer, clients: list[Client]
+    nodes: list[EchoProcess], redis_server: AnyRedis, clients: list[Client]
 ) -> None:
     local = await connect(nodes[0], uuid="local")
     remote = await connect(nodes[1], uuid="remote")

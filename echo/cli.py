@@ -14,6 +14,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 import echo
@@ -455,7 +456,7 @@ def open_target(name: str, project: Path, options: list[str] | None) -> Any:
 
 
 def _progress(line: str) -> None:
-    err.print(f"[dim]•[/] {line}", highlight=False)
+    err.print("[dim]•[/] " + escape(line), highlight=False)
 
 
 def _run_target_step(step: Any) -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -89,9 +90,12 @@ class Target(abc.ABC):
             return {}
 
     def save_state(self, state: dict[str, Any]) -> None:
+        """Write the state (it may hold a secret) readable by the owner only, from the start."""
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
-        self.state_path.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
-        self.state_path.chmod(0o600)
+        fd = os.open(self.state_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # an older file may have had wider permissions
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(state, indent=2) + "\n")
 
     def forget_state(self) -> None:
         self.state_path.unlink(missing_ok=True)

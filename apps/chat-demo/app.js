@@ -180,7 +180,10 @@ async function connect() {
   save();
   echo.addListener({
     message: showMessage,
-    error: (err) => showNotice(session.active, "error", `${err.code}: ${err.message}`),
+    error: (err) => {
+      // the node is going away: the status line shows the reconnect, no need for a notice
+      if (err.code !== "server_shutdown") showNotice(session.active, "error", `${err.code}: ${err.message}`);
+    },
     state: ({ state, message, retrying }) => {
       if (state === "connected") setStatus(subscribed ? "live" : "connected", subscribed ? "live" : "connected");
       else if (state === "connecting") setStatus("connecting", "connecting…");

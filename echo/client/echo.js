@@ -9,7 +9,14 @@
  *
  * Requests resolve with the server's ack (`{ok: true, ...}`) or reject with an EchoError
  * whose `.code` is the server's error code ("timeout" when no ack came back in time).
- * The server serves this file at /client/echo.js, next to the socket.io-client build.
+ * After a lost connection it reconnects by itself and joins its channels again; `state`
+ * listeners hear "connecting", "connected", "disconnected" and "error".
+ *
+ * Two ways to load it, one file:
+ * - from the server: every Echo server serves this file at /client/echo.js, and the
+ *   socket.io-client build it imports (`./socket.io.esm.min.js`) next to it;
+ * - from a bundler (Vite, esbuild, webpack, Rollup): `./socket.io.esm.min.js` resolves to the
+ *   two-line file beside this one, which imports `socket.io-client` from node_modules.
  */
 import { io } from "./socket.io.esm.min.js";
 
@@ -49,28 +56,42 @@ export class Echo {
     this.uuid = uuid || randomUUID();
     /** @type {Map<string, boolean>} subscribed channel -> withPresence; replayed on reconnect */
     this.channels = new Map();
+    /** The last connection state: "connecting", "connected", "disconnected" or "error". */
+    this.state = "connecting";
     this._listeners = new Set();
     this._connectedBefore = false;
 
     const url = host.replace(/\/+$/, "") + "/" + appName;
     this.socket = io(url, { transports: ["websocket"], auth: { jwt, uuid: this.uuid } });
     const socket = this.socket;
+    this._stopped = false;
+    this._refusals = 0;
+    this._retryTimer = null;
     socket.on("connect", async () => {
+      this._refusals = 0;
       // after a reconnect, "connected" means back in our channels too
       if (this._connectedBefore) await this._resubscribe();
       this._connectedBefore = true;
       if (socket.connected) this._emit("state", { state: "connected" });
     });
     socket.on("disconnect", (reason) => this._emit("state", { state: "disconnected", reason }));
-    // retrying: false when the server refused us (bad token); true for network trouble
-    socket.on("connect_error", (err) =>
-      this._emit("state", { state: "error", message: err.message, retrying: socket.active }));
+    socket.on("connect_error", (err) => {
+      // Network trouble: socket.io keeps retrying by itself (socket.active). A refusal by the
+      // server stops socket.io for good; only a refused token deserves that. Anything else
+      // (a node shutting down, a connection limit) is retried here, with back-off.
+      const refused = !socket.active;
+      const retrying = !(refused && /^Authorization error/.test(err.message));
+      if (refused && retrying) this._connectLater();
+      this._emit("state", { state: "error", message: err.message, retrying });
+    });
     socket.io.on("reconnect_attempt", () => this._emit("state", { state: "connecting" }));
     for (const event of ["message", "status", "presence", "error"]) {
       socket.on(event, (payload) => this._emit(event, payload));
     }
     // after the constructor returns, so a listener added right away still hears it
-    queueMicrotask(() => { if (!socket.connected) this._emit("state", { state: "connecting" }); });
+    queueMicrotask(() => {
+      if (!socket.connected && this.state === "connecting") this._emit("state", { state: "connecting" });
+    });
   }
 
   /**
@@ -121,6 +142,8 @@ export class Echo {
 
   /** Closes the connection for good; no more reconnects. */
   stop() {
+    this._stopped = true;
+    clearTimeout(this._retryTimer);
     this.socket.disconnect();
   }
 
@@ -139,7 +162,19 @@ export class Echo {
     });
   }
 
-  /** After a reconnect the server has forgotten our rooms: join them again. */
+  /** Connects again after a refusal, waiting 0.5 s, 1 s, 2 s... up to 5 s (±50%). */
+  _connectLater() {
+    const delay = Math.min(5000, 500 * 2 ** this._refusals++) * (0.5 + Math.random());
+    clearTimeout(this._retryTimer);
+    this._retryTimer = setTimeout(() => {
+      if (!this._stopped && !this.socket.connected) {
+        this._emit("state", { state: "connecting" });
+        this.socket.connect();
+      }
+    }, delay);
+  }
+
+    /** After a reconnect the server has forgotten our rooms: join them again. */
   _resubscribe() {
     const requests = [];
     for (const withPresence of [false, true]) {
@@ -153,6 +188,7 @@ export class Echo {
   }
 
   _emit(event, payload) {
+    if (event === "state") this.state = payload.state;
     for (const listener of [...this._listeners]) {
       try {
         listener[event]?.(payload);

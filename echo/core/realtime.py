@@ -213,9 +213,6 @@ class Realtime:
         except AuthError as exc:
             log.info("refused connection to /%s: %s", app, exc)
             raise socketio.exceptions.ConnectionRefusedError(f"Authorization error: {exc}") from None
-        if self.draining:
-            raise socketio.exceptions.ConnectionRefusedError(
-                "server_shutdown: this node is shutting down; connect again")
         count = self.connections_per_app.get(app, 0)
         if count >= self.settings.max_connections_per_app:
             log.warning("refused connection to /%s: %d connections (limit)", app, count)

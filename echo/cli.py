@@ -135,11 +135,13 @@ def dev(
             if apps_dir.is_dir() else []
         err.print(f"\n[bold green]Echo dev server[/] at [bold]{base}[/]  (Ctrl+C to stop)")
         for name in apps:
-            err.print(f"  app        {base}/apps/{name}/")
+            query = "?app=chat-demo" if name == "admin" else ""
+            err.print(f"  app        {base}/apps/{name}/{query}")
         where = "LocalStack Lambda" if functions == "localstack" else "local workers"
         err.print(f"  functions  {settings.path(settings.functions_dir)} ({where}, hot reload on)")
         err.print(f"  channels   {settings.path(settings.associations)} (applied live)")
-        err.print(f"  tokens     `echoctl jwt APP` (pages served here fetch {base}/dev/token)\n")
+        err.print(f"  tokens     pages here: {base}/dev/token?app=NAME (&admin=1)")
+        err.print("             elsewhere: `echoctl jwt NAME`\n")
 
     try:
         serving.run(server.asgi, settings.host, settings.port, settings.log_level, on_ready=banner,

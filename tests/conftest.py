@@ -189,6 +189,19 @@ class Client:
             await asyncio.sleep(0.01)
         return self.received[event]
 
+    async def wait_for_match(self, kind: str, timeout: float = 5, **fields: Any) -> Any:
+        """The first ``kind`` event received whose fields equal ``fields``, within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for item in self.received[kind]:
+                if all(item.get(key) == value for key, value in fields.items()):
+                    return item
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"{self.app}: no {kind} with {fields} within {timeout}s: {self.received[kind]!r}"
+                )
+            await asyncio.sleep(0.01)
+
     async def disconnect(self) -> None:
         if self.sio.connected:
             await self.sio.disconnect()

@@ -125,11 +125,7 @@ async def test_presence_and_admin_status_cross_nodes(
     presence = await watcher.wait_for("presence", 3)
     assert [(p["eventName"], p["uuid"]) for p in presence] == [
         ("joined", "watcher"), ("joined", "visitor"), ("left", "visitor")]
-    deadline = time.monotonic() + 5
-    while not any(s["event"] == "disconnection" and s["uuid"] == "visitor"
-                  for s in admin.received["status"]):
-        assert time.monotonic() < deadline, admin.received["status"]
-        await asyncio.sleep(0.02)
+    await admin.wait_for_match("status", event="disconnection", uuid="visitor")
     visitor_events = [s["event"] for s in admin.received["status"] if s["uuid"] == "visitor"]
     assert visitor_events == ["connection", "subscribe", "disconnection"]
 

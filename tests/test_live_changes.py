@@ -65,11 +65,7 @@ async def test_editing_associations_file_applies_live_and_broken_file_keeps_last
     await publish_until(client, "plain", "abc", "cba")
 
     write_associations(echo_server, '{"applications": {"test-app": {"channels": [')
-    deadline = time.monotonic() + 5
-    while not any(s["event"] == "associations_error" for s in admin.received["status"]):
-        assert time.monotonic() < deadline, admin.received["status"]
-        await asyncio.sleep(0.05)
-    error = next(s for s in admin.received["status"] if s["event"] == "associations_error")
+    error = await admin.wait_for_match("status", event="associations_error")
     assert "not valid JSON" in error["error"] and "line 1" in error["error"]
     # the last good document is still in force
     await publish_until(client, "plain", "abc", "cba")

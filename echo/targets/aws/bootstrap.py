@@ -1,0 +1,64 @@
+"""What a task of the AWS deployment runs: fetch associations.json from S3, then ``echoctl serve``.
+
+``ECHO_ASSOCIATIONS_S3`` (``s3://BUCKET/KEY``) is the deployment's copy, uploaded by
+``echoctl deploy`` and ``echoctl associations push``. It is written to ``ECHO_ASSOCIATIONS``
+(the image's own copy when there is no object yet, e.g. while the very first deploy is still
+creating the stack). With Redis, that file only seeds an empty Redis; the current document
+lives in Redis and every node follows it.
+
+Run as ``python -m echo.targets.aws.bootstrap``; any further arguments go to ``echoctl serve``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger("echo.bootstrap")
+
+
+def split_s3_url(url: str) -> tuple[str, str]:
+    if not url.startswith("s3://") or "/" not in url[5:]:
+        raise ValueError(f"ECHO_ASSOCIATIONS_S3={url!r} is not s3://BUCKET/KEY")
+    bucket, _, key = url[5:].partition("/")
+    return bucket, key
+
+
+def fetch_associations(environ: dict[str, str], client: object | None = None) -> Path | None:
+    """Download the deployment's associations.json; return where it was written (or None)."""
+    url = environ.get("ECHO_ASSOCIATIONS_S3")
+    if not url:
+        return None
+    bucket, key = split_s3_url(url)
+    if client is None:
+        import boto3
+
+        client = boto3.client("s3", region_name=environ.get("ECHO_AWS_REGION"))
+    try:
+        body = client.get_object(Bucket=bucket, Key=key)["Body"].read()  # type: ignore[attr-defined]
+    except Exception as exc:  # NoSuchKey before the first upload, or S3 unreachable
+        log.warning("no associations from %s (%s); using the image's copy", url, exc)
+        return None
+    target = Path(environ.get("ECHO_ASSOCIATIONS", "associations.json"))
+    try:
+        target.write_bytes(body)
+    except OSError:
+        target = Path(tempfile.gettempdir()) / "echo-associations.json"
+        target.write_bytes(body)
+        environ["ECHO_ASSOCIATIONS"] = str(target)
+    log.info("associations from %s written to %s (%d bytes)", url, target, len(body))
+    return target
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    environ = dict(os.environ)
+    fetch_associations(environ)
+    os.execvpe("echoctl", ["echoctl", "serve", *sys.argv[1:]], environ)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""The AWS target's ``-o KEY=VALUE`` options: parsed and checked once, with errors that say why.
+
+Every problem raises :class:`ValueError` (the CLI prints it as one line): an unknown key, a
+value of the wrong shape, or sizes Fargate does not offer together.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+# Fargate's valid task sizes: CPU units -> memory (MiB) choices
+FARGATE_SIZES: dict[int, tuple[int, ...]] = {
+    256: (512, 1024, 2048),
+    512: tuple(range(1024, 4097, 1024)),
+    1024: tuple(range(2048, 8193, 1024)),
+    2048: tuple(range(4096, 16385, 1024)),
+    4096: tuple(range(8192, 30721, 1024)),
+}
+
+OPTION_HELP: dict[str, str] = {
+    "region": "AWS region (default: the profile's or AWS_REGION, else echo.toml aws_region)",
+    "profile": "named profile from ~/.aws/config",
+    "endpoint_url": "one endpoint for every AWS API (LocalStack, moto)",
+    "stack_name": "CloudFormation stack name (default: from the project folder name)",
+    "image": "use this server image instead of building and pushing one",
+    "base_image": "base image of the build (Debian-like with Python 3.11+; default the Dockerfile's)",
+    "architecture": "x86_64 or arm64: the image's CPU (default: the built image's, else x86_64)",
+    "task_cpu": "Fargate CPU units per task: 256, 512, 1024, 2048, 4096",
+    "task_memory": "MiB per task, valid for task_cpu",
+    "min_tasks": "fewest tasks autoscaling keeps",
+    "max_tasks": "most tasks autoscaling starts",
+    "cache_node_type": "ElastiCache node type",
+    "redis_url": "use this Redis instead of creating an ElastiCache node",
+    "long_polling": "true: sticky target group, so HTTP long-polling clients work",
+    "certificate_arn": "ACM certificate: serve HTTPS on 443 and redirect 80 to it",
+    "timeout": "minutes to wait for a stack change (1..180)",
+}
+
+STACK_NAME = re.compile(r"^[a-zA-Z][-a-zA-Z0-9]{0,27}$")
+REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d$")
+CACHE_NODE = re.compile(r"^cache\.[a-z0-9]+\.[a-z0-9]+$")
+IMAGE = re.compile(r"^[a-z0-9][a-z0-9._/:@+-]*$", re.IGNORECASE)
+CERTIFICATE = re.compile(r"^arn:aws[a-z-]*:acm:[a-z0-9-]+:\d{12}:certificate/[A-Za-z0-9-]+$")
+TRUE, FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
+
+
+@dataclass(frozen=True)
+class AwsOptions:
+    stack_name: str
+    region: str | None = None
+    profile: str | None = None
+    endpoint_url: str | None = None
+    image: str | None = None
+    base_image: str | None = None
+    architecture: str | None = None
+    task_cpu: int = 256
+    task_memory: int = 512
+    min_tasks: int = 1
+    max_tasks: int = 4
+    cache_node_type: str = "cache.t4g.micro"
+    redis_url: str | None = None
+    long_polling: bool = False
+    certificate_arn: str | None = None
+    timeout_minutes: int = 45
+
+    @property
+    def lambda_prefix(self) -> str:
+        """Function names on Lambda: ``STACK_name``. Stack names cannot hold ``_``, so
+        ``STACK_*`` matches this deployment's functions and no other stack's."""
+        return f"{self.stack_name}_"
+
+
+def default_stack_name(project_dir: Path) -> str:
+    """``my project.v2`` -> ``my-project-v2``: CloudFormation's rules, lower case for ECR."""
+    name = re.sub(r"[^a-z0-9]+", "-", project_dir.resolve().name.lower()).strip("-")
+    if not name or not name[0].isalpha():
+        name = f"echo-{name}".rstrip("-")
+    return name[:28].rstrip("-")
+
+
+def _int(key: str, raw: str, low: int, high: int) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"-o {key}={raw}: expected a whole number") from None
+    if not low <= value <= high:
+        raise ValueError(f"-o {key}={raw}: must be from {low} to {high}")
+    return value
+
+
+def parse_options(raw: dict[str, str], project_dir: Path) -> AwsOptions:
+    unknown = sorted(set(raw) - set(OPTION_HELP))
+    if unknown:
+        raise ValueError(
+            f"aws target: unknown option {unknown[0]!r} (known: {', '.join(OPTION_HELP)})"
+        )
+    empty = [key for key, value in raw.items() if not value]
+    if empty:
+        raise ValueError(f"-o {empty[0]}=: give a value ({OPTION_HELP[empty[0]]})")
+    values: dict[str, object] = {}
+
+    stack_name = raw.get("stack_name") or default_stack_name(project_dir)
+    if not STACK_NAME.match(stack_name):
+        raise ValueError(
+            f"stack name {stack_name!r}: must start with a letter and hold up to 28 letters, "
+            "digits and -; pass -o stack_name=NAME"
+        )
+    if "region" in raw:
+        if not REGION.match(raw["region"]):
+            raise ValueError(f"-o region={raw['region']}: not a region name (e.g. eu-west-1)")
+        values["region"] = raw["region"]
+    if "profile" in raw:
+        values["profile"] = raw["profile"]
+    if "endpoint_url" in raw:
+        if not raw["endpoint_url"].startswith(("http://", "https://")):
+            raise ValueError(f"-o endpoint_url={raw['endpoint_url']}: not an http(s):// URL")
+        values["endpoint_url"] = raw["endpoint_url"].rstrip("/")
+    if "image" in raw:
+        if not IMAGE.match(raw["image"]) or len(raw["image"]) > 255:
+            raise ValueError(f"-o image={raw['image']}: not an image reference (REPO[:TAG])")
+        values["image"] = raw["image"]
+    if "base_image" in raw:
+        if not IMAGE.match(raw["base_image"]) or len(raw["base_image"]) > 255:
+            raise ValueError(f"-o base_image={raw['base_image']}: not an image reference")
+        values["base_image"] = raw["base_image"]
+    if "architecture" in raw:
+        arch = raw["architecture"].lower().replace("amd64", "x86_64").replace("aarch64", "arm64")
+        if arch not in ("x86_64", "arm64"):
+            raise ValueError(f"-o architecture={raw['architecture']}: use x86_64 or arm64")
+        values["architecture"] = arch
+
+    cpu = _int("task_cpu", raw.get("task_cpu", "256"), 256, 4096)
+    if cpu not in FARGATE_SIZES:
+        raise ValueError(f"-o task_cpu={cpu}: Fargate offers {', '.join(map(str, FARGATE_SIZES))}")
+    memory = _int("task_memory", raw.get("task_memory", str(FARGATE_SIZES[cpu][0])), 512, 30720)
+    if memory not in FARGATE_SIZES[cpu]:
+        choices = FARGATE_SIZES[cpu]
+        offered = (", ".join(map(str, choices)) if len(choices) <= 4
+                   else f"{choices[0]}..{choices[-1]} in steps of 1024")
+        raise ValueError(f"-o task_memory={memory}: with task_cpu={cpu} Fargate offers {offered}")
+    values["task_cpu"], values["task_memory"] = cpu, memory
+
+    min_tasks = _int("min_tasks", raw.get("min_tasks", "1"), 0, 100)
+    max_tasks = _int("max_tasks", raw.get("max_tasks", str(max(4, min_tasks))), 1, 100)
+    if max_tasks < min_tasks:
+        raise ValueError(f"-o max_tasks={max_tasks} is below min_tasks={min_tasks}")
+    values["min_tasks"], values["max_tasks"] = min_tasks, max_tasks
+
+    if "cache_node_type" in raw:
+        if not CACHE_NODE.match(raw["cache_node_type"]):
+            raise ValueError(
+                f"-o cache_node_type={raw['cache_node_type']}: not a node type (e.g. cache.t4g.micro)"
+            )
+        values["cache_node_type"] = raw["cache_node_type"]
+    if "redis_url" in raw:
+        url = raw["redis_url"]
+        if not url.startswith(("redis://", "rediss://")):
+            raise ValueError(f"-o redis_url={url}: not a redis:// or rediss:// URL")
+        if "@" in url.split("//", 1)[1].split("/", 1)[0]:
+            raise ValueError(
+                "-o redis_url: must not carry a user or password (it would be readable in the "
+                "task definition); use a Redis reachable only from the VPC"
+            )
+        values["redis_url"] = url
+    if "long_polling" in raw:
+        flag = raw["long_polling"].lower()
+        if flag not in TRUE + FALSE:
+            raise ValueError(f"-o long_polling={raw['long_polling']}: use true or false")
+        values["long_polling"] = flag in TRUE
+    if "certificate_arn" in raw:
+        if not CERTIFICATE.match(raw["certificate_arn"]):
+            raise ValueError(
+                f"-o certificate_arn={raw['certificate_arn']}: not an ACM certificate ARN"
+            )
+        values["certificate_arn"] = raw["certificate_arn"]
+    if "timeout" in raw:
+        values["timeout_minutes"] = _int("timeout", raw["timeout"], 1, 180)
+    return AwsOptions(stack_name=stack_name, **values)  # type: ignore[arg-type]

@@ -1,0 +1,361 @@
+"""The CloudFormation template of one Echo deployment, as plain Python data.
+
+Plain dicts rather than troposphere: the template is one function of the options, easy to
+read next to AWS's resource reference, and adds no dependency. ``json.dumps(render(...))``
+is byte-for-byte the same for the same options, so a re-deploy with no change is an update
+CloudFormation recognises as "No updates are to be performed".
+
+Two values are known only at deploy time and are stack parameters: the server image and
+the ARN of the JWT secret (created in Secrets Manager by the deployer, never in here).
+
+What it creates (see the README's "Deploy to AWS"):
+
+- a VPC over two availability zones with two public subnets and an internet gateway; the
+  ALB and the Fargate tasks sit in them (tasks get a public IP to pull their image, but
+  their security group only admits the ALB), so there is no NAT gateway to pay for;
+- an internet-facing ALB: idle timeout above Socket.IO's ping interval + timeout, health
+  check on ``/ready``, a sticky target group when long-polling is on;
+- an ECS cluster and a Fargate service running the server (``echoctl serve`` through
+  :mod:`echo.targets.aws.bootstrap`), with CPU and memory target-tracking autoscaling and
+  the deployment circuit breaker (a broken image fails the stack instead of hanging it);
+- ElastiCache Redis (one node) reachable only from the tasks, unless ``redis_url`` is given;
+- an S3 bucket (private, encrypted) holding ``associations.json``;
+- IAM roles: the task role may invoke only ``PREFIX*`` functions and read/write only the
+  bucket; the execution role may read only the secret, pull only the image's repository
+  and write only the log group; the Lambda role may only write its functions' logs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from echo.targets.aws.options import AwsOptions
+
+CONTAINER = "echo"
+PORT = 3000
+ASSOCIATIONS_KEY = "associations.json"
+# python-socketio's defaults: a ping every 25 s, a client gone after 20 s more without a pong.
+SOCKETIO_PING_INTERVAL, SOCKETIO_PING_TIMEOUT = 25, 20
+ALB_IDLE_TIMEOUT = 120  # must exceed 45 s, or the ALB cuts quiet websockets between pings
+CPU_TARGET, MEMORY_TARGET = 60.0, 75.0
+
+Json = dict[str, Any]
+
+
+def _ref(name: str) -> Json:
+    return {"Ref": name}
+
+
+def _att(name: str, attribute: str) -> Json:
+    return {"Fn::GetAtt": [name, attribute]}
+
+
+def _sub(text: str) -> Json:
+    return {"Fn::Sub": text}
+
+
+def _tags(opts: AwsOptions, name: str) -> list[Json]:
+    return [{"Key": "Name", "Value": f"{opts.stack_name}-{name}"},
+            {"Key": "echo:deployment", "Value": opts.stack_name}]
+
+
+def _policy(name: str, statements: list[Json]) -> Json:
+    return {"PolicyName": name,
+            "PolicyDocument": {"Version": "2012-10-17", "Statement": statements}}
+
+
+def _trust(service: str) -> Json:
+    return {"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Principal": {"Service": service}, "Action": "sts:AssumeRole"}]}
+
+
+def ecr_repository_arn(image: str) -> str | None:
+    """``ACCOUNT.dkr.ecr.REGION.amazonaws.com/REPO:TAG`` -> the repository's ARN (else None)."""
+    registry, _, path = image.partition("/")
+    parts = registry.split(".")
+    if len(parts) < 6 or parts[1:3] != ["dkr", "ecr"] or not path:
+        return None
+    repository = path.split("@", 1)[0]
+    if ":" in repository.rsplit("/", 1)[-1]:
+        repository = repository.rsplit(":", 1)[0]
+    partition = "aws-cn" if registry.endswith(".cn") else "aws"
+    return f"arn:{partition}:ecr:{parts[3]}:{parts[0]}:repository/{repository}"
+
+
+def _network(opts: AwsOptions) -> Json:
+    resources: Json = {
+        "Vpc": {"Type": "AWS::EC2::VPC", "Properties": {
+            "CidrBlock": "10.40.0.0/16", "EnableDnsSupport": True, "EnableDnsHostnames": True,
+            "Tags": _tags(opts, "vpc")}},
+        "InternetGateway": {"Type": "AWS::EC2::InternetGateway",
+                            "Properties": {"Tags": _tags(opts, "igw")}},
+        "GatewayAttachment": {"Type": "AWS::EC2::VPCGatewayAttachment", "Properties": {
+            "VpcId": _ref("Vpc"), "InternetGatewayId": _ref("InternetGateway")}},
+        "PublicRouteTable": {"Type": "AWS::EC2::RouteTable", "Properties": {
+            "VpcId": _ref("Vpc"), "Tags": _tags(opts, "public")}},
+        "PublicRoute": {"Type": "AWS::EC2::Route", "DependsOn": "GatewayAttachment",
+                        "Properties": {"RouteTableId": _ref("PublicRouteTable"),
+                                       "DestinationCidrBlock": "0.0.0.0/0",
+                                       "GatewayId": _ref("InternetGateway")}},
+    }
+    for index, letter in enumerate("AB"):
+        resources[f"PublicSubnet{letter}"] = {"Type": "AWS::EC2::Subnet", "Properties": {
+            "VpcId": _ref("Vpc"), "CidrBlock": f"10.40.{index}.0/24",
+            "AvailabilityZone": {"Fn::Select": [index, {"Fn::GetAZs": ""}]},
+            "MapPublicIpOnLaunch": False, "Tags": _tags(opts, f"public-{letter.lower()}")}}
+        resources[f"PublicSubnet{letter}Routes"] = {
+            "Type": "AWS::EC2::SubnetRouteTableAssociation",
+            "Properties": {"SubnetId": _ref(f"PublicSubnet{letter}"),
+                           "RouteTableId": _ref("PublicRouteTable")}}
+    return resources
+
+
+def _security_groups(opts: AwsOptions) -> Json:
+    alb_ports = [80, 443] if opts.certificate_arn else [80]
+    resources: Json = {
+        "LoadBalancerSecurityGroup": {"Type": "AWS::EC2::SecurityGroup", "Properties": {
+            "GroupDescription": f"{opts.stack_name}: HTTP(S) from anywhere to the load balancer",
+            "VpcId": _ref("Vpc"),
+            "SecurityGroupIngress": [
+                {"IpProtocol": "tcp", "FromPort": port, "ToPort": port, "CidrIp": "0.0.0.0/0"}
+                for port in alb_ports],
+            "Tags": _tags(opts, "alb")}},
+        "TaskSecurityGroup": {"Type": "AWS::EC2::SecurityGroup", "Properties": {
+            "GroupDescription": f"{opts.stack_name}: the server port, from the load balancer only",
+            "VpcId": _ref("Vpc"),
+            "SecurityGroupIngress": [{
+                "IpProtocol": "tcp", "FromPort": PORT, "ToPort": PORT,
+                "SourceSecurityGroupId": _att("LoadBalancerSecurityGroup", "GroupId")}],
+            "Tags": _tags(opts, "tasks")}},
+    }
+    if not opts.redis_url:
+        resources["CacheSecurityGroup"] = {"Type": "AWS::EC2::SecurityGroup", "Properties": {
+            "GroupDescription": f"{opts.stack_name}: Redis, from the server tasks only",
+            "VpcId": _ref("Vpc"),
+            "SecurityGroupIngress": [{
+                "IpProtocol": "tcp", "FromPort": 6379, "ToPort": 6379,
+                "SourceSecurityGroupId": _att("TaskSecurityGroup", "GroupId")}],
+            "Tags": _tags(opts, "cache")}}
+    return resources
+
+
+def _cache(opts: AwsOptions) -> Json:
+    if opts.redis_url:
+        return {}
+    return {
+        "CacheSubnetGroup": {"Type": "AWS::ElastiCache::SubnetGroup", "Properties": {
+            "Description": f"{opts.stack_name}: Redis subnets",
+            "SubnetIds": [_ref("PublicSubnetA"), _ref("PublicSubnetB")]}},
+        "Cache": {"Type": "AWS::ElastiCache::CacheCluster", "Properties": {
+            "Engine": "redis", "CacheNodeType": opts.cache_node_type, "NumCacheNodes": 1,
+            "CacheSubnetGroupName": _ref("CacheSubnetGroup"),
+            "VpcSecurityGroupIds": [_att("CacheSecurityGroup", "GroupId")],
+            "Tags": _tags(opts, "redis")}},
+    }
+
+
+def _storage(opts: AwsOptions) -> Json:
+    return {
+        "Bucket": {"Type": "AWS::S3::Bucket", "Properties": {
+            "PublicAccessBlockConfiguration": {
+                "BlockPublicAcls": True, "BlockPublicPolicy": True,
+                "IgnorePublicAcls": True, "RestrictPublicBuckets": True},
+            "BucketEncryption": {"ServerSideEncryptionConfiguration": [
+                {"ServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]},
+            "OwnershipControls": {"Rules": [{"ObjectOwnership": "BucketOwnerEnforced"}]},
+            "Tags": _tags(opts, "associations")}},
+        "LogGroup": {"Type": "AWS::Logs::LogGroup", "Properties": {
+            "LogGroupName": f"/echo/{opts.stack_name}", "RetentionInDays": 14}},
+    }
+
+
+def _roles(opts: AwsOptions, image_repository_arn: str | Json | None) -> Json:
+    prefix = opts.lambda_prefix
+    pull: list[Json] = []
+    if image_repository_arn:
+        pull = [
+            {"Effect": "Allow", "Action": "ecr:GetAuthorizationToken", "Resource": "*"},
+            {"Effect": "Allow", "Resource": image_repository_arn, "Action": [
+                "ecr:BatchCheckLayerAvailability", "ecr:BatchGetImage",
+                "ecr:GetDownloadUrlForLayer"]},
+        ]
+    lambda_logs = ("arn:${AWS::Partition}:logs:${AWS::Region}:${AWS::AccountId}"
+                   f":log-group:/aws/lambda/{prefix}*")
+    return {
+        # used by ECS itself to start a task: pull the image, write logs, read the secret
+        "ExecutionRole": {"Type": "AWS::IAM::Role", "Properties": {
+            "Description": f"{opts.stack_name}: start the server tasks",
+            "AssumeRolePolicyDocument": _trust("ecs-tasks.amazonaws.com"),
+            "Policies": [_policy("start-tasks", [
+                *pull,
+                {"Effect": "Allow", "Action": ["logs:CreateLogStream", "logs:PutLogEvents"],
+                 "Resource": _att("LogGroup", "Arn")},
+                {"Effect": "Allow", "Action": "secretsmanager:GetSecretValue",
+                 "Resource": _ref("SecretArn")},
+            ])]}},
+        # used by the server: invoke this deployment's functions, read/write its bucket
+        "TaskRole": {"Type": "AWS::IAM::Role", "Properties": {
+            "Description": f"{opts.stack_name}: the running server",
+            "AssumeRolePolicyDocument": _trust("ecs-tasks.amazonaws.com"),
+            "Policies": [_policy("echo-server", [
+                {"Effect": "Allow", "Action": "lambda:InvokeFunction", "Resource": _sub(
+                    "arn:${AWS::Partition}:lambda:${AWS::Region}:${AWS::AccountId}"
+                    f":function:{prefix}*")},
+                {"Effect": "Allow", "Action": ["s3:GetObject", "s3:PutObject"],
+                 "Resource": _sub("${Bucket.Arn}/*")},
+                {"Effect": "Allow", "Action": "s3:ListBucket", "Resource": _att("Bucket", "Arn")},
+            ])]}},
+        # used by the functions: write their own logs, nothing else
+        "FunctionRole": {"Type": "AWS::IAM::Role", "Properties": {
+            "Description": f"{opts.stack_name}: echo functions (logs only)",
+            "AssumeRolePolicyDocument": _trust("lambda.amazonaws.com"),
+            "Policies": [_policy("function-logs", [
+                {"Effect": "Allow", "Action": "logs:CreateLogGroup", "Resource": _sub(lambda_logs)},
+                {"Effect": "Allow", "Action": ["logs:CreateLogStream", "logs:PutLogEvents"],
+                 "Resource": _sub(lambda_logs + ":*")},
+            ])]}},
+    }
+
+
+def _service(opts: AwsOptions, architecture: str) -> Json:
+    redis_url: Any = opts.redis_url or _sub(
+        "redis://${Cache.RedisEndpoint.Address}:${Cache.RedisEndpoint.Port}/0")
+    environment = [
+        {"Name": "ECHO_HOST", "Value": "0.0.0.0"},
+        {"Name": "ECHO_PORT", "Value": str(PORT)},
+        {"Name": "ECHO_REDIS_URL", "Value": redis_url},
+        {"Name": "ECHO_RUNNER", "Value": "lambda"},
+        {"Name": "ECHO_LAMBDA_PREFIX", "Value": opts.lambda_prefix},
+        {"Name": "ECHO_AWS_REGION", "Value": _ref("AWS::Region")},
+        {"Name": "ECHO_ASSOCIATIONS", "Value": "/app/associations.json"},
+        {"Name": "ECHO_ASSOCIATIONS_S3", "Value": _sub(f"s3://${{Bucket}}/{ASSOCIATIONS_KEY}")},
+    ]
+    subnets = [_ref("PublicSubnetA"), _ref("PublicSubnetB")]
+    if opts.certificate_arn:
+        listeners: Json = {
+            "HttpsListener": {"Type": "AWS::ElasticLoadBalancingV2::Listener", "Properties": {
+                "LoadBalancerArn": _ref("LoadBalancer"), "Port": 443, "Protocol": "HTTPS",
+                "SslPolicy": "ELBSecurityPolicy-TLS13-1-2-2021-06",
+                "Certificates": [{"CertificateArn": opts.certificate_arn}],
+                "DefaultActions": [{"Type": "forward", "TargetGroupArn": _ref("TargetGroup")}]}},
+            "HttpListener": {"Type": "AWS::ElasticLoadBalancingV2::Listener", "Properties": {
+                "LoadBalancerArn": _ref("LoadBalancer"), "Port": 80, "Protocol": "HTTP",
+                "DefaultActions": [{"Type": "redirect", "RedirectConfig": {
+                    "Protocol": "HTTPS", "Port": "443", "StatusCode": "HTTP_301"}}]}},
+        }
+    else:
+        listeners = {
+            "HttpListener": {"Type": "AWS::ElasticLoadBalancingV2::Listener", "Properties": {
+                "LoadBalancerArn": _ref("LoadBalancer"), "Port": 80, "Protocol": "HTTP",
+                "DefaultActions": [{"Type": "forward", "TargetGroupArn": _ref("TargetGroup")}]}},
+        }
+    return {
+        "LoadBalancer": {"Type": "AWS::ElasticLoadBalancingV2::LoadBalancer", "Properties": {
+            "Type": "application", "Scheme": "internet-facing", "Subnets": subnets,
+            "SecurityGroups": [_att("LoadBalancerSecurityGroup", "GroupId")],
+            "LoadBalancerAttributes": [
+                {"Key": "idle_timeout.timeout_seconds", "Value": str(ALB_IDLE_TIMEOUT)},
+                {"Key": "routing.http.drop_invalid_header_fields.enabled", "Value": "true"}],
+            "Tags": _tags(opts, "alb")}},
+        "TargetGroup": {"Type": "AWS::ElasticLoadBalancingV2::TargetGroup", "Properties": {
+            "VpcId": _ref("Vpc"), "TargetType": "ip", "Protocol": "HTTP", "Port": PORT,
+            "HealthCheckPath": "/ready", "HealthCheckProtocol": "HTTP",
+            "HealthCheckIntervalSeconds": 15, "HealthCheckTimeoutSeconds": 5,
+            "HealthyThresholdCount": 2, "UnhealthyThresholdCount": 3,
+            "Matcher": {"HttpCode": "200"},
+            "TargetGroupAttributes": [
+                {"Key": "deregistration_delay.timeout_seconds", "Value": "30"},
+                {"Key": "stickiness.enabled", "Value": "true" if opts.long_polling else "false"},
+                {"Key": "stickiness.type", "Value": "lb_cookie"},
+                {"Key": "stickiness.lb_cookie.duration_seconds", "Value": "86400"}],
+            "Tags": _tags(opts, "servers")}},
+        **listeners,
+        "Cluster": {"Type": "AWS::ECS::Cluster", "Properties": {
+            "ClusterSettings": [{"Name": "containerInsights", "Value": "disabled"}],
+            "Tags": _tags(opts, "cluster")}},
+        "TaskDefinition": {"Type": "AWS::ECS::TaskDefinition", "Properties": {
+            "Family": opts.stack_name,
+            "Cpu": str(opts.task_cpu), "Memory": str(opts.task_memory),
+            "NetworkMode": "awsvpc", "RequiresCompatibilities": ["FARGATE"],
+            "RuntimePlatform": {"OperatingSystemFamily": "LINUX",
+                                "CpuArchitecture": architecture.upper()},
+            "ExecutionRoleArn": _att("ExecutionRole", "Arn"),
+            "TaskRoleArn": _att("TaskRole", "Arn"),
+            "ContainerDefinitions": [{
+                "Name": CONTAINER, "Image": _ref("ImageUri"), "Essential": True,
+                "Command": ["python", "-m", "echo.targets.aws.bootstrap"],
+                "PortMappings": [{"ContainerPort": PORT, "Protocol": "tcp"}],
+                "Environment": environment,
+                # the JWT secret: resolved by ECS at task start, never in here in plain text
+                "Secrets": [{"Name": "ECHO_SECRET", "ValueFrom": _ref("SecretArn")}],
+                "LogConfiguration": {"LogDriver": "awslogs", "Options": {
+                    "awslogs-group": _ref("LogGroup"), "awslogs-region": _ref("AWS::Region"),
+                    "awslogs-stream-prefix": "echo"}},
+            }],
+            "Tags": _tags(opts, "server")}},
+        "Service": {"Type": "AWS::ECS::Service",
+                    "DependsOn": [*listeners, "PublicRoute"],
+                    "Properties": {
+            "Cluster": _ref("Cluster"), "TaskDefinition": _ref("TaskDefinition"),
+            "LaunchType": "FARGATE", "DesiredCount": opts.min_tasks,
+            "HealthCheckGracePeriodSeconds": 30,
+            "DeploymentConfiguration": {
+                "MinimumHealthyPercent": 100, "MaximumPercent": 200,
+                "DeploymentCircuitBreaker": {"Enable": True, "Rollback": True}},
+            "NetworkConfiguration": {"AwsvpcConfiguration": {
+                "AssignPublicIp": "ENABLED", "Subnets": subnets,
+                "SecurityGroups": [_att("TaskSecurityGroup", "GroupId")]}},
+            "LoadBalancers": [{"ContainerName": CONTAINER, "ContainerPort": PORT,
+                               "TargetGroupArn": _ref("TargetGroup")}],
+            "Tags": _tags(opts, "service")}},
+        "ScalableTarget": {"Type": "AWS::ApplicationAutoScaling::ScalableTarget", "Properties": {
+            "ServiceNamespace": "ecs", "ScalableDimension": "ecs:service:DesiredCount",
+            "ResourceId": _sub("service/${Cluster}/${Service.Name}"),
+            "MinCapacity": opts.min_tasks, "MaxCapacity": opts.max_tasks}},
+        **{
+            f"{kind}Scaling": {"Type": "AWS::ApplicationAutoScaling::ScalingPolicy", "Properties": {
+                "PolicyName": f"{opts.stack_name}-{kind.lower()}",
+                "PolicyType": "TargetTrackingScaling",
+                "ScalingTargetId": _ref("ScalableTarget"),
+                "TargetTrackingScalingPolicyConfiguration": {
+                    "TargetValue": target,
+                    "PredefinedMetricSpecification": {"PredefinedMetricType": metric},
+                    "ScaleInCooldown": 120, "ScaleOutCooldown": 60}}}
+            for kind, metric, target in (
+                ("Cpu", "ECSServiceAverageCPUUtilization", CPU_TARGET),
+                ("Memory", "ECSServiceAverageMemoryUtilization", MEMORY_TARGET))
+        },
+    }
+
+
+def render(opts: AwsOptions, architecture: str = "x86_64",
+           image_repository_arn: str | Json | None = None) -> Json:
+    """The template for ``opts``: same options, same template (so no-op updates stay no-ops)."""
+    scheme = "https" if opts.certificate_arn else "http"
+    outputs: Json = {
+        "Endpoint": {"Description": "Where clients connect",
+                     "Value": _sub(f"{scheme}://${{LoadBalancer.DNSName}}")},
+        "BucketName": {"Description": "Holds associations.json", "Value": _ref("Bucket")},
+        "ClusterName": {"Value": _ref("Cluster")},
+        "ServiceName": {"Value": _att("Service", "Name")},
+        "FunctionRoleArn": {"Description": "Execution role of the Lambda functions",
+                            "Value": _att("FunctionRole", "Arn")},
+        "LambdaPrefix": {"Value": opts.lambda_prefix},
+        "LogGroupName": {"Value": _ref("LogGroup")},
+    }
+    if not opts.redis_url:
+        outputs["RedisAddress"] = {"Value": _att("Cache", "RedisEndpoint.Address")}
+    return {
+        "AWSTemplateFormatVersion": "2010-09-09",
+        "Description": f"Echo real-time messaging: deployment {opts.stack_name}",
+        "Parameters": {
+            "ImageUri": {"Type": "String", "Description": "Echo server image"},
+            "SecretArn": {"Type": "String",
+                          "Description": "Secrets Manager secret holding the JWT secret"},
+        },
+        "Resources": {
+            **_network(opts), **_security_groups(opts), **_cache(opts), **_storage(opts),
+            **_roles(opts, image_repository_arn), **_service(opts, architecture),
+        },
+        "Outputs": outputs,
+    }

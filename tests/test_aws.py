@@ -1,0 +1,667 @@
+"""The AWS target (`echoctl deploy|status|teardown --target aws`) against moto's server.
+
+What moto can and cannot show, and so what is checked how:
+
+- moto's CloudFormation creates the VPC, subnets, security groups, ALB, listener, target
+  group, ECS cluster/service/task definition, IAM roles, log group and bucket: those are
+  checked through the AWS APIs, as deployed;
+- it skips ElastiCache, Application Auto Scaling and the ALB/target-group attribute lists,
+  and it fails any Fn::GetAtt on a skipped resource, so the end-to-end run uses
+  ``-o redis_url=...`` (the stack then has no cache) and the cache wiring, the autoscaling
+  policies and the attributes (idle timeout, stickiness) are checked in the template;
+- its DeleteStack cannot delete an AWS::EC2::RouteTable (its model has no delete), which
+  makes every VPC stack's deletion fail on the VPC; the moto server here adds that one
+  missing delete (see ``MOTO_LAUNCHER``), nothing else.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt as pyjwt
+import pytest
+
+from echo.core.functions import discover
+from echo.packaging import build_zip
+from echo.targets.aws.bootstrap import fetch_associations
+from echo.targets.aws.deploy import StackDeployer
+from echo.targets.base import TargetError
+from tests.conftest import EchoProcess, MotoServer, free_port, make_project
+
+IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/echo:test"
+REDIS = "redis://redis.internal.example:6379/0"
+
+# moto's own server, plus a delete for route tables (moto's CloudFormation model lacks it)
+MOTO_LAUNCHER = """
+import sys
+from moto.ec2.models import ec2_backends
+from moto.ec2.models.route_tables import RouteTable
+
+def delete(self, account_id, region_name):
+    backend = ec2_backends[account_id][region_name]
+    for association_id in list(self.associations):
+        backend.disassociate_route_table(association_id)
+    backend.delete_route_table(self.id)
+
+RouteTable.delete = delete
+from moto.server import main
+main(sys.argv[1:])
+"""
+
+
+class PatchedMotoServer(MotoServer):
+    def start(self, timeout: float = 20) -> MotoServer:
+        log = (self.workdir / "moto.log").open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", MOTO_LAUNCHER, "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"},
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                reply = httpx.post(self.url + "/moto-api/config",
+                                   json={"lambda": {"use_docker": False}}, timeout=1)
+                if reply.is_success:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"moto server did not start on {self.port}")
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    server = PatchedMotoServer(tmp_path_factory.mktemp("moto")).start()
+    yield server
+    server.stop()
+
+
+def aws_env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("AWS_", "ECHO_")) and k != "DOCKER_HOST"}
+    return {**env, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_CONFIG_FILE": str(home / "aws-config"),
+            "AWS_SHARED_CREDENTIALS_FILE": str(home / "aws-credentials")}
+
+
+def echoctl(project: Path, *args: str, env: dict[str, str] | None = None,
+            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    started = time.monotonic()
+    # rich wraps at the terminal width: a wide one keeps each progress line whole
+    env = {**(env or aws_env(project.parent)), "COLUMNS": "250"}
+    result = subprocess.run(
+        [sys.executable, "-m", "echo", *args, "-C", str(project)],
+        capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL,
+    )
+    print(f"$ echoctl {' '.join(args)}  ({time.monotonic() - started:.1f}s, rc {result.returncode})")
+    print(result.stderr[-3000:])
+    return result
+
+
+def lambda_functions(project: Path) -> dict[str, str]:
+    """Local functions that deploy to Lambda, with their zip's SHA-256."""
+    return {name: build_zip(spec).sha256
+            for name, spec in discover(project / "functions").items()
+            if spec.runner in (None, "lambda")}
+
+
+def synth(project: Path, out: Path, *options: str) -> dict[str, Any]:
+    result = echoctl(project, "deploy", "--target", "aws", "--dry-run", "--out", str(out),
+                     *[f"-o{o}" for o in options])
+    assert result.returncode == 0, result.stderr
+    return json.loads((out / "template.json").read_text())
+
+
+def resources_of(template: dict[str, Any], kind: str) -> dict[str, Any]:
+    return {k: v for k, v in template["Resources"].items() if v["Type"] == kind}
+
+
+# -- the template ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options", [
+    (),
+    ("long_polling=true", f"redis_url={REDIS}", "min_tasks=2", "max_tasks=8"),
+    ("certificate_arn=arn:aws:acm:us-east-1:123456789012:certificate/0b1c-2d3e",
+     "task_cpu=1024", "task_memory=4096", "cache_node_type=cache.t4g.small",
+     "architecture=arm64", f"image={IMAGE}"),
+], ids=["defaults", "long-polling-own-redis", "https-bigger"])
+def test_template_passes_cfn_lint(tmp_path: Path, options: tuple[str, ...]) -> None:
+    project = make_project(tmp_path / "lint-me")
+    synth(project, tmp_path / "out", *options)
+    lint = subprocess.run(
+        [str(Path(sys.executable).parent / "cfn-lint"), "--format", "parseable",
+         str(tmp_path / "out" / "template.json")],
+        capture_output=True, text=True, timeout=300,
+    )
+    print(lint.stdout, lint.stderr)
+    # cfn-lint's exit code is a bit mask: 2 = errors, 4 = warnings, 8 = informational
+    assert lint.returncode & 2 == 0 and lint.returncode & ~(4 | 8) == 0, lint.stdout + lint.stderr
+
+
+def test_template_wiring(tmp_path: Path) -> None:
+    """What moto cannot create or keeps no record of, checked in the default template."""
+    project = make_project(tmp_path / "wiring")
+    template = synth(project, tmp_path / "out")
+
+    # ALB: idle timeout above Socket.IO's ping interval + timeout (25 + 20 s)
+    (alb,) = resources_of(template, "AWS::ElasticLoadBalancingV2::LoadBalancer").values()
+    attributes = {a["Key"]: a["Value"] for a in alb["Properties"]["LoadBalancerAttributes"]}
+    assert int(attributes["idle_timeout.timeout_seconds"]) > 45
+    assert alb["Properties"]["Scheme"] == "internet-facing"
+    # target group: /ready health check, no stickiness unless long-polling is on
+    (group,) = resources_of(template, "AWS::ElasticLoadBalancingV2::TargetGroup").values()
+    assert group["Properties"]["HealthCheckPath"] == "/ready"
+    tg_attributes = {a["Key"]: a["Value"] for a in group["Properties"]["TargetGroupAttributes"]}
+    assert tg_attributes["stickiness.enabled"] == "false"
+    sticky = synth(project, tmp_path / "sticky", "long_polling=true")
+    (group,) = resources_of(sticky, "AWS::ElasticLoadBalancingV2::TargetGroup").values()
+    tg_attributes = {a["Key"]: a["Value"] for a in group["Properties"]["TargetGroupAttributes"]}
+    assert tg_attributes["stickiness.enabled"] == "true"
+    assert tg_attributes["stickiness.type"] == "lb_cookie"
+
+    # ElastiCache Redis, reachable from the tasks only, wired into ECHO_REDIS_URL
+    (cache,) = resources_of(template, "AWS::ElastiCache::CacheCluster").values()
+    assert cache["Properties"]["Engine"] == "redis"
+    assert cache["Properties"]["CacheNodeType"] == "cache.t4g.micro"
+    assert resources_of(template, "AWS::ElastiCache::SubnetGroup")
+    cache_sg = template["Resources"]["CacheSecurityGroup"]["Properties"]["SecurityGroupIngress"]
+    assert cache_sg == [{"IpProtocol": "tcp", "FromPort": 6379, "ToPort": 6379,
+                         "SourceSecurityGroupId": {"Fn::GetAtt": ["TaskSecurityGroup", "GroupId"]}}]
+    (task_def,) = resources_of(template, "AWS::ECS::TaskDefinition").values()
+    container = task_def["Properties"]["ContainerDefinitions"][0]
+    environment = {e["Name"]: e["Value"] for e in container["Environment"]}
+    assert environment["ECHO_REDIS_URL"] == {
+        "Fn::Sub": "redis://${Cache.RedisEndpoint.Address}:${Cache.RedisEndpoint.Port}/0"}
+    assert environment["ECHO_RUNNER"] == "lambda"
+    assert environment["ECHO_LAMBDA_PREFIX"] == "wiring_"
+    assert environment["ECHO_ASSOCIATIONS_S3"] == {"Fn::Sub": "s3://${Bucket}/associations.json"}
+    # the secret comes from Secrets Manager through the task definition, never as a value
+    assert "ECHO_SECRET" not in environment
+    assert container["Secrets"] == [{"Name": "ECHO_SECRET", "ValueFrom": {"Ref": "SecretArn"}}]
+    assert task_def["Properties"]["RequiresCompatibilities"] == ["FARGATE"]
+
+    # autoscaling: CPU and memory target tracking between min_tasks and max_tasks
+    (scalable,) = resources_of(template, "AWS::ApplicationAutoScaling::ScalableTarget").values()
+    assert (scalable["Properties"]["MinCapacity"], scalable["Properties"]["MaxCapacity"]) == (1, 4)
+    metrics = sorted(
+        p["Properties"]["TargetTrackingScalingPolicyConfiguration"]
+        ["PredefinedMetricSpecification"]["PredefinedMetricType"]
+        for p in resources_of(template, "AWS::ApplicationAutoScaling::ScalingPolicy").values())
+    assert metrics == ["ECSServiceAverageCPUUtilization", "ECSServiceAverageMemoryUtilization"]
+    # the deployment circuit breaker turns a broken image into a failed (rolled back) stack
+    (service,) = resources_of(template, "AWS::ECS::Service").values()
+    breaker = service["Properties"]["DeploymentConfiguration"]["DeploymentCircuitBreaker"]
+    assert breaker == {"Enable": True, "Rollback": True}
+    # no NAT gateway (the cost note in the README)
+    assert not resources_of(template, "AWS::EC2::NatGateway")
+
+
+def test_bad_options_are_refused_with_a_reason(tmp_path: Path) -> None:
+    project = make_project(tmp_path / "opts")
+    cases = {
+        ("task_cpu=300",): "Fargate offers 256, 512",
+        ("task_cpu=256", "task_memory=4096"): "with task_cpu=256 Fargate offers 512, 1024, 2048",
+        ("min_tasks=5", "max_tasks=2"): "max_tasks=2 is below min_tasks=5",
+        ("colour=blue",): "unknown option 'colour'",
+        ("stack_name=1-bad",): "must start with a letter",
+        ("redis_url=redis://user:pw@host:6379/0",): "must not carry a user or password",
+        ("long_polling=maybe",): "use true or false",
+        ("region=mars",): "not a region name",
+    }
+    for options, message in cases.items():
+        result = echoctl(project, "deploy", "--target", "aws", "--dry-run", "--out",
+                         str(tmp_path / "out"), *[f"-o{o}" for o in options])
+        assert result.returncode == 2, (options, result.stderr)
+        assert message in " ".join(result.stderr.split()), (options, result.stderr)
+        assert "Traceback" not in result.stderr
+
+
+# -- dry run --------------------------------------------------------------------------
+
+
+def test_dry_run_writes_template_and_zips_and_deploys_nothing(moto: MotoServer, tmp_path: Path) -> None:
+    project = make_project(tmp_path / "dry")
+    out = tmp_path / "synth"
+    template = synth(project, out, f"endpoint_url={moto.url}")
+    assert template["Resources"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    expected = lambda_functions(project)
+    assert set(manifest["functions"]) == set(expected)
+    for name, sha in expected.items():
+        data = (out / "functions" / f"{name}.zip").read_bytes()
+        assert hashlib.sha256(data).hexdigest() == sha == manifest["functions"][name]["sha256"]
+        assert "handler.py" in zipfile.ZipFile(out / "functions" / f"{name}.zip").namelist()
+        assert manifest["functions"][name]["lambdaName"] == f"dry_{name}"
+    parameters = {p["ParameterKey"] for p in json.loads((out / "parameters.json").read_text())}
+    assert parameters == set(template["Parameters"]) == {"ImageUri", "SecretArn"}
+    # nothing anywhere in the (otherwise empty) emulator, no state recorded
+    assert not [s for s in moto.client("cloudformation").list_stacks()["StackSummaries"]
+                if s["StackName"] == "dry"]
+    assert not [f for f in moto.client("lambda").list_functions()["Functions"]
+                if f["FunctionName"].startswith("dry_")]
+    assert not [s for s in moto.client("secretsmanager").list_secrets()["SecretList"]
+                if s["Name"].startswith("echo/dry/")]
+    assert not (project / ".echo" / "targets" / "aws.json").exists()
+
+
+# -- errors ---------------------------------------------------------------------------
+
+
+def test_unreachable_aws_and_docker_give_a_next_step(tmp_path: Path) -> None:
+    project = make_project(tmp_path / "nowhere")
+    dead = f"http://127.0.0.1:{free_port()}"
+    result = echoctl(project, "deploy", "--target", "aws", f"-oendpoint_url={dead}",
+                     f"-oimage={IMAGE}")
+    assert result.returncode == 1
+    assert "cannot reach AWS" in result.stderr and "Traceback" not in result.stderr
+    # no image given and no Docker engine: the build is impossible, say what to do
+    env = {**aws_env(tmp_path), "DOCKER_HOST": "unix:///nonexistent/docker.sock"}
+    result = echoctl(project, "deploy", "--target", "aws", f"-oendpoint_url={dead}", env=env)
+    assert result.returncode == 1
+    assert "Docker is not reachable" in result.stderr and "-o image=URI" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+class FakeCloudFormation:
+    """Just enough of a CloudFormation client to replay a failed create."""
+
+    def __init__(self, events: list[dict[str, Any]], final: str) -> None:
+        self.events, self.final, self.calls = events, final, 0
+
+    def describe_stacks(self, StackName: str) -> dict[str, Any]:
+        self.calls += 1
+        if self.calls == 1:
+            from botocore.exceptions import ClientError
+
+            raise ClientError({"Error": {"Code": "ValidationError",
+                                         "Message": f"Stack with id {StackName} does not exist"}},
+                              "DescribeStacks")
+        return {"Stacks": [{"StackId": "id-1", "StackName": "s", "StackStatus": self.final}]}
+
+    def create_stack(self, **_: Any) -> dict[str, str]:
+        return {"StackId": "id-1"}
+
+    def get_paginator(self, _: str) -> Any:
+        events = self.events
+
+        class Pages:
+            def paginate(self, StackName: str) -> list[dict[str, Any]]:
+                return [{"StackEvents": list(reversed(events))}]
+
+        return Pages()
+
+
+def _event(n: int, logical: str, kind: str, status: str, reason: str = "") -> dict[str, Any]:
+    return {"EventId": str(n), "LogicalResourceId": logical, "ResourceType": kind,
+            "ResourceStatus": status, "ResourceStatusReason": reason}
+
+
+def test_failed_stack_names_the_resource_and_reason() -> None:
+    events = [
+        _event(1, "s", "AWS::CloudFormation::Stack", "CREATE_IN_PROGRESS", "User Initiated"),
+        _event(2, "Cache", "AWS::ElastiCache::CacheCluster", "CREATE_FAILED",
+               "Resource creation cancelled"),
+        _event(3, "Service", "AWS::ECS::Service", "CREATE_FAILED",
+               "ECS Deployment Circuit Breaker was triggered"),
+        _event(4, "s", "AWS::CloudFormation::Stack", "ROLLBACK_COMPLETE"),
+    ]
+    lines: list[str] = []
+    deployer = StackDeployer(FakeCloudFormation(events, "ROLLBACK_COMPLETE"), "s", lines.append,
+                             poll=0)
+    with pytest.raises(TargetError) as caught:
+        deployer.apply({"Resources": {}}, {}, {})
+    message = str(caught.value)
+    assert "Service (AWS::ECS::Service) failed: ECS Deployment Circuit Breaker was triggered" \
+        in message
+    assert "deploy --target aws" in message
+    assert any("CREATE_FAILED" in line for line in lines)  # events were streamed
+
+
+def test_stack_wait_is_bounded() -> None:
+    events = [_event(1, "s", "AWS::CloudFormation::Stack", "CREATE_IN_PROGRESS")]
+    ticks = iter(range(0, 10_000, 100))
+    deployer = StackDeployer(FakeCloudFormation(events, "CREATE_IN_PROGRESS"), "s",
+                             lambda _: None, timeout=300, poll=0, clock=lambda: next(ticks))
+    with pytest.raises(TargetError, match="still CREATE_IN_PROGRESS after 5 min"):
+        deployer.apply({"Resources": {}}, {}, {})
+
+
+# -- the container's start-up ----------------------------------------------------------
+
+
+def test_bootstrap_reads_associations_from_s3(moto: MotoServer, tmp_path: Path) -> None:
+    s3 = moto.client("s3")
+    s3.create_bucket(Bucket="boot-bucket")
+    target = tmp_path / "associations.json"
+    target.write_text('{"applications": {}}')
+    environ = {"ECHO_ASSOCIATIONS_S3": "s3://boot-bucket/associations.json",
+               "ECHO_ASSOCIATIONS": str(target)}
+    assert fetch_associations(environ, s3) is None  # no object yet: the image's copy stays
+    assert target.read_text() == '{"applications": {}}'
+    s3.put_object(Bucket="boot-bucket", Key="associations.json", Body=b'{"applications": {"a": {}}}')
+    assert fetch_associations(environ, s3) == target
+    assert json.loads(target.read_text()) == {"applications": {"a": {}}}
+
+
+# -- end to end ------------------------------------------------------------------------
+
+
+def _role_policies(iam: Any, role_name: str) -> list[dict[str, Any]]:
+    statements = []
+    for policy in iam.list_role_policies(RoleName=role_name)["PolicyNames"]:
+        document = iam.get_role_policy(RoleName=role_name, PolicyName=policy)["PolicyDocument"]
+        if isinstance(document, str):
+            # moto keeps a policy given inline in a template as the repr of a dict
+            document = ast.literal_eval(document)
+        statements += document["Statement"]
+    return statements
+
+
+def _stack_roles(iam: Any, stack: str) -> dict[str, str]:
+    """Logical id -> role name, for this stack's roles."""
+    return {role["RoleName"][len(stack) + 1:].rsplit("-", 1)[0]: role["RoleName"]
+            for role in iam.list_roles()["Roles"] if role["RoleName"].startswith(f"{stack}-")}
+
+
+def test_deploy_status_push_functions_redeploy_teardown(moto: MotoServer, tmp_path: Path) -> None:
+    project = make_project(tmp_path / "echo-e2e")
+    stack, prefix = "echo-e2e", "echo-e2e_"
+    options = [f"-oendpoint_url={moto.url}", f"-oimage={IMAGE}", f"-oredis_url={REDIS}"]
+    cfn, lam, s3, ecs, iam, elbv2, sm = (moto.client(s) for s in (
+        "cloudformation", "lambda", "s3", "ecs", "iam", "elbv2", "secretsmanager"))
+    transcript: list[str] = []
+
+    def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        result = echoctl(project, *args, env=env)
+        transcript.extend([result.stdout, result.stderr])
+        assert result.returncode == 0, result.stderr
+        return result
+
+    def functions_now() -> dict[str, dict[str, Any]]:
+        return {f["FunctionName"][len(prefix):]: f for f in lam.list_functions()["Functions"]
+                if f["FunctionName"].startswith(prefix)}
+
+    # 1. deploy -----------------------------------------------------------------------
+    started = time.monotonic()
+    run("deploy", "--target", "aws", *options)
+    print(f"first deploy: {time.monotonic() - started:.1f}s")
+    (summary,) = cfn.describe_stacks(StackName=stack)["Stacks"]
+    assert summary["StackStatus"] == "CREATE_COMPLETE"
+    outputs = {o["OutputKey"]: o["OutputValue"] for o in summary["Outputs"]}
+    state = json.loads((project / ".echo" / "targets" / "aws.json").read_text())
+    assert state["endpoint"] == outputs["Endpoint"]
+    assert state["details"]["bucket"] == outputs["BucketName"]
+    assert state["details"]["prefix"] == prefix
+    secret_arn = state["details"]["secretArn"]
+    secret = sm.get_secret_value(SecretId=secret_arn)["SecretString"]
+    assert len(secret) >= 32
+
+    # the bucket and its associations.json (the project's document)
+    bucket = outputs["BucketName"]
+    stored = json.loads(s3.get_object(Bucket=bucket, Key="associations.json")["Body"].read())
+    assert stored == json.loads((project / "associations.json").read_text())
+    # functions: every Lambda-run function, with the prefix, the zip we build, the stack's role
+    deployed = functions_now()
+    local = lambda_functions(project)
+    assert set(deployed) == set(local)
+    for name, config in deployed.items():
+        assert base64.b64decode(config["CodeSha256"]).hex() == local[name]
+        assert config["Role"] == outputs["FunctionRoleArn"]
+    # ECS: cluster, service, task definition with the secret by reference only
+    (cluster,) = ecs.describe_clusters(clusters=[outputs["ClusterName"]])["clusters"]
+    assert cluster["status"] == "ACTIVE"
+    (service,) = ecs.describe_services(cluster=outputs["ClusterName"],
+                                       services=[outputs["ServiceName"]])["services"]
+    assert service["desiredCount"] == 1
+    task_def = ecs.describe_task_definition(taskDefinition=service["taskDefinition"])["taskDefinition"]
+    (container,) = task_def["containerDefinitions"]
+    assert container["image"] == IMAGE
+    assert container["secrets"] == [{"name": "ECHO_SECRET", "valueFrom": secret_arn}]
+    environment = {e["name"]: e["value"] for e in container["environment"]}
+    assert "ECHO_SECRET" not in environment
+    assert environment["ECHO_REDIS_URL"] == REDIS
+    assert environment["ECHO_LAMBDA_PREFIX"] == prefix
+    assert environment["ECHO_ASSOCIATIONS_S3"] == f"s3://{bucket}/associations.json"
+    assert secret not in json.dumps(task_def, default=str)
+    # load balancer, listener and target group (moto keeps no attribute list: see the template)
+    (alb,) = [lb for lb in elbv2.describe_load_balancers()["LoadBalancers"]
+              if outputs["Endpoint"].endswith(lb["DNSName"])]
+    (listener,) = elbv2.describe_listeners(LoadBalancerArn=alb["LoadBalancerArn"])["Listeners"]
+    assert listener["Port"] == 80
+    (group,) = elbv2.describe_target_groups(
+        TargetGroupArns=[listener["DefaultActions"][0]["TargetGroupArn"]])["TargetGroups"]
+    assert (group["HealthCheckPath"], group["Port"], group["TargetType"]) == ("/ready", 3000, "ip")
+    deployed_template = cfn.get_template(StackName=stack)["TemplateBody"]
+    if isinstance(deployed_template, str):
+        deployed_template = json.loads(deployed_template)
+    (tg,) = resources_of(deployed_template, "AWS::ElasticLoadBalancingV2::TargetGroup").values()
+    assert {"Key": "stickiness.enabled", "Value": "false"} in tg["Properties"]["TargetGroupAttributes"]
+    assert secret not in json.dumps(deployed_template)
+    # IAM: least privilege
+    roles = _stack_roles(iam, stack)
+    assert set(roles) >= {"TaskRole", "ExecutionRole", "FunctionRole"}
+    task_role = _role_policies(iam, roles["TaskRole"])
+    invoke = [s for s in task_role if s["Action"] == "lambda:InvokeFunction"]
+    assert [s["Resource"] for s in invoke] == [
+        f"arn:aws:lambda:us-east-1:123456789012:function:{prefix}*"]
+    object_access = [s for s in task_role if s["Action"] == ["s3:GetObject", "s3:PutObject"]]
+    assert [s["Resource"] for s in object_access] == [f"arn:aws:s3:::{bucket}/*"]
+    assert {json.dumps(s["Action"]) for s in task_role} == {
+        '"lambda:InvokeFunction"', '["s3:GetObject", "s3:PutObject"]', '"s3:ListBucket"'}
+    assert all("*" not in json.dumps(s["Action"]) for s in task_role)
+    execution = _role_policies(iam, roles["ExecutionRole"])
+    (read_secret,) = [s for s in execution if s["Action"] == "secretsmanager:GetSecretValue"]
+    assert read_secret["Resource"] == secret_arn
+    pull = [s for s in execution if "ecr:BatchGetImage" in s["Action"]]
+    assert [s["Resource"] for s in pull] == ["arn:aws:ecr:us-east-1:123456789012:repository/echo"]
+    function_role = _role_policies(iam, roles["FunctionRole"])
+    assert {a for s in function_role for a in ([s["Action"]] if isinstance(s["Action"], str)
+                                                else s["Action"])} == {
+        "logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents"}
+    assert all(f"/aws/lambda/{prefix}*" in s["Resource"] for s in function_role)
+
+    # 2. status -----------------------------------------------------------------------
+    status = json.loads(run("status", "--target", "aws").stdout)  # options remembered
+    assert status["status"] == "CREATE_COMPLETE"
+    assert status["endpoint"] == outputs["Endpoint"]
+    assert status["service"]["desired"] == 1
+    assert {n: f["state"] for n, f in status["functions"].items()} == {
+        n: "up to date" for n in local}
+
+    # 3. associations push: to S3, and live when the endpoint answers --------------------
+    document = json.loads((project / "associations.json").read_text())
+    document["applications"]["pushed-app"] = {
+        "channels": [{"channelName": "news", "functionNames": ["demo-angry"]}]}
+    (project / "associations.json").write_text(json.dumps(document, indent=2))
+    pushed = run("associations", "push", "--target", "aws")
+    assert "uploaded associations to s3://" in pushed.stderr
+    assert "not applied live" in pushed.stderr  # moto's ALB has no real DNS name
+    stored = json.loads(s3.get_object(Bucket=bucket, Key="associations.json")["Body"].read())
+    assert "pushed-app" in stored["applications"]
+    # a real server standing in for the ALB: the PUT reaches it with a token it accepts
+    server = EchoProcess(project, env={"ECHO_SECRET": secret}, command="serve").start()
+    try:
+        state = json.loads((project / ".echo" / "targets" / "aws.json").read_text())
+        state_file = project / ".echo" / "targets" / "aws.json"
+        state_file.write_text(json.dumps({**state, "endpoint": server.url}))
+        document["applications"]["live-app"] = {"channels": []}
+        (project / "associations.json").write_text(json.dumps(document, indent=2))
+        pushed = run("associations", "push", "--target", "aws")
+        assert f"applied live on {server.url}" in " ".join(pushed.stderr.split())
+        state_file.write_text(json.dumps(state))
+    finally:
+        server.stop()
+
+    # 4. functions deploy after editing one function: only it changes --------------------
+    before = functions_now()
+    with (project / "functions" / "demo-angry" / "handler.py").open("a") as handler:
+        handler.write("\n# edited\n")
+    updated = run("functions", "deploy", "--target", "aws")
+    assert "updated demo-angry" in updated.stderr
+    after = functions_now()
+    assert after["demo-angry"]["CodeSha256"] != before["demo-angry"]["CodeSha256"]
+    assert base64.b64decode(after["demo-angry"]["CodeSha256"]).hex() == \
+        lambda_functions(project)["demo-angry"]
+    for name in set(before) - {"demo-angry"}:
+        assert after[name]["CodeSha256"] == before[name]["CodeSha256"]
+        assert after[name]["LastModified"] == before[name]["LastModified"]
+    statuses = json.loads(run("functions", "status", "--target", "aws").stdout)
+    assert {f["state"] for f in statuses.values()} == {"up to date"}
+
+    # 5. a second deploy with nothing changed is a no-op --------------------------------
+    events_before = len(cfn.describe_stack_events(StackName=stack)["StackEvents"])
+    again = run("deploy", "--target", "aws", *options)
+    assert "no changes" in again.stderr
+    assert "functions updated: none" in again.stderr
+    assert "associations: unchanged" in again.stderr
+    assert len(cfn.describe_stack_events(StackName=stack)["StackEvents"]) == events_before
+    assert cfn.describe_stacks(StackName=stack)["Stacks"][0]["StackStatus"] == "CREATE_COMPLETE"
+    assert functions_now() == after
+
+    # 5b. a changed option updates the stack; options are remembered for the next run ----
+    resized = run("deploy", "--target", "aws", "-otask_memory=1024")
+    assert "updating stack" in resized.stderr and "UPDATE_COMPLETE" in resized.stderr
+    assert cfn.describe_stacks(StackName=stack)["Stacks"][0]["StackStatus"] == "UPDATE_COMPLETE"
+    template_now = cfn.get_template(StackName=stack)["TemplateBody"]
+    if isinstance(template_now, str):
+        template_now = json.loads(template_now)
+    assert template_now["Resources"]["TaskDefinition"]["Properties"]["Memory"] == "1024"
+    again = run("deploy", "--target", "aws")  # no options at all: the remembered ones
+    assert "no changes" in again.stderr and "functions updated: none" in again.stderr
+
+    # 6. jwt --target aws: the deployment's endpoint and secret -------------------------
+    tokens = json.loads(run("jwt", "chat-demo", "--json", "--target", "aws").stdout)
+    assert tokens["endpoint"] == outputs["Endpoint"]
+    assert pyjwt.decode(tokens["jwt"], secret, algorithms=["HS256"])["appName"] == "chat-demo"
+
+    # the secret's value never appeared in any command's output
+    assert all(secret not in text for text in transcript)
+
+    # 7. teardown -----------------------------------------------------------------------
+    removed = run("teardown", "--target", "aws", "--yes")
+    assert "deleting stack" in removed.stderr
+    assert not [s for s in cfn.list_stacks()["StackSummaries"]
+                if s["StackName"] == stack and s["StackStatus"] != "DELETE_COMPLETE"]
+    assert not functions_now()
+    assert bucket not in [b["Name"] for b in s3.list_buckets()["Buckets"]]
+    assert not _stack_roles(iam, stack)
+    assert not [s for s in sm.list_secrets()["SecretList"] if s["Name"] == f"echo/{stack}/jwt-secret"]
+    assert not (project / ".echo" / "targets" / "aws.json").exists()
+    assert json.loads(run("status", "--target", "aws", *options).stdout) == {}
+    shutil.rmtree(project / ".echo", ignore_errors=True)
+
+
+def test_teardown_deletes_only_the_ecr_repository_deploy_created(moto: MotoServer,
+                                                                  tmp_path: Path) -> None:
+    from echo.config import load_settings
+    from echo.targets.aws import AwsTarget
+    from echo.targets.aws.image import ensure_repository
+
+    ecr = moto.client("ecr")
+    lines: list[str] = []
+    for name, created_by_deploy in (("built-here", True), ("users-own", False)):
+        project = make_project(tmp_path / name)
+        target = AwsTarget(load_settings(project, environ={}), {"endpoint_url": moto.url})
+        if created_by_deploy:
+            ensure_repository(target.client("ecr"), target.repository, lines.append)
+        else:
+            ecr.create_repository(repositoryName=name)
+        target.teardown(lines.append)
+        left = [r["repositoryName"] for r in ecr.describe_repositories()["repositories"]]
+        assert (name in left) is not created_by_deploy, lines
+    assert "kept ECR repository users-own: deploy did not create it" in lines
+
+
+def test_built_image_fetches_associations_from_s3_and_serves(moto: MotoServer,
+                                                             tmp_path: Path) -> None:
+    """The build path of deploy (docker SDK, ECR repository) and the task's start command.
+
+    moto has no image registry, so the push fails (cleanly); the image it built is then run
+    the way the task definition runs it, reading associations.json from moto's S3.
+    """
+    import docker
+
+    try:
+        client = docker.from_env(timeout=600)
+        client.ping()
+    except Exception as exc:
+        reason = f"AWS IMAGE TEST NOT RUN: no Docker engine answers ({exc})"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    # scripts/docker-ci.sh builds echo-base:bookworm for machines that cannot pull images
+    base_image = os.environ.get("ECHO_TEST_BASE_IMAGE")
+    if base_image is None:
+        local = {tag for image in client.images.list() for tag in image.tags}
+        if "echo-base:bookworm" in local:
+            base_image = "echo-base:bookworm"
+        elif "python:3.11-slim-bookworm" not in local:
+            pytest.skip("AWS IMAGE TEST NOT RUN: no base image here; ./scripts/test builds one "
+                        "(or set ECHO_TEST_BASE_IMAGE)")
+    project = make_project(tmp_path / "echo-image")
+    deployed = echoctl(project, "deploy", "--target", "aws", f"-oendpoint_url={moto.url}",
+                       f"-oredis_url={REDIS}",
+                       *([f"-obase_image={base_image}"] if base_image else []), timeout=900)
+    try:
+        assert deployed.returncode == 1, deployed.stderr
+        assert "build step" in deployed.stderr
+        assert "pushing 123456789012.dkr.ecr.us-east-1.amazonaws.com/echo-image:" in deployed.stderr
+        assert "failed" in deployed.stderr and "Traceback" not in deployed.stderr
+        repositories = moto.client("ecr").describe_repositories()["repositories"]
+        assert "echo-image" in [r["repositoryName"] for r in repositories]
+
+        s3 = moto.client("s3")
+        s3.create_bucket(Bucket="image-test-bucket")
+        s3.put_object(Bucket="image-test-bucket", Key="associations.json",
+                      Body=b'{"applications": {"from-s3": {"channels": []}}}')
+        port, secret = free_port(), "image-test-secret-0123456789abcdefghij"
+        container = client.containers.run(
+            "echo-image:aws-build", ["python", "-m", "echo.targets.aws.bootstrap"],
+            detach=True, network_mode="host", environment={
+                "ECHO_PORT": str(port), "ECHO_SECRET": secret, "ECHO_AWS_REGION": "us-east-1",
+                "ECHO_ASSOCIATIONS": "/app/associations.json",
+                "ECHO_ASSOCIATIONS_S3": "s3://image-test-bucket/associations.json",
+                "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                "AWS_ENDPOINT_URL_S3": moto.url})
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.monotonic() < deadline, container.logs().decode()[-2000:]
+                time.sleep(0.3)
+            from echo.core import auth
+
+            manage = getattr(auth, "issue_management_token", None)
+            token = manage(secret) if manage else auth.issue_token(secret, "t", admin=True)
+            reply = httpx.get(f"http://127.0.0.1:{port}/associations", timeout=5,
+                              headers={"authorization": f"Bearer {token}"})
+            assert reply.json() == {"applications": {"from-s3": {"channels": []}}}
+        finally:
+            container.remove(force=True)
+    finally:
+        for tag in ("echo-image:aws-build",
+                    *[t for image in client.images.list(name="*/echo-image") for t in image.tags]):
+            try:
+                client.images.remove(tag)
+            except docker.errors.DockerException:
+                pass

@@ -25,6 +25,7 @@ and the behaviour is covered by every delivery test, which run with it on.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -62,45 +63,87 @@ def _protocol_of(asgi_send: Any) -> Any:
 
 
 def _transport(sock: Any) -> Any:
-    """The asyncio transport to write to directly, or None if a direct write is not safe."""
-    ws = getattr(sock, "echo_ws", None)
-    if ws is None or not sock.upgraded or sock.closed or sock.closing:
-        return None
-    if sock.echo_pending or not sock.queue.empty():
-        return None
-    protocol = ws.protocol
+    """The asyncio transport to write to directly, or None if a direct write is not safe.
+
+    On the hot path for every recipient, so it reads plain attributes only; what cannot
+    change after the handshake (protocol class, extensions) was checked when tracking began.
+    """
+    protocol = sock.__dict__.get("echo_protocol")
     if (
         protocol is None
-        or not protocol.writable.is_set()
-        or protocol.disconnected
+        or sock.echo_pending
+        or sock.queue._queue  # something is waiting for engine.io's writer
+        or not sock.upgraded
+        or sock.closed
+        or sock.closing
+        or not protocol.writable._value  # paused by flow control: a slow reader
         or protocol.close_sent
-        or not protocol.handshake_complete
-        or protocol.conn.extensions
+        or protocol.disconnected
     ):
         return None
-    transport = protocol.transport
-    return None if transport.is_closing() else transport
+    return protocol.transport
 
 
-def _track(sock: Any, ws: Any) -> None:
-    """Count the packets a socket sends through engine.io's queue until they are written."""
-    if getattr(sock, "echo_ws", None) is not None:
-        sock.echo_ws = ws
-        return
-    sock.echo_ws = ws
-    sock.echo_pending = 0
-    queued_send = sock.send
+class _WriteBatch:
+    """Frames gathered per transport during one pass of the event loop, written at its end.
 
-    async def send(pkt: eio_packet.Packet) -> None:
-        transport = _transport(sock)
-        if transport is not None and not pkt.binary:
-            encoded = pkt.encode()
-            transport.write(websocket_text_frame(encoded.encode()))
+    Several messages for one subscriber in the same pass (a busy channel) become one
+    ``write`` system call instead of one each. The flush is scheduled with ``call_soon``,
+    so a frame waits at most until the loop finishes the callbacks already queued.
+    """
+
+    def __init__(self) -> None:
+        self.pending: dict[Any, list[bytes]] = {}
+        self.scheduled = False
+
+    def add(self, transport: Any, frame: bytes) -> None:
+        frames = self.pending.get(transport)
+        if frames is not None:
+            frames.append(frame)
             return
-        sock.echo_pending += 1
-        await queued_send(pkt)
+        self.pending[transport] = [frame]
+        if not self.scheduled:
+            self.scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
 
-    sock.send = send
+    def flush_one(self, transport: Any) -> None:
+        """Write ``transport``'s frames now: something is about to take the queued path."""
+        frames = self.pending.pop(transport, None)
+        if frames and not transport.is_closing():
+            transport.write(b"".join(frames))
+
+    def flush(self) -> None:
+        pending, self.pending, self.scheduled = self.pending, {}, False
+        for transport, frames in pending.items():
+            if not transport.is_closing():
+                transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
+
+
+_batch = _WriteBatch()
+
+
+def _track(sock: Any, ws: Any, protocol: Any) -> None:
+    """Let ``sock`` take the direct path, counting what it sends through engine.io's queue."""
+    ws.owner = sock
+    if getattr(sock, "echo_ws", None) is None:
+        sock.echo_pending = 0
+        queued_send = sock.send
+
+        async def send(pkt: eio_packet.Packet) -> None:
+            transport = _transport(sock)
+            if transport is not None and not pkt.binary:
+                _batch.add(transport, websocket_text_frame(pkt.encode().encode()))
+                return
+            protocol = sock.__dict__.get("echo_protocol")
+            if protocol is not None:
+                _batch.flush_one(protocol.transport)  # keep order with what was batched
+            sock.echo_pending += 1
+            await queued_send(pkt)
+
+        sock.send = send
+    sock.echo_ws = ws
+    usable = protocol is not None and not protocol.conn.extensions
+    sock.echo_protocol = protocol if usable else None
 
 
 def websocket_class(base: type) -> type:
@@ -109,14 +152,18 @@ def websocket_class(base: type) -> type:
     class TrackedWebSocket(base):  # type: ignore[misc,valid-type]
         def __init__(self, handler: Any, server: Any) -> None:
             super().__init__(handler, server)
-            self.protocol: Any = None
-            self.owner = getattr(handler, "__self__", None)  # the engine.io socket
+            self.owner: Any = None
+            self._socket = getattr(handler, "__self__", None)  # the engine.io socket
 
         async def __call__(self, environ: dict[str, Any]) -> Any:
-            self.protocol = _protocol_of(environ.get("asgi.send"))
-            if self.owner is not None:
-                _track(self.owner, self)
-            return await super().__call__(environ)
+            # as engine.io's wrapper does, plus tracking once the handshake is complete
+            self.asgi_receive = environ["asgi.receive"]
+            self.asgi_send = environ["asgi.send"]
+            await self.asgi_send({"type": "websocket.accept"})
+            if self._socket is not None:
+                _track(self._socket, self, _protocol_of(self.asgi_send))
+            await self.handler(self)
+            return ""
 
         async def send(self, message: Any) -> None:
             try:
@@ -170,7 +217,7 @@ class FastEmitMixin(socketio.AsyncManager):
                 continue
             transport = _transport(sock)
             if transport is not None:
-                transport.write(frame)
+                _batch.add(transport, frame)
                 direct += 1
             else:
                 await sock.send(message)

@@ -104,6 +104,12 @@ class Pipeline:
         """Messages accepted on this node and not yet delivered or given up."""
         return sum(state.pending for state in self._channels.values())
 
+    def may_wait(self, app: str, channel: str) -> bool:
+        """Could publishing on this channel now wait (functions to run, or a predecessor)?"""
+        return bool(self._associations().match(app, channel).functions) or (
+            (app, channel) in self._channels
+        )
+
     async def publish(self, app: str, channel: str, message: Any, uuid: str | None) -> Outcome:
         """Run ``message`` through the channel's chain and deliver it; raises Overloaded."""
         key = (app, channel)

@@ -12,11 +12,12 @@ import contextlib
 import contextvars
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import socketio
+from socketio import packet as sio_packet
 
 from echo.config import Settings
 from echo.core import broadcast, metrics, protocol
@@ -27,15 +28,44 @@ from echo.core.runners import FunctionError
 
 log = logging.getLogger("echo.realtime")
 
-_wants_ack: contextvars.ContextVar[bool] = contextvars.ContextVar("wants_ack", default=False)
+@dataclass(frozen=True)
+class _Request:
+    """Where an event came from, so an answer can be sent later (``id`` None: no ack wanted)."""
+
+    eio_sid: str
+    namespace: str
+    id: int | None
 
 
-class _AckAwareServer(socketio.AsyncServer):
-    """Records whether the client asked for an ack, so refusals without one become events."""
+_request: contextvars.ContextVar[_Request] = contextvars.ContextVar("request")
+
+
+class _InlineServer(socketio.AsyncServer):
+    """Runs event handlers inline in the connection's reader instead of a task per event.
+
+    python-socketio starts a task for every event, a large share of the cost per message.
+    Echo's handlers return quickly; the one that may not (a publish through functions) moves
+    itself to a task and answers from there (``Realtime._answer``). It also records where
+    each event came from, so refusals without an ack become ``error`` events.
+    """
+
+    async def _handle_event(self, eio_sid, namespace, id, data):  # type: ignore[no-untyped-def]
+        namespace = namespace or "/"
+        sid = self.manager.sid_from_eio_sid(eio_sid, namespace)
+        if self.manager.is_connected(sid, namespace):
+            await self._handle_event_internal(self, sid, eio_sid, data, namespace, id)
 
     async def _handle_event_internal(self, server, sid, eio_sid, data, namespace, id):  # type: ignore[no-untyped-def]
-        _wants_ack.set(id is not None)
+        _request.set(_Request(eio_sid, namespace, id))
         await super()._handle_event_internal(server, sid, eio_sid, data, namespace, id)
+
+    async def answer(self, request: _Request, reply: Any) -> None:
+        await self._send_packet(request.eio_sid, self.packet_class(
+            sio_packet.ACK, namespace=request.namespace, id=request.id, data=[reply]))
+
+
+DEFERRED = object()
+"""A handler's return value meaning: the answer will be sent later, from a task."""
 
 
 @dataclass
@@ -92,7 +122,7 @@ class Realtime:
         # headroom over the message limit for the envelope; a bigger frame is refused by
         # engine.io before it reaches a handler
         buffer = max(settings.max_message_bytes * 2 + 16 * 1024, 1024 * 1024)
-        self.sio = _AckAwareServer(
+        self.sio = _InlineServer(
             async_mode="asgi",
             namespaces="*",
             client_manager=client_manager,
@@ -106,6 +136,7 @@ class Realtime:
         if settings.fast_broadcast:
             broadcast.install(self.sio)
         self.clients: dict[str, Client] = {}
+        self._background: set[asyncio.Task[None]] = set()
         self.connections_per_app: dict[str, int] = {}
         self.draining = False
         self.pipeline = make_pipeline(self)
@@ -250,30 +281,53 @@ class Realtime:
             return None
         handler = self._handlers.get(event)
         data = args[0] if args else None
+        if handler is None:
+            error = ProtocolError(
+                "unknown_event",
+                f"unknown event {event[:60]!r}; expected subscribe, unsubscribe or publish",
+            )
+            return await self._refuse(sid, event, error, _request.get())
+        if len(args) > 1:
+            error = ProtocolError("bad_request", f"{event} takes one object argument")
+            return await self._refuse(sid, event, error, _request.get())
+        reply = await self._run(handler(self, sid, client, data), sid, event, _request.get())
+        return self.sio.not_handled if reply is DEFERRED else reply
+
+    async def _run(self, handling: Awaitable[Any], sid: str, event: str,
+                   request: _Request) -> Any:
+        """Await a handler; turn refusals and bugs into an error answer."""
         try:
-            if handler is None:
-                raise ProtocolError(
-                    "unknown_event",
-                    f"unknown event {event[:60]!r}; expected subscribe, unsubscribe or publish",
-                )
-            if len(args) > 1:
-                raise ProtocolError("bad_request", f"{event} takes one object argument")
-            try:
-                return await handler(self, sid, client, data)
-            except ProtocolError:
-                raise
-            except Exception as exc:  # a bug must still answer, and never take the node down
-                log.exception("%s from %s failed", event, client.uuid)
-                raise ProtocolError("internal", f"{event} failed on the server ({type(exc).__name__}); "
-                                                "it was logged") from None
+            return await handling
         except ProtocolError as exc:
-            metrics.MESSAGES_REJECTED.labels(exc.code).inc()
-            reply = protocol.error(exc.code, exc.message, **exc.details)
-            if not _wants_ack.get():
-                await self.sio.emit(
-                    "error", {**reply["error"], "event": event[:60]}, to=sid, namespace=namespace
-                )
-            return reply
+            return await self._refuse(sid, event, exc, request)
+        except Exception as exc:  # a bug must still answer, and never take the node down
+            log.exception("%s failed", event)
+            error = ProtocolError(
+                "internal", f"{event} failed on the server ({type(exc).__name__}); it was logged")
+            return await self._refuse(sid, event, error, request)
+
+    async def _refuse(self, sid: str, event: str, exc: ProtocolError,
+                      request: _Request) -> dict[str, Any]:
+        metrics.MESSAGES_REJECTED.labels(exc.code).inc()
+        reply = protocol.error(exc.code, exc.message, **exc.details)
+        if request.id is None:
+            await self.sio.emit("error", {**reply["error"], "event": event[:60]}, to=sid,
+                                namespace=request.namespace)
+        return reply
+
+    def _answer_later(self, handling: Awaitable[Any], sid: str, event: str) -> object:
+        """Finish a slow request in its own task and send its ack from there."""
+        request = _request.get()
+
+        async def finish() -> None:
+            reply = await self._run(handling, sid, event, request)
+            if request.id is not None:
+                await self.sio.answer(request, reply)
+
+        task = asyncio.get_running_loop().create_task(finish())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return DEFERRED
 
     async def _subscribe(self, sid: str, client: Client, data: Any) -> dict[str, Any]:
         request = protocol.parse_subscribe(data)
@@ -319,7 +373,7 @@ class Realtime:
         await self.status(client.app, "unsubscribe", uuid=client.uuid, channels=list(channels))
         return protocol.ok(channels=list(channels))
 
-    async def _publish(self, sid: str, client: Client, data: Any) -> dict[str, Any]:
+    async def _publish(self, sid: str, client: Client, data: Any) -> Any:
         request = protocol.parse_publish(data, self.settings.max_message_bytes)
         if not client.claims.may("publish", request.channel):
             raise ProtocolError("forbidden", f"this token may not publish to {request.channel!r}")
@@ -338,6 +392,13 @@ class Realtime:
                     retryAfterMs=retry_ms,
                 )
         metrics.MESSAGES_PUBLISHED.labels(client.app).inc()
+        if self.pipeline.may_wait(client.app, request.channel):
+            # functions to run, or a predecessor still in flight: don't hold up this
+            # connection's other events; publish order is kept by the pipeline's sequence
+            return self._answer_later(self._deliver_publish(client, request), sid, "publish")
+        return await self._deliver_publish(client, request)
+
+    async def _deliver_publish(self, client: Client, request: protocol.PublishRequest) -> Any:
         try:
             outcome = await self.pipeline.publish(
                 client.app, request.channel, request.message, client.uuid

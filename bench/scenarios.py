@@ -1,0 +1,146 @@
+"""The scenarios and the two profiles that pick and size them.
+
+A scenario is a shape of channels (subscribers and publishers on each) and a way to publish
+(``window``: as fast as the server delivers, with a bounded number of incomplete messages per
+publisher; ``rate``: a fixed total rate; ``idle``: connections held, nothing sent). Channels
+named ``f1:...``/``f3:...`` run 1 or 3 pass-through functions on Echo (bench/project); the
+baselines have no functions, so a middleware scenario is run on Echo only and compared with
+the baselines' plain routing of the same shape (``compare_to``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    title: str
+    channels: tuple[tuple[str, int, int, bool], ...]  # (name, subscribers, publishers, pubs are subs)
+    mode: str = "window"
+    window: int = 8
+    rate: float = 0
+    warmup: float = 1
+    measure: float = 5
+    drain: float = 30  # at most; the generator stops waiting once deliveries stop arriving (3 s)
+    idle: float = 0
+    nodes: int = 1
+    rounds: int = 1  # best of N, each round on fresh servers, targets in alternating order
+    targets: tuple[str, ...] = ("echo", "node", "pysio")
+    compare_to: str | None = None  # the plain scenario whose baseline rows an Echo-only one is held to
+    idle_name: str | None = None  # also report the idle phase as its own row of this name
+    notes: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def connections(self) -> int:
+        return sum(subs + (0 if both else pubs) for _, subs, pubs, both in self.channels)
+
+    @property
+    def deadline(self) -> float:
+        connect = 30 + self.connections / 200  # generous: a slow server still finishes
+        return connect + self.idle + self.warmup + self.measure + self.drain + 30
+
+    def loadgen_config(self, urls: list[str], token: str) -> dict[str, Any]:
+        return {
+            "urls": urls,
+            "namespace": "/bench",
+            "token": token,
+            "channels": [
+                {"name": name, "subs": subs, "pubs": pubs, "pubsAreSubs": both}
+                for name, subs, pubs, both in self.channels
+            ],
+            "mode": self.mode,
+            "window": self.window,
+            "rate": self.rate,
+            "warmup": self.warmup,
+            "measure": self.measure,
+            "drain": self.drain,
+            "idle": self.idle,
+            "payloadBytes": 100,
+            "connectConcurrency": 100,
+            "connectTimeout": 30,
+            "msgTimeout": 10,
+            "maxMessages": 2_000_000,
+            "deadline": self.deadline,
+        }
+
+
+def fanout(subs: int, prefix: str = "") -> tuple[tuple[str, int, int, bool], ...]:
+    return ((f"{prefix}fan", subs, 1, False),)
+
+
+def rooms(channels: int = 20, subs: int = 10, pubs_per_channel: int = 10, prefix: str = "",
+          pubs_are_subs: bool = False) -> tuple[tuple[str, int, int, bool], ...]:
+    return tuple((f"{prefix}room-{i}", subs, pubs_per_channel, pubs_are_subs) for i in range(channels))
+
+
+def _base(measure: float, warmup: float, drain: float = 30) -> list[Scenario]:
+    timing = {"measure": measure, "warmup": warmup, "drain": drain}
+    return [
+        Scenario("fanout-100", "1 publisher → 100 subscribers, as fast as accepted",
+                 fanout(100), window=8, **timing),
+        Scenario("fanout-1000", "1 publisher → 1,000 subscribers, as fast as accepted",
+                 fanout(1000), window=4, **timing),
+        Scenario("fixed-200-100", "1 publisher → 100 subscribers at 200 msg/s (latency)",
+                 fanout(100), mode="rate", rate=200, window=1000, **timing),
+        Scenario("rooms-20x10", "200 publishers on 20 channels x 10 subscribers",
+                 rooms(), window=2, **timing),
+    ]
+
+
+def _middleware(measure: float, warmup: float, which: tuple[str, ...]) -> list[Scenario]:
+    out = []
+    for n in (1, 3):
+        if "fanout" in which:
+            out.append(Scenario(
+                f"fanout-100-f{n}", f"1 → 100 subscribers through {n} function(s)",
+                fanout(100, f"f{n}:"), window=8, measure=measure, warmup=warmup,
+                targets=("echo",), compare_to="fanout-100"))
+        if "rooms" in which:
+            out.append(Scenario(
+                f"rooms-20x10-f{n}", f"200 publishers, 20 channels x 10, through {n} function(s)",
+                rooms(prefix=f"f{n}:"), window=2, measure=measure, warmup=warmup,
+                targets=("echo",), compare_to="rooms-20x10"))
+    return out
+
+
+def quick() -> list[Scenario]:
+    """Under 2 minutes on 2 cores: the core shapes, short windows, no 10k-connection runs."""
+    measure, warmup = 2.5, 0.5
+    scenarios = _base(measure, warmup, drain=15)
+    # the 1,000 subscribers held idle for a second before they are published to
+    scenarios[1] = replace(scenarios[1], idle=1, idle_name="idle-1000")
+    scenarios += _middleware(measure, warmup, ("fanout",))[:1]
+    return scenarios
+
+
+def full() -> list[Scenario]:
+    measure, warmup = 8, 2
+    scenarios = _base(measure, warmup)
+    scenarios += _middleware(measure, warmup, ("fanout", "rooms"))
+    scenarios += [
+        Scenario("seed-10k-1hz", "10,000 subscribers on one channel at 1 msg/s (seed: 10k x 1/s)",
+                 fanout(10_000), mode="rate", rate=1, window=1000, idle=5, measure=10, warmup=1,
+                 drain=60, idle_name="idle-10k",
+                 notes="the idle phase before it is reported as idle-10k"),
+        Scenario("seed-5k-chain", "5,000 connections publishing 833 msg/s in total through 1 function "
+                 "(500 channels x 10; seed: 50k connections, 1 msg/min each, via a Lambda)",
+                 rooms(500, 10, 10, prefix="f1:", pubs_are_subs=True), mode="rate", rate=833,
+                 window=4, measure=measure, warmup=warmup,
+                 notes="baselines run the same traffic without the function"),
+    ]
+    scale = [s for s in _base(measure, warmup)]
+    scale.append(next(s for s in scenarios if s.name == "seed-10k-1hz"))
+    scenarios += [
+        replace(s, name=f"redis2-{s.name}", title=f"2 nodes on Redis: {s.title}", nodes=2,
+                idle_name=s.idle_name and f"redis2-{s.idle_name}")
+        for s in scale
+    ]
+    # best of 2 where a round is cheap: the machine is shared, so one unlucky window is likely
+    return [replace(s, rounds=2) if s.connections <= 2000 else s for s in scenarios]
+
+
+PROFILES = {"quick": quick, "full": full}

@@ -58,6 +58,8 @@ class Settings:
     publish_burst: int = 100
     max_queued_packets: int = 1000
     fast_broadcast: bool = True
+    ping_interval: int = 25
+    ping_timeout: int = 20
 
     def path(self, relative: Path) -> Path:
         """Resolve a project-relative path setting."""
@@ -178,6 +180,8 @@ def _convert(key: str, name: str, raw: Any) -> Any:
             raise ConfigError(f"{name}: expected true or false, got {raw!r}")
         case "app_secrets":
             return _to_app_secrets(name, raw)
+        case "ping_interval" | "ping_timeout":  # whole seconds: the handshake carries ms of ints
+            return _to_int(name, raw, 1, 3600)
         case "function_timeout":
             return _to_float(name, raw, 0.0, 900.0)
         case "functions_dir" | "apps_dir" | "associations":

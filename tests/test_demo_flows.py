@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
@@ -175,3 +176,23 @@ async def test_broadcasts_take_the_direct_path_and_polling_clients_still_get_the
               if line.startswith('echo_socket_writes_total{path="queued"}')]
     assert direct and float(direct[0].split()[-1]) >= 20
     assert queued and float(queued[0].split()[-1]) >= 20  # the polling client's share
+
+
+async def test_idle_connections_outlive_several_heartbeats(tmp_path: Path) -> None:
+    """Regression: with pings sent on the direct path, engine.io's writer task saw an empty
+    queue for ping_interval + ping_timeout and closed every idle connection (45 s default)."""
+    from tests.conftest import EchoProcess, make_project
+
+    server = EchoProcess(make_project(tmp_path), command="serve",
+                         env={"ECHO_PING_INTERVAL": "1", "ECHO_PING_TIMEOUT": "1"}).start()
+    try:
+        idle = await connect(server)
+        await idle.call("subscribe", {"channels": ["plain"]})
+        await asyncio.sleep(6)  # three times interval + timeout
+        assert idle.sio.connected
+        ack = await idle.call("publish", {"channel": "plain", "message": "still here"})
+        assert ack["delivered"]
+        assert (await idle.wait_for("message"))[0]["message"] == "still here"
+        await idle.disconnect()
+    finally:
+        server.stop()

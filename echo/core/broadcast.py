@@ -130,7 +130,10 @@ def _track(sock: Any, ws: Any, protocol: Any) -> None:
         queued_send = sock.send
 
         async def send(pkt: eio_packet.Packet) -> None:
-            transport = _transport(sock)
+            # only messages go direct: engine.io's PING must pass through the queue, whose
+            # writer task closes the connection after ping_interval + ping_timeout without
+            # a packet to write (an idle client was cut off after 45 s when pings went direct)
+            transport = _transport(sock) if pkt.packet_type == eio_packet.MESSAGE else None
             if transport is not None and not pkt.binary:
                 _batch.add(transport, websocket_text_frame(pkt.encode().encode()))
                 return

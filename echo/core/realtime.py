@@ -130,6 +130,8 @@ class Realtime:
             if settings.cors_origins != ("*",)
             else "*",
             max_http_buffer_size=buffer,
+            ping_interval=settings.ping_interval,
+            ping_timeout=settings.ping_timeout,
             logger=False,
             engineio_logger=False,
         )

@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                 for row in run_scenario(scenario, order, work, status):
                     row["round"] = round_ + 1
                     row["echo_sha256"] = echo_sha if row["target"] == "echo" else None
-                    row["finished"] = datetime.datetime.now(datetime.UTC).strftime("%H:%M:%S")
+                    row["scenario_finished"] = datetime.datetime.now(datetime.UTC).strftime("%H:%M:%S")
                     progress.console.print(summary(row))
                     rows.append(row)
                 progress.advance(task, len([t for t in scenario.targets if t in targets]))

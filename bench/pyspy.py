@@ -93,14 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     work = workdir()
     snapshot = snapshot_echo(args.echo_ref, work) if args.echo_ref else None
     source = echo_source(args.echo_ref, snapshot)
+    version = f"{source['commit']}{'-dirty' if source['dirty'] else ''}"
+    stem = f"profile-{scenario.name}" + ("-native" if args.native else "") + f"-{version}"
+    svg = args.out / f"{stem}.svg"
+    raw = work / "profile.raw"
+    text = args.out / f"{stem}.txt"
     server = make_server("echo", work)
     server.start()
     server.wait_ready()
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"profile-{scenario.name}" + ("-native" if args.native else "")
-    svg = args.out / f"{stem}.svg"
-    raw = work / "profile.raw"
-    text = args.out / f"{stem}.txt"
     pid = str(server.process.pid)
     # --gil: only samples of the thread holding the GIL, i.e. the event loop at work (an
     # idle thread-pool thread would otherwise show up as busy)

@@ -81,13 +81,15 @@ def main() -> int:
         "ok": bool(result.get("ok")),
         "lost": result.get("lost"),
         "delivered": result.get("delivered"),
+        "loadgen": {k: v for k, v in result.items() if k not in ("hist", "latency")},
         "rss_samples_mb": [round(rss, 1) for _, rss in samples],
     }
     if len(steady) >= 4:
         quarter = max(1, len(steady) // 4)
         first, last = statistics.mean(steady[:quarter]), statistics.mean(steady[-quarter:])
         report.update(rss_steady_mb=round(statistics.mean(steady), 1),
-                      kb_per_connection=round(statistics.mean(steady) * 1024 / connections, 1),
+                      # the whole process's RSS over the connections, baseline included
+                      rss_kb_per_connection=round(statistics.mean(steady) * 1024 / connections, 1),
                       growth_mb=round(last - first, 2))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "soak.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -141,7 +141,11 @@ class EchoServer:
         current = self.associations
         if associations.version < current.version:
             return False  # never go back to an older shared document
-        if associations.document != current.document or self.associations_problem:
+        if (
+            associations.document != current.document
+            or associations.version != current.version  # same text, newer version: record it
+            or self.associations_problem
+        ):
             await self.apply_associations(associations, source=self.store.describe())
         return True
 

@@ -24,6 +24,7 @@ import itertools
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -84,6 +85,7 @@ class Pipeline:
         report_error: ReportError,
         *,
         max_pending_per_channel: int = 1000,
+        max_tracked_channels: int = 100_000,
     ) -> None:
         self._runner = runner
         self._catalog = catalog
@@ -92,7 +94,10 @@ class Pipeline:
         self._report_error = report_error
         self._max_pending = max_pending_per_channel
         self._channels: dict[tuple[str, str], _ChannelState] = {}
-        self._seq: dict[tuple[str, str], int] = {}
+        # per-channel sequence numbers survive idle periods, but only for the most recently
+        # used channels: a client publishing to endless new names cannot grow this forever
+        self._seq: OrderedDict[tuple[str, str], int] = OrderedDict()
+        self._max_tracked = max_tracked_channels
         self._limits: dict[str, tuple[int, asyncio.Semaphore]] = {}
         self.idle = asyncio.Event()  # set whenever nothing is in flight (graceful shutdown)
         self.idle.set()
@@ -121,8 +126,10 @@ class Pipeline:
                 f"channel {channel!r} has {state.pending} messages in flight "
                 f"(limit {self._max_pending}); retry shortly"
             )
-        seq = self._seq.get(key, 0) + 1
-        self._seq[key] = seq
+        seq = self._seq.pop(key, 0) + 1
+        self._seq[key] = seq  # now the most recently used
+        if len(self._seq) > self._max_tracked:
+            self._seq.popitem(last=False)
         envelope = Envelope(
             id=f"{self._node}-{next(self._ids)}",
             app=app,

@@ -31,19 +31,21 @@ SUBSCRIBED = object()
 """Yielded by :func:`subscription` after every (re)subscription: time to catch up."""
 
 
-def redis_client(url: str) -> aioredis.Redis:
+def redis_client(url: str, *, retry: bool = True) -> aioredis.Redis:
     """A client whose pool is bounded (16) and waits for a free connection instead of failing.
 
     The stock unbounded pool opened 900-1,800 connections under concurrent publishes
     (shared/notes/performance.md); a dead connection is replaced on the next command.
+    ``retry`` re-runs a command on a fresh connection after a drop; subscriptions turn it off
+    (see :func:`subscription`).
     """
     pool = aioredis.BlockingConnectionPool.from_url(
         url, max_connections=POOL_SIZE, timeout=5, socket_connect_timeout=2,
         health_check_interval=10,
         # after a Redis restart every pooled connection is dead: retry on a fresh one
         # instead of failing the first command on each
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=3),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=3 if retry else 0),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError] if retry else [],
     )
     return aioredis.Redis(connection_pool=pool)
 
@@ -57,7 +59,10 @@ async def subscription(url: str, channel: str) -> AsyncIterator[Any]:
     backoff = BACKOFF_START
     first = True
     while True:
-        client = redis_client(url)
+        # no transparent retry here: redis-py would silently reconnect and re-subscribe, and
+        # a message published in that gap would be missed without SUBSCRIBED telling the
+        # caller to catch up
+        client = redis_client(url, retry=False)
         pubsub = client.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(channel)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from echo.core import metrics
-from echo.core.associations import Associations
+from echo.core.associations import Associations, Rule
 from echo.core.functions import FunctionCatalog, FunctionConfigError, FunctionSpec
 from echo.core.runners import FunctionError, InvocationContext, Runner
 
@@ -109,13 +109,15 @@ class Pipeline:
         """Messages accepted on this node and not yet delivered or given up."""
         return sum(state.pending for state in self._channels.values())
 
-    def may_wait(self, app: str, channel: str) -> bool:
-        """Could publishing on this channel now wait (functions to run, or a predecessor)?"""
-        return bool(self._associations().match(app, channel).functions) or (
-            (app, channel) in self._channels
-        )
+    def rule(self, app: str, channel: str) -> Rule:
+        return self._associations().match(app, channel)
 
-    async def publish(self, app: str, channel: str, message: Any, uuid: str | None) -> Outcome:
+    def may_wait(self, app: str, channel: str, rule: Rule) -> bool:
+        """Could publishing on this channel now wait (functions to run, or a predecessor)?"""
+        return bool(rule.functions) or (app, channel) in self._channels
+
+    async def publish(self, app: str, channel: str, message: Any, uuid: str | None,
+                      rule: Rule | None = None) -> Outcome:
         """Run ``message`` through the channel's chain and deliver it; raises Overloaded."""
         key = (app, channel)
         state = self._channels.get(key)
@@ -139,7 +141,8 @@ class Pipeline:
             uuid=uuid,
             message=message,
         )
-        rule = self._associations().match(app, channel)
+        if rule is None:  # callers that already matched pass the rule in: one match a message
+            rule = self.rule(app, channel)
         previous, done = state.tail, asyncio.get_running_loop().create_future()
         state.tail = done
         state.pending += 1

@@ -21,6 +21,7 @@ from socketio import packet as sio_packet
 
 from echo.config import Settings
 from echo.core import broadcast, metrics, protocol
+from echo.core.associations import Rule
 from echo.core.auth import AuthError, Claims, verify_token
 from echo.core.pipeline import Envelope, Overloaded, Pipeline
 from echo.core.protocol import ADMIN_CHANNEL, ProtocolError
@@ -394,16 +395,18 @@ class Realtime:
                     retryAfterMs=retry_ms,
                 )
         metrics.MESSAGES_PUBLISHED.labels(client.app).inc()
-        if self.pipeline.may_wait(client.app, request.channel):
+        rule = self.pipeline.rule(client.app, request.channel)
+        if self.pipeline.may_wait(client.app, request.channel, rule):
             # functions to run, or a predecessor still in flight: don't hold up this
             # connection's other events; publish order is kept by the pipeline's sequence
-            return self._answer_later(self._deliver_publish(client, request), sid, "publish")
-        return await self._deliver_publish(client, request)
+            return self._answer_later(self._deliver_publish(client, request, rule), sid, "publish")
+        return await self._deliver_publish(client, request, rule)
 
-    async def _deliver_publish(self, client: Client, request: protocol.PublishRequest) -> Any:
+    async def _deliver_publish(self, client: Client, request: protocol.PublishRequest,
+                               rule: Rule) -> Any:
         try:
             outcome = await self.pipeline.publish(
-                client.app, request.channel, request.message, client.uuid
+                client.app, request.channel, request.message, client.uuid, rule
             )
         except Overloaded as exc:
             raise ProtocolError("overloaded", str(exc)) from None

@@ -50,20 +50,6 @@ class AssociationsStore(abc.ABC):
         return type(self).__name__
 
 
-class MemoryStore(AssociationsStore):
-    """Keeps the document in this process only: for tests and throwaway servers."""
-
-    def __init__(self, associations: Associations | None = None) -> None:
-        self._current = associations or Associations.empty()
-
-    async def load(self) -> Associations:
-        return self._current
-
-    async def save(self, associations: Associations) -> Associations:
-        self._current = associations
-        return associations
-
-
 class FileStore(AssociationsStore):
     """A JSON file on disk (``associations.json`` in a dev project); a missing file is empty."""
 

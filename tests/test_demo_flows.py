@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from pathlib import Path
 
 import pytest
+import websockets
 
 from tests.conftest import Client, EchoProcess, connect
 
@@ -178,17 +181,34 @@ async def test_broadcasts_take_the_direct_path_and_polling_clients_still_get_the
     assert queued and float(queued[0].split()[-1]) >= 20  # the polling client's share
 
 
-async def test_idle_connections_outlive_several_heartbeats(tmp_path: Path) -> None:
-    """Regression: with pings sent on the direct path, engine.io's writer task saw an empty
-    queue for ping_interval + ping_timeout and closed every idle connection (45 s default)."""
+async def test_idle_connections_outlive_several_heartbeats_and_silent_ones_are_cut_off(
+    tmp_path: Path,
+) -> None:
+    """An idle client that answers pings stays (regression: with pings on the direct path,
+    engine.io's writer closed every idle connection after 45 s); a client that sends nothing,
+    not even pongs, is disconnected after ping_interval + ping_timeout (Echo's session loop
+    enforces that with one timer per connection instead of a timeout per read)."""
     from tests.conftest import EchoProcess, make_project
 
     server = EchoProcess(make_project(tmp_path), command="serve",
                          env={"ECHO_PING_INTERVAL": "1", "ECHO_PING_TIMEOUT": "1"}).start()
     try:
-        idle = await connect(server)
-        await idle.call("subscribe", {"channels": ["plain"]})
-        await asyncio.sleep(6)  # three times interval + timeout
+        idle = await connect(server, uuid="idle")
+        await idle.call("subscribe", {"channels": ["plain"], "withPresence": True})
+        silent = await websockets.connect(
+            f"ws://127.0.0.1:{server.port}/socket.io/?EIO=4&transport=websocket")
+        await silent.recv()  # engine.io open; from here on it never answers a ping
+        await silent.send("40/test-app," + json.dumps({"jwt": server.token(), "uuid": "mute"}))
+        await silent.send('42/test-app,["subscribe",{"channels":["plain"]}]')
+        await idle.wait_for_match("presence", eventName="joined", uuid="mute")
+        started = time.monotonic()
+        left = await idle.wait_for_match("presence", timeout=10, eventName="left", uuid="mute")
+        assert left["channel"] == "plain"
+        assert 1.5 < time.monotonic() - started < 6  # interval + timeout = 2 s, then closed
+        with pytest.raises(websockets.ConnectionClosed):
+            while True:  # what it was sent before the cut (pings, acks), then the close
+                await asyncio.wait_for(silent.recv(), 5)
+        await asyncio.sleep(6 - (time.monotonic() - started))  # three times interval + timeout
         assert idle.sio.connected
         ack = await idle.call("publish", {"channel": "plain", "message": "still here"})
         assert ack["delivered"]

@@ -31,9 +31,8 @@ from typing import Any
 
 import socketio
 from engineio import packet as eio_packet
-from socketio import packet as sio_packet
 
-from echo.core import metrics
+from echo.core import codec, metrics, session
 
 log = logging.getLogger("echo.broadcast")
 
@@ -93,30 +92,35 @@ class _WriteBatch:
     """
 
     def __init__(self) -> None:
-        self.pending: dict[Any, list[bytes]] = {}
+        # a transport's one frame, or its frames once there are several (no list per
+        # recipient in the common case: fewer objects for the garbage collector)
+        self.pending: dict[Any, bytes | list[bytes]] = {}
         self.scheduled = False
 
     def add(self, transport: Any, frame: bytes) -> None:
-        frames = self.pending.get(transport)
-        if frames is not None:
-            frames.append(frame)
-            return
-        self.pending[transport] = [frame]
-        if not self.scheduled:
-            self.scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+        pending = self.pending
+        frames = pending.get(transport)
+        if frames is None:
+            pending[transport] = frame
+            if not self.scheduled:
+                self.scheduled = True
+                asyncio.get_running_loop().call_soon(self.flush)
+        elif type(frames) is bytes:
+            pending[transport] = [frames, frame]
+        else:
+            frames.append(frame)  # type: ignore[union-attr]
 
     def flush_one(self, transport: Any) -> None:
         """Write ``transport``'s frames now: something is about to take the queued path."""
         frames = self.pending.pop(transport, None)
         if frames and not transport.is_closing():
-            transport.write(b"".join(frames))
+            transport.write(frames if type(frames) is bytes else b"".join(frames))
 
     def flush(self) -> None:
         pending, self.pending, self.scheduled = self.pending, {}, False
         for transport, frames in pending.items():
             if not transport.is_closing():
-                transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
+                transport.write(frames if type(frames) is bytes else b"".join(frames))
 
 
 _batch = _WriteBatch()
@@ -163,9 +167,11 @@ def websocket_class(base: type) -> type:
             self.asgi_receive = environ["asgi.receive"]
             self.asgi_send = environ["asgi.send"]
             await self.asgi_send({"type": "websocket.accept"})
-            if self._socket is not None:
-                _track(self._socket, self, _protocol_of(self.asgi_send))
-            await self.handler(self)
+            if self._socket is None:
+                await self.handler(self)
+                return ""
+            _track(self._socket, self, _protocol_of(self.asgi_send))
+            await session.serve(self._socket, self)
             return ""
 
         async def send(self, message: Any) -> None:
@@ -202,13 +208,14 @@ class FastEmitMixin(socketio.AsyncManager):
             return await super().emit(event, data, namespace, room=room, skip_sid=skip_sid,
                                       callback=callback, **kwargs)
         args = list(data) if isinstance(data, tuple) else [] if data is None else [data]
-        pkt = self.server.packet_class(sio_packet.EVENT, namespace=namespace, data=[event, *args])
-        encoded = pkt.encode()
-        if isinstance(encoded, list):  # binary attachments: python-socketio's path
+        try:  # the EVENT packet's text, as python-socketio would encode it
+            body = codec.dumps([event, *args])
+        except TypeError:  # bytes in the data: binary attachments, python-socketio's path
             return await super().emit(event, data, namespace, room=room, skip_sid=skip_sid,
                                       **kwargs)
+        encoded = ("2" if namespace == "/" else "2" + namespace + ",") + body
         message = eio_packet.Packet(eio_packet.MESSAGE, encoded)
-        frame = websocket_text_frame(message.encode().encode())
+        frame = websocket_text_frame(("4" + encoded).encode())
         skip = skip_sid if isinstance(skip_sid, list) else [skip_sid]
         sockets = self.server.eio.sockets
         direct = queued = 0
@@ -226,9 +233,9 @@ class FastEmitMixin(socketio.AsyncManager):
                 await sock.send(message)
                 queued += 1
         if direct:
-            metrics.SOCKET_WRITES.labels("direct").inc(direct)
+            metrics.labelled(metrics.SOCKET_WRITES, "direct").inc(direct)
         if queued:
-            metrics.SOCKET_WRITES.labels("queued").inc(queued)
+            metrics.labelled(metrics.SOCKET_WRITES, "queued").inc(queued)
         return None
 
 

@@ -6,6 +6,9 @@ Labels stay low-cardinality: app and function names, never channels or users.
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram
 
 CONNECTIONS = Gauge("echo_connections", "Open client connections on this node", ["app"])
@@ -41,3 +44,11 @@ SOCKET_WRITES = Counter(
     "Broadcast deliveries by path: one prebuilt frame written directly, or engine.io's queue",
     ["path"],
 )
+
+
+@functools.cache
+def labelled(metric: Any, *values: str) -> Any:
+    """``metric.labels(*values)``, looked up once: ``labels`` takes a lock and builds a key
+    on every call, which the per-message paths cannot afford. Label values are few (apps,
+    functions, paths), so the cache stays small."""
+    return metric.labels(*values)

@@ -188,7 +188,7 @@ class Pipeline:
                     return Outcome(envelope, delivered=False, dropped_by=function, error=error)
                 return Outcome(envelope, delivered=False, error=error)
             finally:
-                metrics.FUNCTION_DURATION.labels(function).observe(time.perf_counter() - started)
+                metrics.labelled(metrics.FUNCTION_DURATION, function).observe(time.perf_counter() - started)
             if value is None:
                 return Outcome(envelope, delivered=False, filtered_by=function)
         return Outcome(replace(envelope, message=value), delivered=True)

@@ -14,13 +14,13 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import socketio
 from socketio import packet as sio_packet
 
 from echo.config import Settings
-from echo.core import broadcast, metrics, protocol
+from echo.core import broadcast, codec, metrics, protocol
 from echo.core.associations import Rule
 from echo.core.auth import AuthError, Claims, verify_token
 from echo.core.pipeline import Envelope, Overloaded, Pipeline
@@ -29,8 +29,7 @@ from echo.core.runners import FunctionError
 
 log = logging.getLogger("echo.realtime")
 
-@dataclass(frozen=True)
-class _Request:
+class _Request(NamedTuple):
     """Where an event came from, so an answer can be sent later (``id`` None: no ack wanted)."""
 
     eio_sid: str
@@ -57,12 +56,23 @@ class _InlineServer(socketio.AsyncServer):
             await self._handle_event_internal(self, sid, eio_sid, data, namespace, id)
 
     async def _handle_event_internal(self, server, sid, eio_sid, data, namespace, id):  # type: ignore[no-untyped-def]
-        _request.set(_Request(eio_sid, namespace, id))
-        await super()._handle_event_internal(server, sid, eio_sid, data, namespace, id)
+        request = _Request(eio_sid, namespace, id)
+        _request.set(request)
+        reply = await server._trigger_event(data[0], namespace, sid, *data[1:])
+        if reply is not self.not_handled and id is not None:
+            await self.answer(request, reply)
 
     async def answer(self, request: _Request, reply: Any) -> None:
-        await self._send_packet(request.eio_sid, self.packet_class(
-            sio_packet.ACK, namespace=request.namespace, id=request.id, data=[reply]))
+        """Send the ack; its text is built directly, python-socketio's packet only for binary."""
+        args = [] if reply is None else list(reply) if isinstance(reply, tuple) else [reply]
+        prefix = "3" if request.namespace == "/" else "3" + request.namespace + ","
+        try:
+            text = prefix + str(request.id) + codec.dumps(args)
+        except TypeError:  # bytes in the reply: a binary ack
+            await self._send_packet(request.eio_sid, self.packet_class(
+                sio_packet.ACK, namespace=request.namespace, id=request.id, data=args))
+            return
+        await self.eio.send(request.eio_sid, text)
 
 
 DEFERRED = object()
@@ -131,6 +141,7 @@ class Realtime:
             if settings.cors_origins != ("*",)
             else "*",
             max_http_buffer_size=buffer,
+            json=codec,
             ping_interval=settings.ping_interval,
             ping_timeout=settings.ping_timeout,
             logger=False,
@@ -158,7 +169,7 @@ class Realtime:
             "seq": envelope.seq,
             "ts": envelope.ts,
         }
-        metrics.MESSAGES_DELIVERED.labels(envelope.app).inc()
+        metrics.labelled(metrics.MESSAGES_DELIVERED, envelope.app).inc()
         await self.sio.emit("message", payload, room=envelope.channel, namespace="/" + envelope.app)
 
     async def status(self, app: str, event: str, *, local: bool = False, **details: Any) -> None:
@@ -394,7 +405,7 @@ class Realtime:
                     f"{self.settings.publish_burst}); retry in {retry_ms} ms",
                     retryAfterMs=retry_ms,
                 )
-        metrics.MESSAGES_PUBLISHED.labels(client.app).inc()
+        metrics.labelled(metrics.MESSAGES_PUBLISHED, client.app).inc()
         rule = self.pipeline.rule(client.app, request.channel)
         if self.pipeline.may_wait(client.app, request.channel, rule):
             # functions to run, or a predecessor still in flight: don't hold up this

@@ -112,6 +112,28 @@ async def test_publish_on_one_node_reaches_every_node_once_transformed_once(
     assert [len(s.messages) for s in subscribers] == [1, 1, 1], "a node delivered twice"
 
 
+async def test_other_nodes_see_a_channel_in_the_order_its_node_delivered_it(
+    nodes: list[EchoProcess], clients: list[Client]
+) -> None:
+    """Four publishers race on one node; every node's subscriber sees the same order (the
+    channel's sequence): a node sends to Redis from one outbox, in the order it delivered."""
+    listeners = [await connect(node) for node in nodes]
+    publishers = [await connect(nodes[0]) for _ in range(4)]
+    clients.extend(listeners + publishers)
+    for listener in listeners:
+        await listener.call("subscribe", {"channels": ["plain"]})
+    acks = await asyncio.gather(*(
+        publisher.call("publish", {"channel": "plain", "message": {"from": p, "n": n}})
+        for n in range(80) for p, publisher in enumerate(publishers)))
+    assert all(ack["ok"] for ack in acks), [a for a in acks if not a["ok"]][:3]
+    for listener in listeners:
+        received = await listener.wait_for("message", len(acks), timeout=15)
+        seqs = [message["seq"] for message in received]
+        assert seqs == sorted(seqs) and len(set(seqs)) == len(acks)
+    orders = [[m["id"] for m in listener.messages] for listener in listeners]
+    assert orders[1] == orders[0] and orders[2] == orders[0]
+
+
 async def test_presence_and_admin_status_cross_nodes(
     nodes: list[EchoProcess], clients: list[Client]
 ) -> None:

@@ -112,6 +112,10 @@ class EchoServer:
     async def drain(self, grace: float = 10) -> None:
         """Before the transports close on shutdown: finish in-flight messages, tell clients."""
         await self.realtime.drain(grace)
+        manager = self.realtime.sio.manager
+        if isinstance(manager, EchoRedisManager):  # what the last deliveries sent other nodes
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(manager.flush(), 2)
 
     async def readiness_problems(self) -> list[str]:
         problems = []

@@ -101,6 +101,45 @@ async def test_concurrency_limit_serialises_a_function(
 # -- deterministic packaging ---------------------------------------------------------------
 
 
+async def test_a_backlog_shares_workers_and_only_the_failing_invocation_fails(
+    tmp_path: Path,
+) -> None:
+    """The local runner hands a backlog to a worker in batches; a call that hangs or crashes
+    its worker mid-batch fails alone, and the calls it held up run on a fresh worker."""
+    from echo.emulator.local_runner import LocalRunner
+
+    code = {
+        "double": "def handler(event, context):\n    return event * 2\n",
+        "hang": "import time\ndef handler(event, context):\n    time.sleep(60)\n",
+        "crash": "import os\ndef handler(event, context):\n    os._exit(3)\n",
+    }
+    specs = {}
+    for name, source in code.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "handler.py").write_text(source)
+        specs[name] = FunctionSpec(name, path=tmp_path / name, timeout=1)
+    runner = LocalRunner(tmp_path, max_workers=1)
+    await runner.start()
+    try:
+        context = InvocationContext(app="a", channel="c", uuid=None, message_id="m")
+        plan = [("double", n) for n in range(40)]
+        plan[5] = ("hang", 0)
+        plan[30] = ("crash", 0)
+        results = await asyncio.wait_for(asyncio.gather(
+            *(runner.invoke(specs[name], value, context) for name, value in plan),
+            return_exceptions=True), 60)
+        for (name, value), result in zip(plan, results, strict=True):
+            if name == "hang":
+                assert isinstance(result, FunctionError) and result.kind == "timeout"
+            elif name == "crash":
+                assert isinstance(result, FunctionError) and result.kind == "crashed"
+                assert "exited with code 3" in result.detail
+            else:
+                assert result == value * 2, (value, result)
+    finally:
+        await runner.close()
+
+
 def test_packages_are_byte_identical_for_the_same_inputs(tmp_path: Path) -> None:
     project = make_project(tmp_path)
     catalog = FunctionCatalog(project / "functions")

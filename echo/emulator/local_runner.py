@@ -5,6 +5,14 @@ at a time. A function that hangs is killed at its timeout, one that crashes its 
 reported and replaced, one that leaks takes only its worker with it: the server never shares
 their fate. ``reload()`` retires every worker so the next invocation loads fresh code (a cold
 start, as after a Lambda deploy); one warm worker is started straight away.
+
+Invocations wait in one queue. A free worker takes the next one, or, when a backlog has built
+up, its fair share of it (up to 32, and never more than the backlog divided by the workers, so
+one slow function holds up few others) in a single write; it still runs them one by one and
+answers each on its own line, and each gets its full timeout from the moment it starts. Under
+load that turns a pipe round trip and several event-loop wake-ups per message into one per
+batch. If a worker dies or is killed mid-batch, the invocations it had not started go back to
+the front of the queue: only the one it was running fails.
 """
 
 from __future__ import annotations
@@ -15,6 +23,8 @@ import itertools
 import logging
 import os
 import sys
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +36,7 @@ from echo.core.runners import FunctionError, InvocationContext, Runner
 
 log = logging.getLogger("echo.runner.local")
 
+MAX_BATCH = 32
 _READ_LIMIT = 64 * 1024 * 1024
 
 
@@ -34,21 +45,12 @@ class _Worker:
         self.process = process
         self.generation = generation
         self.killed = False
+        self.timed_out = False
 
     @property
     def alive(self) -> bool:
         # returncode stays None until the process is reaped, so a kill is recorded here
         return not self.killed and self.process.returncode is None
-
-    async def call(self, request: dict[str, Any]) -> dict[str, Any]:
-        assert self.process.stdin and self.process.stdout
-        self.process.stdin.write(orjson.dumps(request) + b"\n")
-        await self.process.stdin.drain()
-        line = await self.process.stdout.readline()
-        if not line:
-            code = await self.process.wait()
-            raise ConnectionError(f"worker process exited with code {code}")
-        return orjson.loads(line)
 
     def kill(self) -> None:
         if self.alive:
@@ -62,6 +64,16 @@ class _Worker:
 
 
 _reapers: set[asyncio.Task[int]] = set()
+
+
+@dataclass
+class _Call:
+    """One invocation waiting for, or running in, a worker."""
+
+    spec: FunctionSpec
+    id: int
+    line: bytes
+    answer: asyncio.Future[dict[str, Any]]
 
 
 class LocalRunner(Runner):
@@ -78,12 +90,13 @@ class LocalRunner(Runner):
         self.max_workers = max_workers
         self.python = python
         self._idle: list[_Worker] = []
-        self._count = 0
+        self._count = 0  # workers alive or being started
         self._generation = 0
-        self._available = asyncio.Condition()
+        self._waiting: deque[_Call] = deque()
         self._ids = itertools.count(1)
         self._closed = False
         self._all: set[_Worker] = set()
+        self._batches: set[asyncio.Task[None]] = set()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> LocalRunner:
@@ -105,6 +118,11 @@ class LocalRunner(Runner):
 
     async def close(self) -> None:
         self._closed = True
+        while self._waiting:
+            call = self._waiting.popleft()
+            if not call.answer.done():
+                call.answer.set_exception(
+                    FunctionError(call.spec.name, "crashed", "the runner was shut down"))
         for worker in list(self._all):
             worker.kill()
             with contextlib.suppress(Exception):
@@ -129,16 +147,18 @@ class LocalRunner(Runner):
         except BaseException:
             self._count -= 1
             raise
-        async with self._available:
-            self._idle.append(worker)
-            self._available.notify()
+        self._idle.append(worker)
+        self._dispatch()
 
     async def invoke(self, spec: FunctionSpec, event: Any, context: InvocationContext) -> Any:
         function = spec.name
         if spec.path is None:
             raise FunctionError(function, "not_found", f"no folder {self.functions_dir / function}")
+        if self._closed:
+            raise FunctionError(function, "crashed", "the runner was shut down")
+        call_id = next(self._ids)
         request = {
-            "id": next(self._ids),
+            "id": call_id,
             "function": function,
             "path": str(spec.path),
             "handler": spec.handler,
@@ -146,20 +166,130 @@ class LocalRunner(Runner):
             "event": event,
             "context": context.as_dict(),
         }
-        worker = await self._acquire()
-        try:
-            response = await asyncio.wait_for(worker.call(request), spec.timeout)
-        except TimeoutError:
-            worker.kill()
-            raise FunctionError(function, "timeout", f"no result within {spec.timeout:g}s") from None
-        except (ConnectionError, ValueError, asyncio.LimitOverrunError) as exc:
-            worker.kill()
-            raise FunctionError(function, "crashed", str(exc)) from None
-        finally:
-            await self._release(worker)
+        answer = asyncio.get_running_loop().create_future()
+        self._waiting.append(_Call(spec, call_id, orjson.dumps(request) + b"\n", answer))
+        self._dispatch()
+        response = await answer
         if not response.get("ok"):
             raise FunctionError(function, response.get("kind", "raised"), response.get("detail", ""))
         return response.get("result")
+
+    def _dispatch(self) -> None:
+        """Hand waiting invocations to free workers, starting workers up to the limit."""
+        while self._waiting and not self._closed:
+            worker = self._free_worker()
+            if worker is None:
+                if self._count >= self.max_workers:
+                    return  # every worker is busy: the next to finish comes back here
+                self._count += 1  # reserved; started by the batch itself
+            batch = self._next_batch()
+            if not batch:
+                if worker is not None:
+                    self._idle.append(worker)
+                else:
+                    self._count -= 1
+                return
+            task = asyncio.get_running_loop().create_task(self._run_batch(worker, batch))
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
+
+    def _free_worker(self) -> _Worker | None:
+        while self._idle:
+            worker = self._idle.pop()
+            if worker.alive and worker.generation == self._generation:
+                return worker
+            self._forget(worker)
+        return None
+
+    def _next_batch(self) -> list[_Call]:
+        share = min(MAX_BATCH, max(1, len(self._waiting) // self.max_workers))
+        batch: list[_Call] = []
+        while self._waiting and len(batch) < share:
+            call = self._waiting.popleft()
+            if not call.answer.done():  # its publish was cancelled (e.g. at shutdown)
+                batch.append(call)
+        return batch
+
+    async def _run_batch(self, worker: _Worker | None, batch: list[_Call]) -> None:
+        finished = 0  # calls of the batch answered (or failed) so far; the rest run elsewhere
+        try:
+            if worker is None:
+                try:
+                    worker = await self._spawn()
+                except Exception as exc:
+                    self._count -= 1
+                    for call in batch:
+                        _answer(call, FunctionError(call.spec.name, "crashed",
+                                                    f"could not start a worker: {exc}"))
+                    finished = len(batch)
+                    return
+            try:
+                finished = await self._run_on(worker, batch)
+            except asyncio.CancelledError:
+                worker.kill()
+                raise
+            except Exception:  # a runner bug must answer, not leave publishes waiting
+                log.exception("local runner failed running a batch")
+                worker.kill()
+                for call in batch:
+                    _answer(call, FunctionError(call.spec.name, "crashed", "runner error (logged)"))
+                finished = len(batch)
+            if worker.alive and worker.generation == self._generation and not self._closed:
+                self._idle.append(worker)
+            else:
+                self._forget(worker)
+        finally:
+            leftover = batch[finished:]
+            if self._closed:
+                for call in leftover:
+                    _answer(call, FunctionError(call.spec.name, "crashed",
+                                                "the runner was shut down"))
+            else:
+                self._waiting.extendleft(reversed(leftover))  # never started: run elsewhere
+                self._dispatch()
+
+    async def _run_on(self, worker: _Worker, batch: list[_Call]) -> int:
+        """Run ``batch`` on ``worker``; return how many of its calls were answered or failed."""
+        process = worker.process
+        assert process.stdin and process.stdout
+        loop = asyncio.get_running_loop()
+        try:
+            process.stdin.write(b"".join(call.line for call in batch))
+            await process.stdin.drain()
+        except (ConnectionError, OSError):
+            worker.kill()
+            return 0
+        for index, call in enumerate(batch):
+            timer = loop.call_later(call.spec.timeout, _expire, worker)
+            try:
+                line = await process.stdout.readline()
+            except (ValueError, asyncio.LimitOverrunError) as exc:
+                worker.kill()
+                _answer(call, FunctionError(call.spec.name, "crashed", str(exc)))
+                return index + 1
+            finally:
+                timer.cancel()
+            if not line:
+                if worker.timed_out:
+                    error = FunctionError(call.spec.name, "timeout",
+                                          f"no result within {call.spec.timeout:g}s")
+                else:
+                    code = await process.wait()
+                    error = FunctionError(call.spec.name, "crashed",
+                                          f"worker process exited with code {code}")
+                worker.kill()
+                _answer(call, error)
+                return index + 1
+            try:
+                response = orjson.loads(line)
+                if response.get("id") != call.id:
+                    raise ValueError(f"answer for invocation {response.get('id')}, not {call.id}")
+            except (ValueError, AttributeError) as exc:
+                worker.kill()
+                _answer(call, FunctionError(call.spec.name, "crashed", f"worker protocol: {exc}"))
+                return index + 1
+            _answer(call, response)
+        return len(batch)
 
     async def _spawn(self) -> _Worker:
         """Start a worker; the caller has already counted it in ``_count``."""
@@ -177,34 +307,22 @@ class LocalRunner(Runner):
         self._all.add(worker)
         return worker
 
-    async def _acquire(self) -> _Worker:
-        async with self._available:
-            while True:
-                while self._idle:
-                    worker = self._idle.pop()
-                    if worker.alive and worker.generation == self._generation:
-                        return worker
-                    self._forget(worker)
-                if self._count < self.max_workers:
-                    self._count += 1  # reserve the slot before spawning outside the lock
-                    break
-                await self._available.wait()
-        try:
-            return await self._spawn()
-        except BaseException:
-            self._count -= 1
-            raise
-
-    async def _release(self, worker: _Worker) -> None:
-        async with self._available:
-            if worker.alive and worker.generation == self._generation and not self._closed:
-                self._idle.append(worker)
-            else:
-                self._forget(worker)
-            self._available.notify()
-
     def _forget(self, worker: _Worker) -> None:
         worker.kill()
         if worker in self._all:
             self._all.discard(worker)
             self._count -= 1
+
+
+def _expire(worker: _Worker) -> None:
+    worker.timed_out = True
+    worker.kill()
+
+
+def _answer(call: _Call, outcome: dict[str, Any] | FunctionError) -> None:
+    if call.answer.done():
+        return
+    if isinstance(outcome, FunctionError):
+        call.answer.set_exception(outcome)
+    else:
+        call.answer.set_result(outcome)

@@ -19,6 +19,8 @@ import types
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 
 class ClientContext:
     """Lambda's ``context.client_context``: Echo puts app, channel, uuid in ``custom``."""
@@ -107,8 +109,8 @@ def main() -> None:
     protocol_out = os.fdopen(os.dup(1), "w", encoding="utf-8", buffering=1)
     os.dup2(2, 1)  # anything printed by a handler lands on stderr
     sys.stdout = sys.stderr
-    for line in sys.stdin:
-        request = json.loads(line)
+    for line in sys.stdin.buffer:  # bytes: orjson reads them without a decode
+        request = orjson.loads(line)  # written by the server with orjson: no big integers
         response = handle(request)
         response["id"] = request["id"]
         try:

@@ -19,9 +19,11 @@ The direct write is taken only when it cannot change what a client sees:
 
 Anything else (long-polling, binary data, acks with callbacks) takes python-socketio's own
 path. Connections that take the direct path also run Echo's own session loop
-(:mod:`echo.core.session`) instead of engine.io's, which spent a task per packet read. This couples to engine.io's socket internals (``queue``, ``upgraded``) and to
-uvicorn's protocol (``transport``, ``writable``); the versions are pinned in pyproject.toml
-and the behaviour is covered by every delivery test, which run with it on.
+(:mod:`echo.core.session`) instead of engine.io's, which spent a task per packet read.
+
+This couples to engine.io's socket internals (``queue``, ``upgraded``) and to uvicorn's
+protocol (``transport``, ``writable``); the versions are pinned in pyproject.toml and the
+behaviour is covered by every delivery test, which run with it on.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ log = logging.getLogger("echo.pipeline")
 RETRYABLE = frozenset({"raised", "timeout", "crashed", "failed"})
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ cost 3% of a publish
 class Envelope:
     """A message on its way: ``id`` is unique, ``seq`` counts up per channel, ``ts`` in ms."""
 
@@ -52,7 +52,7 @@ class Envelope:
     message: Any
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Outcome:
     envelope: Envelope
     delivered: bool

@@ -49,6 +49,9 @@ class _InlineServer(socketio.AsyncServer):
     each event came from, so refusals without an ack become ``error`` events.
     """
 
+    event_handler: Callable[..., Awaitable[Any]] | None = None
+    """Every event of every namespace goes here when set (Echo's handlers are catch-all)."""
+
     async def _handle_event(self, eio_sid, namespace, id, data):  # type: ignore[no-untyped-def]
         namespace = namespace or "/"
         sid = self.manager.sid_from_eio_sid(eio_sid, namespace)
@@ -58,7 +61,10 @@ class _InlineServer(socketio.AsyncServer):
     async def _handle_event_internal(self, server, sid, eio_sid, data, namespace, id):  # type: ignore[no-untyped-def]
         request = _Request(eio_sid, namespace, id)
         _request.set(request)
-        reply = await server._trigger_event(data[0], namespace, sid, *data[1:])
+        if self.event_handler is not None:  # skips python-socketio's per-event handler lookup
+            reply = await self.event_handler(data[0], namespace, sid, *data[1:])
+        else:
+            reply = await server._trigger_event(data[0], namespace, sid, *data[1:])
         if reply is not self.not_handled and id is not None:
             await self.answer(request, reply)
 
@@ -157,6 +163,7 @@ class Realtime:
         self.sio.on("connect", self._on_connect, namespace="*")
         self.sio.on("disconnect", self._on_disconnect, namespace="*")
         self.sio.on("*", self._on_event, namespace="*")
+        self.sio.event_handler = self._on_event
 
     # -- delivery ---------------------------------------------------------------------
 

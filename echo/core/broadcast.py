@@ -137,10 +137,12 @@ def _track(sock: Any, ws: Any, protocol: Any) -> None:
         queued_send = sock.send
 
         async def send(pkt: eio_packet.Packet) -> None:
-            # only messages go direct: engine.io's PING must pass through the queue, whose
-            # writer task closes the connection after ping_interval + ping_timeout without
-            # a packet to write (an idle client was cut off after 45 s when pings went direct)
-            transport = _transport(sock) if pkt.packet_type == eio_packet.MESSAGE else None
+            # messages and pings go direct (Echo's session loop, unlike engine.io's writer,
+            # does not close a connection whose queue stayed empty for a ping period);
+            # the rare rest (upgrade, noop, close) keeps engine.io's path
+            kind = pkt.packet_type
+            direct = kind == eio_packet.MESSAGE or kind == eio_packet.PING
+            transport = _transport(sock) if direct else None
             if transport is not None and not pkt.binary:
                 _batch.add(transport, websocket_text_frame(pkt.encode().encode()))
                 return
@@ -152,6 +154,8 @@ def _track(sock: Any, ws: Any, protocol: Any) -> None:
 
         sock.send = send
     sock.echo_ws = ws
+    if protocol is not None:  # the handshake is done: uvicorn never reads these again
+        protocol.request = protocol.response = None
     usable = protocol is not None and not protocol.conn.extensions
     sock.echo_protocol = protocol if usable else None
 

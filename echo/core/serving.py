@@ -6,6 +6,7 @@ uvloop + httptools, the sans-I/O websockets implementation, and no per-message d
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -46,13 +47,16 @@ def run(app: Any, host: str, port: int, log_level: str = "info",
     """Serve until SIGINT/SIGTERM; ``before_shutdown`` runs first (draining in-flight work)."""
     server = _Server(uvicorn_config(app, host, port, log_level))
     server.before_shutdown = before_shutdown
-    if on_ready is not None:
-        original = server.startup
+    original = server.startup
 
-        async def startup(sockets: Any = None) -> None:
-            await original(sockets)
-            if server.started:
+    async def startup(sockets: Any = None) -> None:
+        await original(sockets)
+        if server.started:
+            # what exists now (modules, app, settings) lives as long as the process: keep it
+            # out of every later full garbage collection, whose pause grows with the heap
+            gc.freeze()
+            if on_ready is not None:
                 on_ready()
 
-        server.startup = startup  # type: ignore[method-assign]
+    server.startup = startup  # type: ignore[method-assign]
     server.run()

@@ -8,11 +8,15 @@ start, as after a Lambda deploy); one warm worker is started straight away.
 
 Invocations wait in one queue. A free worker takes the next one, or, when a backlog has built
 up, its fair share of it (up to 32, and never more than the backlog divided by the workers, so
-one slow function holds up few others) in a single write; it still runs them one by one and
-answers each on its own line, and each gets its full timeout from the moment it starts. Under
-load that turns a pipe round trip and several event-loop wake-ups per message into one per
-batch. If a worker dies or is killed mid-batch, the invocations it had not started go back to
-the front of the queue: only the one it was running fails.
+one slow function holds up few others) in a single write. The worker still runs them one by
+one, each with its full timeout, and sends the answers back together (none held more than
+5 ms). Under load that turns a pipe round trip and several event-loop wake-ups per message
+into one per batch, and the deliveries of a batch leave in one pass of the event loop.
+
+A worker killed at a timeout fails only the call it was running; the calls it had not
+started go back to the front of the queue. A worker that dies by itself mid-batch (a crash
+may have taken held answers with it) has its unanswered calls run again, each alone, so only
+the call that crashes a worker on its own fails.
 """
 
 from __future__ import annotations
@@ -74,6 +78,7 @@ class _Call:
     id: int
     line: bytes
     answer: asyncio.Future[dict[str, Any]]
+    alone: bool = False  # was in a batch whose worker died: runs in a batch of its own
 
 
 class LocalRunner(Runner):
@@ -205,9 +210,14 @@ class LocalRunner(Runner):
         share = min(MAX_BATCH, max(1, len(self._waiting) // self.max_workers))
         batch: list[_Call] = []
         while self._waiting and len(batch) < share:
+            if self._waiting[0].alone and batch:
+                break
             call = self._waiting.popleft()
-            if not call.answer.done():  # its publish was cancelled (e.g. at shutdown)
-                batch.append(call)
+            if call.answer.done():  # its publish was cancelled (e.g. at shutdown)
+                continue
+            batch.append(call)
+            if call.alone:
+                break
         return batch
 
     async def _run_batch(self, worker: _Worker | None, batch: list[_Call]) -> None:
@@ -275,6 +285,14 @@ class LocalRunner(Runner):
                                           f"no result within {call.spec.timeout:g}s")
                 else:
                     code = await process.wait()
+                    if len(batch) - index > 1:
+                        # the worker holds answers until its batch is done (worker.py), so
+                        # a sudden exit may have taken finished calls' answers with it: run
+                        # each unanswered call again on its own, and blame only the one
+                        # that brings a worker down by itself
+                        for unanswered in batch[index:]:
+                            unanswered.alone = True
+                        return index
                     error = FunctionError(call.spec.name, "crashed",
                                           f"worker process exited with code {code}")
                 worker.kill()

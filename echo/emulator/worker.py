@@ -4,6 +4,10 @@ Run as ``python -m echo.emulator.worker``. Each line in is a JSON request, each 
 JSON response. The handler's own ``print`` output goes to stderr (the dev server's console),
 so it can never corrupt the protocol. Handlers are compiled straight from source (no .pyc),
 so an edit is always seen by a fresh worker, even within the same second.
+
+When the server hands over a batch, the answers go back together: an answer waits while
+more requests are already in (one write and one server wake-up per batch, not per call), but
+never more than ``HOLD`` seconds, so the server's per-call timeout still sees each call end.
 """
 
 from __future__ import annotations
@@ -12,10 +16,14 @@ import asyncio
 import inspect
 import json
 import os
+import select
 import sys
+import threading
 import time
 import traceback
 import types
+from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -105,11 +113,78 @@ async def _await(awaitable: Any) -> Any:
     return await awaitable
 
 
+HOLD = 0.005
+"""Longest an answer waits for the ones after it in the same batch (seconds)."""
+
+
+class _Answers:
+    """Answers on their way to the server, written together when a batch is done."""
+
+    def __init__(self, out: Any) -> None:
+        self.out = out
+        self.held: list[bytes] = []
+        self.since = 0.0
+        self.changed = threading.Condition()
+        threading.Thread(target=self._release_late, daemon=True).start()
+
+    def add(self, answer: bytes, *, more_coming: bool) -> None:
+        with self.changed:
+            if not self.held:
+                self.since = time.monotonic()
+                self.changed.notify()
+            self.held.append(answer)
+            if not more_coming:
+                self._write()
+
+    def _write(self) -> None:
+        if self.held:
+            self.out.write(b"".join(self.held))
+            self.out.flush()
+            self.held.clear()
+
+    def _release_late(self) -> None:
+        """Write held answers after HOLD, e.g. while the next call in the batch runs long."""
+        while True:
+            with self.changed:
+                while not self.held:
+                    self.changed.wait()
+                since = self.since
+            time.sleep(max(0.0, since + HOLD - time.monotonic()))
+            with self.changed:
+                if self.held and self.since == since:
+                    self._write()
+
+
+def _requests(fd: int) -> Iterator[tuple[bytes, bool]]:
+    """Each request line, and whether another one is already waiting behind it."""
+    lines: deque[bytes] = deque()
+    rest = b""
+    while True:
+        if not lines:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                return
+            *complete, rest = (rest + chunk).split(b"\n")
+            lines.extend(complete)
+            continue
+        line = lines.popleft()
+        waiting = bool(lines) or bool(select.select([fd], [], [], 0)[0])
+        yield line, waiting
+
+
 def main() -> None:
-    protocol_out = os.fdopen(os.dup(1), "w", encoding="utf-8", buffering=1)
+    answers = _Answers(os.fdopen(os.dup(1), "wb"))
     os.dup2(2, 1)  # anything printed by a handler lands on stderr
     sys.stdout = sys.stderr
-    for line in sys.stdin.buffer:  # bytes: orjson reads them without a decode
+    try:
+        _serve(answers)
+    finally:  # e.g. sys.exit() in a handler: what was answered still goes out
+        with answers.changed:
+            answers._write()
+
+
+def _serve(answers: _Answers) -> None:
+    for line, more_coming in _requests(sys.stdin.fileno()):
         request = orjson.loads(line)  # written by the server with orjson: no big integers
         response = handle(request)
         response["id"] = request["id"]
@@ -123,7 +198,7 @@ def main() -> None:
                 "kind": "bad_result",
                 "detail": f"returned {type(result).__name__}, which is not JSON ({exc})",
             })
-        protocol_out.write(out + "\n")
+        answers.add(out.encode() + b"\n", more_coming=more_coming)
 
 
 if __name__ == "__main__":

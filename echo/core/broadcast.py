@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import socketio
@@ -153,11 +154,46 @@ def _track(sock: Any, ws: Any, protocol: Any) -> None:
             await queued_send(pkt)
 
         sock.send = send
+        sock.schedule_ping = _heartbeat(sock, send)
     sock.echo_ws = ws
     if protocol is not None:  # the handshake is done: uvicorn never reads these again
         protocol.request = protocol.response = None
     usable = protocol is not None and not protocol.conn.extensions
     sock.echo_protocol = protocol if usable else None
+
+
+_PING_FRAME = websocket_text_frame(b"2")  # engine.io PING
+
+
+def _heartbeat(sock: Any, send: Any) -> Any:
+    """engine.io's ``schedule_ping`` (called on every PONG) with a timer instead of a task.
+
+    engine.io starts a task per ping that sleeps ``ping_interval``: a sleeping task, with its
+    coroutine and frame, held by every idle connection. A timer callback does the same job;
+    the ping itself is a prebuilt frame on the direct path.
+    """
+    loop = asyncio.get_running_loop()
+    interval = sock.server.ping_interval
+    pending: set[asyncio.Task[None]] = set()
+
+    def ping() -> None:
+        if sock.closing or sock.closed:
+            return
+        sock.last_ping = time.time()
+        transport = _transport(sock)
+        if transport is not None:
+            _batch.add(transport, _PING_FRAME)
+            return
+        task = loop.create_task(send(eio_packet.Packet(eio_packet.PING)))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+    def schedule_ping() -> None:
+        if sock.last_ping:  # as engine.io: one ping per answered ping
+            sock.last_ping = None
+            loop.call_later(interval, ping)
+
+    return schedule_ping
 
 
 def websocket_class(base: type) -> type:

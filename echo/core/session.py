@@ -121,6 +121,9 @@ async def _read(sock: Any, ws: Any) -> None:
             if pkt is None:
                 return
             deadline.last = loop.time()
+            if pkt.packet_type == eio_packet.PONG:  # the most common packet of an idle client
+                sock.schedule_ping()
+                continue
             try:
                 await sock.receive(pkt)
             except exceptions.UnknownPacketError:

@@ -1,11 +1,12 @@
 """The function pipeline: envelope a message, run its channel's chain, deliver in order.
 
 Chains of different messages run concurrently, on one channel as on many, yet an ordered
-channel (the default) delivers in publish order: every message waits for its predecessor's
-delivery (a chain of futures) before it is delivered itself. The wait is bounded by the
-predecessor's own chain, which every runner bounds by its timeouts. A message whose chain
-fails, times out or filters is skipped in that order, never waited for. A channel with
-``"ordered": false`` delivers each message as soon as its chain finishes.
+channel (the default) delivers in publish order: a finished message waits in the channel's
+reorder buffer until every earlier one is delivered or skipped, and whoever completes the run
+delivers all the consecutive finished messages at once (no event-loop pass per message). The
+wait is bounded by the earlier messages' chains, which every runner bounds by its timeouts. A
+message whose chain fails, times out or filters is skipped in that order, never waited for.
+A channel with ``"ordered": false`` delivers each message as soon as its chain finishes.
 
 Back-pressure: at most ``max_pending_per_channel`` messages of one channel are in flight on
 this node (that is the reorder buffer's bound); one more is refused with ``Overloaded`` and
@@ -26,7 +27,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from echo.core import metrics
@@ -69,10 +70,22 @@ Deliver = Callable[[Envelope], Awaitable[None]]
 ReportError = Callable[[Envelope, FunctionError, float], Awaitable[None]]
 
 
-@dataclass
+_SKIPPED = None
+"""A finished message with nothing (left) to deliver in order: filtered, failed, unordered."""
+
+
+@dataclass(slots=True)
 class _ChannelState:
-    tail: asyncio.Future[None] | None = None
+    """A channel's messages in flight on this node, and its reorder buffer."""
+
+    next_seq: int  # the next sequence number to deliver, or skip
+    last_seq: int = 0  # the last one given out
     pending: int = 0
+    draining: bool = False
+    # finished chains waiting for their turn: seq -> (envelope to deliver or _SKIPPED,
+    # the future its publisher waits on, None for the one delivering)
+    finished: dict[int, tuple[Envelope | None, asyncio.Future[None] | None]] = field(
+        default_factory=dict)
 
 
 class Pipeline:
@@ -103,6 +116,7 @@ class Pipeline:
         self.idle.set()
         self._node = os.urandom(4).hex()
         self._ids = itertools.count(1)
+        self._drainers: set[asyncio.Task[None]] = set()
 
     @property
     def in_flight(self) -> int:
@@ -121,47 +135,117 @@ class Pipeline:
         """Run ``message`` through the channel's chain and deliver it; raises Overloaded."""
         key = (app, channel)
         state = self._channels.get(key)
-        if state is None:
-            state = self._channels[key] = _ChannelState()
-        if state.pending >= self._max_pending:
+        if state is not None and state.pending >= self._max_pending:
             raise Overloaded(
                 f"channel {channel!r} has {state.pending} messages in flight "
                 f"(limit {self._max_pending}); retry shortly"
             )
-        seq = self._seq.pop(key, 0) + 1
+        previous = self._seq.pop(key, 0)
+        if state is not None:  # the reorder buffer needs consecutive numbers while in flight
+            previous = max(previous, state.last_seq)
+        seq = previous + 1
         self._seq[key] = seq  # now the most recently used
         if len(self._seq) > self._max_tracked:
             self._seq.popitem(last=False)
-        envelope = Envelope(
-            id=f"{self._node}-{next(self._ids)}",
-            app=app,
-            channel=channel,
-            seq=seq,
-            ts=int(time.time() * 1000),
-            uuid=uuid,
-            message=message,
-        )
-        if rule is None:  # callers that already matched pass the rule in: one match a message
-            rule = self.rule(app, channel)
-        previous, done = state.tail, asyncio.get_running_loop().create_future()
-        state.tail = done
+        if state is None:
+            state = self._channels[key] = _ChannelState(next_seq=seq)
+        state.last_seq = seq
         state.pending += 1
         self.idle.clear()
+        finished = False
         try:
+            envelope = Envelope(
+                id=f"{self._node}-{next(self._ids)}",
+                app=app,
+                channel=channel,
+                seq=seq,
+                ts=int(time.time() * 1000),
+                uuid=uuid,
+                message=message,
+            )
+            if rule is None:  # callers that already matched pass the rule in: one match
+                rule = self.rule(app, channel)
             if rule.functions:
                 outcome = await self._run_chain(envelope, rule.functions)
             else:
                 outcome = Outcome(envelope, delivered=True)
-            if rule.ordered and previous is not None and not previous.done():
-                await asyncio.shield(previous)
-            if outcome.delivered:
+            if outcome.delivered and not rule.ordered:
                 await self._deliver(outcome.envelope)
+                to_deliver = _SKIPPED
+            else:
+                to_deliver = outcome.envelope if outcome.delivered else _SKIPPED
+            finished = True
+            await self._in_turn(state, seq, to_deliver)
             return outcome
         finally:
-            done.set_result(None)
+            if not finished:  # cancelled or failed before its turn: never hold up the rest
+                self._in_turn_later(state, seq)
             state.pending -= 1
-            if state.tail is done:
+            if state.pending == 0 and not state.finished:
                 del self._channels[key]
+            if not self._channels:
+                self.idle.set()
+
+    async def _in_turn(self, state: _ChannelState, seq: int, envelope: Envelope | None) -> None:
+        """Deliver ``envelope`` once every earlier message of the channel is delivered.
+
+        Whoever finds the channel's next message finished delivers it and every consecutive
+        one that is finished too, in one go: no event-loop pass per message, and one pass
+        writes a burst of deliveries together.
+        """
+        mine = None
+        if seq != state.next_seq or state.draining:
+            mine = asyncio.get_running_loop().create_future()
+        state.finished[seq] = (envelope, mine)
+        if mine is not None:
+            await mine  # set (or failed) by the message that delivers it
+            return
+        await self._drain(state, seq)
+
+    async def _drain(self, state: _ChannelState, own_seq: int | None = None) -> None:
+        state.draining = True
+        own_error: BaseException | None = None
+        try:
+            while state.next_seq in state.finished:
+                seq = state.next_seq
+                envelope, waiter = state.finished.pop(seq)
+                state.next_seq = seq + 1
+                error = None
+                if envelope is not None:
+                    try:
+                        await self._deliver(envelope)
+                    except Exception as exc:  # reported to that message's publisher only
+                        error = exc
+                if waiter is not None and not waiter.done():
+                    if error is None:
+                        waiter.set_result(None)
+                    else:
+                        waiter.set_exception(error)
+                elif seq == own_seq and error is not None:
+                    own_error = error
+        finally:
+            state.draining = False
+            if state.finished and state.next_seq in state.finished:  # interrupted: resume
+                self._in_turn_later(state, None)
+        if own_error is not None:
+            raise own_error
+
+    def _in_turn_later(self, state: _ChannelState, seq: int | None) -> None:
+        """Mark ``seq`` finished with nothing to deliver, and drain from a task if it's due."""
+        if seq is not None:
+            state.finished.setdefault(seq, (_SKIPPED, None))
+        if not state.draining and state.next_seq in state.finished:
+            state.draining = True  # reserved for the task, so no one else starts meanwhile
+            task = asyncio.get_running_loop().create_task(self._drain_in_task(state))
+            self._drainers.add(task)
+            task.add_done_callback(self._drainers.discard)
+
+    async def _drain_in_task(self, state: _ChannelState) -> None:
+        await self._drain(state)
+        if state.pending == 0 and not state.finished:
+            for key, known in list(self._channels.items()):
+                if known is state:
+                    del self._channels[key]
             if not self._channels:
                 self.idle.set()
 

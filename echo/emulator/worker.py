@@ -129,12 +129,12 @@ class _Answers:
 
     def add(self, answer: bytes, *, more_coming: bool) -> None:
         with self.changed:
-            if not self.held:
-                self.since = time.monotonic()
-                self.changed.notify()
             self.held.append(answer)
             if not more_coming:
                 self._write()
+            elif len(self.held) == 1:  # the release thread wakes only when one is held
+                self.since = time.monotonic()
+                self.changed.notify()
 
     def _write(self) -> None:
         if self.held:

@@ -276,9 +276,9 @@ class FastEmitMixin(socketio.AsyncManager):
                 await sock.send(message)
                 queued += 1
         if direct:
-            metrics.labelled(metrics.SOCKET_WRITES, "direct").inc(direct)
+            metrics.SOCKET_WRITES.inc("direct", direct)
         if queued:
-            metrics.labelled(metrics.SOCKET_WRITES, "queued").inc(queued)
+            metrics.SOCKET_WRITES.inc("queued", queued)
         return None
 
 

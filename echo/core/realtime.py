@@ -176,7 +176,7 @@ class Realtime:
             "seq": envelope.seq,
             "ts": envelope.ts,
         }
-        metrics.labelled(metrics.MESSAGES_DELIVERED, envelope.app).inc()
+        metrics.MESSAGES_DELIVERED.inc(envelope.app)
         await self.sio.emit("message", payload, room=envelope.channel, namespace="/" + envelope.app)
 
     async def status(self, app: str, event: str, *, local: bool = False, **details: Any) -> None:
@@ -412,7 +412,7 @@ class Realtime:
                     f"{self.settings.publish_burst}); retry in {retry_ms} ms",
                     retryAfterMs=retry_ms,
                 )
-        metrics.labelled(metrics.MESSAGES_PUBLISHED, client.app).inc()
+        metrics.MESSAGES_PUBLISHED.inc(client.app)
         rule = self.pipeline.rule(client.app, request.channel)
         if self.pipeline.may_wait(client.app, request.channel, rule):
             # functions to run, or a predecessor still in flight: don't hold up this

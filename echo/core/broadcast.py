@@ -129,6 +129,9 @@ class _WriteBatch:
 
 _batch = _WriteBatch()
 
+queued_sockets: set[Any] = set()
+"""Sockets that sent through engine.io's queue since the slow-consumer watchdog last looked."""
+
 
 def _track(sock: Any, ws: Any, protocol: Any) -> None:
     """Let ``sock`` take the direct path, counting what it sends through engine.io's queue."""
@@ -151,6 +154,7 @@ def _track(sock: Any, ws: Any, protocol: Any) -> None:
             if protocol is not None:
                 _batch.flush_one(protocol.transport)  # keep order with what was batched
             sock.echo_pending += 1
+            queued_sockets.add(sock)
             await queued_send(pkt)
 
         sock.send = send

@@ -24,6 +24,10 @@ def uvicorn_config(app: Any, host: str, port: int, log_level: str = "info") -> u
         http="auto",
         ws="websockets-sansio",
         ws_per_message_deflate=False,
+        # engine.io's heartbeat already checks every connection; uvicorn's own WebSocket
+        # pings doubled the idle traffic (py-spy on 10,000 idle connections)
+        ws_ping_interval=None,
+        ws_ping_timeout=None,
         lifespan="on",
         access_log=False,
         timeout_graceful_shutdown=5,

@@ -236,7 +236,9 @@ class Realtime:
             broadcast.queued_sockets.clear()
             for sock in candidates:
                 queued = sock.queue.qsize()
-                if queued <= limit or sock.closed:
+                if sock.closed:
+                    continue
+                if queued <= limit:
                     if queued:  # still has a backlog: look again next time
                         broadcast.queued_sockets.add(sock)
                     continue

@@ -78,6 +78,7 @@ _SKIPPED = None
 class _ChannelState:
     """A channel's messages in flight on this node, and its reorder buffer."""
 
+    key: tuple[str, str]  # (app, channel)
     next_seq: int  # the next sequence number to deliver, or skip
     last_seq: int = 0  # the last one given out
     pending: int = 0
@@ -148,7 +149,7 @@ class Pipeline:
         if len(self._seq) > self._max_tracked:
             self._seq.popitem(last=False)
         if state is None:
-            state = self._channels[key] = _ChannelState(next_seq=seq)
+            state = self._channels[key] = _ChannelState(key=key, next_seq=seq)
         state.last_seq = seq
         state.pending += 1
         self.idle.clear()
@@ -181,10 +182,7 @@ class Pipeline:
             if not finished:  # cancelled or failed before its turn: never hold up the rest
                 self._in_turn_later(state, seq)
             state.pending -= 1
-            if state.pending == 0 and not state.finished:
-                del self._channels[key]
-            if not self._channels:
-                self.idle.set()
+            self._forget_if_done(state)
 
     async def _in_turn(self, state: _ChannelState, seq: int, envelope: Envelope | None) -> None:
         """Deliver ``envelope`` once every earlier message of the channel is delivered.
@@ -242,12 +240,14 @@ class Pipeline:
 
     async def _drain_in_task(self, state: _ChannelState) -> None:
         await self._drain(state)
-        if state.pending == 0 and not state.finished:
-            for key, known in list(self._channels.items()):
-                if known is state:
-                    del self._channels[key]
-            if not self._channels:
-                self.idle.set()
+        self._forget_if_done(state)
+
+    def _forget_if_done(self, state: _ChannelState) -> None:
+        """Drop a channel's state once nothing of it is in flight or waiting to be delivered."""
+        if state.pending == 0 and not state.finished and self._channels.get(state.key) is state:
+            del self._channels[state.key]
+        if not self._channels:
+            self.idle.set()
 
     async def _run_chain(self, envelope: Envelope, chain: tuple[str, ...]) -> Outcome:
         context = InvocationContext(

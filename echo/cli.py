@@ -544,9 +544,7 @@ def associations_push(
     project: ProjectOption = Path("."),
 ) -> None:
     """Upload associations.json to a deployment (--target) or PUT it to a running server."""
-    import httpx
-
-    from echo.core.auth import issue_management_token
+    from echo import management
 
     if target:
         plugin = open_target(target, project, option)
@@ -557,15 +555,14 @@ def associations_push(
     settings = settings_for(project)
     associations = _load_associations_file(settings)
     endpoint = url or settings.local_url
-    token = issue_management_token(settings.require_secret(), ttl=60)
     try:
-        reply = httpx.put(endpoint + "/associations", json=associations.document,
-                          headers={"authorization": f"Bearer {token}"}, timeout=10)
-    except httpx.HTTPError as exc:
-        fail(f"cannot reach {endpoint}: {exc}", "is `echoctl dev` running? pass --url otherwise")
-    if reply.status_code != 200:
-        fail(f"{endpoint} refused the document ({reply.status_code}): {reply.text}")
-    err.print(f"[green]pushed[/] associations to {endpoint}: version {reply.json().get('version')}")
+        reply = management.put_associations(endpoint, associations.document,
+                                            settings.require_secret(), timeout=10)
+    except management.Unreachable as exc:
+        fail(str(exc), "is `echoctl dev` running? pass --url otherwise")
+    except management.ManagementError as exc:
+        fail(f"{endpoint} refused the document ({exc.status}): {exc.body}")
+    err.print(f"[green]pushed[/] associations to {endpoint}: version {reply.get('version')}")
 
 
 def main() -> None:

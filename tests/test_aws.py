@@ -41,6 +41,8 @@ from echo.targets.aws.deploy import StackDeployer
 from echo.targets.base import TargetError
 from tests.conftest import EchoProcess, MotoServer, free_port, make_project
 
+pytestmark = pytest.mark.aws
+
 IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/echo:test"
 REDIS = "redis://redis.internal.example:6379/0"
 
@@ -221,7 +223,7 @@ def test_bad_options_are_refused_with_a_reason(tmp_path: Path) -> None:
         ("colour=blue",): "unknown option 'colour'",
         ("stack_name=1-bad",): "must start with a letter",
         ("redis_url=redis://user:pw@host:6379/0",): "must not carry a user or password",
-        ("long_polling=maybe",): "use true or false",
+        ("long_polling=maybe",): "-o long_polling: expected true or false, got 'maybe'",
         ("region=mars",): "not a region name",
     }
     for options, message in cases.items():

@@ -13,10 +13,11 @@ import dataclasses
 import logging
 from typing import Any
 
+from echo.aws import aws_client
 from echo.config import Settings
 from echo.core.functions import FunctionCatalog, discover
 from echo.runners.lambda_deploy import LambdaDeployer
-from echo.runners.lambda_runner import aws_client
+from echo.runners.lambda_runner import lambda_client
 
 log = logging.getLogger("echo.localstack")
 
@@ -46,10 +47,10 @@ class LocalStackFunctions:
     def _connect(self) -> LambdaDeployer:
         if self._deployer is None:
             endpoint, region = self.settings.lambda_endpoint_url, self.settings.aws_region
-            iam = aws_client("iam", endpoint, region)
+            iam = aws_client("iam", region=region, endpoint_url=endpoint)
             role = LambdaDeployer.ensure_role(iam, DEV_ROLE)
             self._deployer = LambdaDeployer(
-                aws_client("lambda", endpoint, region), self.settings.lambda_prefix, role
+                lambda_client(endpoint, region), self.settings.lambda_prefix, role
             )
         return self._deployer
 

@@ -15,31 +15,21 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from echo.aws import aws_client
 from echo.config import Settings
 from echo.core.functions import FunctionSpec
-from echo.core.runners import FunctionError, InvocationContext, Runner
+from echo.core.runners import FunctionError, FunctionErrorKind, InvocationContext, Runner
 
 MAX_CONCURRENT_INVOCATIONS = 64
 CLIENT_CONTEXT_LIMIT = 3583  # bytes of base64, Lambda's documented maximum
 
 
-def aws_client(service: str, endpoint_url: str | None, region: str) -> Any:
-    """A boto3 client; against an emulator endpoint, dummy credentials if none are set."""
-    import boto3
-    from botocore.config import Config
-
-    config = Config(
-        region_name=region,
-        max_pool_connections=MAX_CONCURRENT_INVOCATIONS,
-        read_timeout=900,
-        connect_timeout=5,
+def lambda_client(endpoint_url: str | None, region: str) -> Any:
+    return aws_client(
+        "lambda", region=region, endpoint_url=endpoint_url,
+        max_pool_connections=MAX_CONCURRENT_INVOCATIONS, read_timeout=900, connect_timeout=5,
         retries={"max_attempts": 1, "mode": "standard"},  # Echo's own retries decide
     )
-    session = boto3.session.Session()
-    credentials: dict[str, str] = {}
-    if endpoint_url and session.get_credentials() is None:
-        credentials = {"aws_access_key_id": "test", "aws_secret_access_key": "test"}
-    return session.client(service, endpoint_url=endpoint_url, config=config, **credentials)
 
 
 class LambdaRunner(Runner):
@@ -58,7 +48,7 @@ class LambdaRunner(Runner):
         return self.prefix + function
 
     async def start(self) -> None:
-        self._client = aws_client("lambda", self.endpoint_url, self.region)
+        self._client = lambda_client(self.endpoint_url, self.region)
 
     async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -80,7 +70,7 @@ class LambdaRunner(Runner):
             # Lambda enforces the function's own timeout; this bounds a hung connection too
             return await asyncio.wait_for(call, spec.timeout + 5)
         except TimeoutError:
-            raise FunctionError(spec.name, "timeout", f"no answer from Lambda within "
+            raise FunctionError(spec.name, FunctionErrorKind.TIMEOUT, f"no answer from Lambda within "
                                                       f"{spec.timeout + 5:g}s") from None
 
     def _invoke_blocking(self, spec: FunctionSpec, request: dict[str, Any]) -> Any:
@@ -93,20 +83,21 @@ class LambdaRunner(Runner):
             code = exc.response.get("Error", {}).get("Code", "")
             if code == "ResourceNotFoundException":
                 raise FunctionError(
-                    spec.name, "not_found", f"no Lambda function {request['FunctionName']!r}"
+                    spec.name, FunctionErrorKind.NOT_FOUND, f"no Lambda function {request['FunctionName']!r}"
                 ) from None
-            raise FunctionError(spec.name, "failed", f"Lambda {code}: {exc}") from None
+            raise FunctionError(spec.name, FunctionErrorKind.FAILED, f"Lambda {code}: {exc}") from None
         except ReadTimeoutError:
-            raise FunctionError(spec.name, "timeout", "Lambda did not answer in time") from None
+            raise FunctionError(spec.name, FunctionErrorKind.TIMEOUT,
+                                "Lambda did not answer in time") from None
         except BotoCoreError as exc:
-            raise FunctionError(spec.name, "failed", f"Lambda unreachable: {exc}") from None
+            raise FunctionError(spec.name, FunctionErrorKind.FAILED, f"Lambda unreachable: {exc}") from None
         if response.get("FunctionError"):
             raise _error_from_payload(spec.name, payload)
         try:
             return json.loads(payload) if payload else None
         except ValueError:
             raise FunctionError(
-                spec.name, "bad_result", f"Lambda returned non-JSON: {payload[:80]!r}"
+                spec.name, FunctionErrorKind.BAD_RESULT, f"Lambda returned non-JSON: {payload[:80]!r}"
             ) from None
 
 
@@ -121,8 +112,8 @@ def _error_from_payload(function: str, payload: bytes) -> FunctionError:
     error_type = str(document.get("errorType", ""))
     message = str(document.get("errorMessage", "")).strip()
     if "Timedout" in error_type or "timed out" in message.lower():
-        return FunctionError(function, "timeout", message or error_type)
+        return FunctionError(function, FunctionErrorKind.TIMEOUT, message or error_type)
     if "MarshalError" in error_type:
-        return FunctionError(function, "bad_result", message or error_type)
+        return FunctionError(function, FunctionErrorKind.BAD_RESULT, message or error_type)
     detail = f"{error_type}: {message}" if error_type else message
-    return FunctionError(function, "raised", detail)
+    return FunctionError(function, FunctionErrorKind.RAISED, detail)

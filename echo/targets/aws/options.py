@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from echo.config import to_bool, to_int
+
 # Fargate's valid task sizes: CPU units -> memory (MiB) choices
 FARGATE_SIZES: dict[int, tuple[int, ...]] = {
     256: (512, 1024, 2048),
@@ -43,7 +45,6 @@ REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d$")
 CACHE_NODE = re.compile(r"^cache\.[a-z0-9]+\.[a-z0-9]+$")
 IMAGE = re.compile(r"^[a-z0-9][a-z0-9._/:@+-]*$", re.IGNORECASE)
 CERTIFICATE = re.compile(r"^arn:aws[a-z-]*:acm:[a-z0-9-]+:\d{12}:certificate/[A-Za-z0-9-]+$")
-TRUE, FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
 
 
 @dataclass(frozen=True)
@@ -78,16 +79,6 @@ def default_stack_name(project_dir: Path) -> str:
     if not name or not name[0].isalpha():
         name = f"echo-{name}".rstrip("-")
     return name[:28].rstrip("-")
-
-
-def _int(key: str, raw: str, low: int, high: int) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"-o {key}={raw}: expected a whole number") from None
-    if not low <= value <= high:
-        raise ValueError(f"-o {key}={raw}: must be from {low} to {high}")
-    return value
 
 
 def parse_options(raw: dict[str, str], project_dir: Path) -> AwsOptions:
@@ -131,10 +122,10 @@ def parse_options(raw: dict[str, str], project_dir: Path) -> AwsOptions:
             raise ValueError(f"-o architecture={raw['architecture']}: use x86_64 or arm64")
         values["architecture"] = arch
 
-    cpu = _int("task_cpu", raw.get("task_cpu", "256"), 256, 4096)
+    cpu = to_int("-o task_cpu", raw.get("task_cpu", "256"), 256, 4096)
     if cpu not in FARGATE_SIZES:
         raise ValueError(f"-o task_cpu={cpu}: Fargate offers {', '.join(map(str, FARGATE_SIZES))}")
-    memory = _int("task_memory", raw.get("task_memory", str(FARGATE_SIZES[cpu][0])), 512, 30720)
+    memory = to_int("-o task_memory", raw.get("task_memory", str(FARGATE_SIZES[cpu][0])), 512, 30720)
     if memory not in FARGATE_SIZES[cpu]:
         choices = FARGATE_SIZES[cpu]
         offered = (", ".join(map(str, choices)) if len(choices) <= 4
@@ -142,8 +133,8 @@ def parse_options(raw: dict[str, str], project_dir: Path) -> AwsOptions:
         raise ValueError(f"-o task_memory={memory}: with task_cpu={cpu} Fargate offers {offered}")
     values["task_cpu"], values["task_memory"] = cpu, memory
 
-    min_tasks = _int("min_tasks", raw.get("min_tasks", "1"), 0, 100)
-    max_tasks = _int("max_tasks", raw.get("max_tasks", str(max(4, min_tasks))), 1, 100)
+    min_tasks = to_int("-o min_tasks", raw.get("min_tasks", "1"), 0, 100)
+    max_tasks = to_int("-o max_tasks", raw.get("max_tasks", str(max(4, min_tasks))), 1, 100)
     if max_tasks < min_tasks:
         raise ValueError(f"-o max_tasks={max_tasks} is below min_tasks={min_tasks}")
     values["min_tasks"], values["max_tasks"] = min_tasks, max_tasks
@@ -165,10 +156,7 @@ def parse_options(raw: dict[str, str], project_dir: Path) -> AwsOptions:
             )
         values["redis_url"] = url
     if "long_polling" in raw:
-        flag = raw["long_polling"].lower()
-        if flag not in TRUE + FALSE:
-            raise ValueError(f"-o long_polling={raw['long_polling']}: use true or false")
-        values["long_polling"] = flag in TRUE
+        values["long_polling"] = to_bool("-o long_polling", raw["long_polling"])
     if "certificate_arn" in raw:
         if not CERTIFICATE.match(raw["certificate_arn"]):
             raise ValueError(
@@ -176,5 +164,5 @@ def parse_options(raw: dict[str, str], project_dir: Path) -> AwsOptions:
             )
         values["certificate_arn"] = raw["certificate_arn"]
     if "timeout" in raw:
-        values["timeout_minutes"] = _int("timeout", raw["timeout"], 1, 180)
+        values["timeout_minutes"] = to_int("-o timeout", raw["timeout"], 1, 180)
     return AwsOptions(stack_name=stack_name, **values)  # type: ignore[arg-type]

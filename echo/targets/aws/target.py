@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from echo.aws import aws_client
 from echo.config import Settings
 from echo.core.associations import Associations, AssociationsError, parse_associations_text
 from echo.core.functions import FunctionConfigError, FunctionSpec, discover
@@ -122,15 +123,10 @@ class AwsTarget(Target):
 
     def client(self, service: str) -> Any:
         if service not in self._clients:
-            from botocore.config import Config
-
-            config = Config(region_name=self.region, connect_timeout=10, read_timeout=120,
-                            retries={"max_attempts": 5, "mode": "standard"})
-            credentials: dict[str, str] = {}
-            if self.opts.endpoint_url and self.session.get_credentials() is None:
-                credentials = {"aws_access_key_id": "test", "aws_secret_access_key": "test"}
-            self._clients[service] = self.session.client(
-                service, endpoint_url=self.opts.endpoint_url, config=config, **credentials)
+            self._clients[service] = aws_client(
+                service, region=self.region, endpoint_url=self.opts.endpoint_url,
+                session=self.session, connect_timeout=10, read_timeout=120,
+                retries={"max_attempts": 5, "mode": "standard"})
         return self._clients[service]
 
     def stack(self, progress: Progress) -> StackDeployer:
@@ -470,31 +466,25 @@ class AwsTarget(Target):
 
     def _put_live(self, endpoint: str, body: bytes, secret: str, progress: Progress) -> bool:
         """PUT /associations on the running service, if it answers; say what happened."""
-        import httpx
-
-        from echo.core import auth
+        from echo import management
 
         later = "running tasks keep their document; tasks load the uploaded copy when they start"
         host = urlsplit(endpoint).hostname or ""
         if not _resolves(host):
             progress(f"not applied live: {endpoint} does not resolve from here; {later}")
             return False
-        manage = getattr(auth, "issue_management_token", None)
-        token = manage(secret, ttl=60) if manage else auth.issue_token(
-            secret, "echoctl", admin=True, ttl=60)
         try:
-            reply = httpx.put(f"{endpoint}/associations", content=body, timeout=LIVE_PUT_TIMEOUT,
-                              headers={"authorization": f"Bearer {token}",
-                                       "content-type": "application/json"})
-        except httpx.HTTPError as exc:
-            progress(f"not applied live: {endpoint} did not answer ({type(exc).__name__}); "
+            reply = management.put_associations(endpoint, json.loads(body), secret,
+                                                timeout=LIVE_PUT_TIMEOUT)
+        except management.Unreachable as exc:
+            progress(f"not applied live: {endpoint} did not answer ({exc}); "
                      f"{later}; run `echoctl associations push --target aws` once it is up")
             return False
-        if reply.status_code != 200:
-            progress(f"not applied live: {endpoint} refused it ({reply.status_code}: "
-                     f"{reply.text[:200]}); {later}")
+        except management.ManagementError as exc:
+            progress(f"not applied live: {endpoint} refused it ({exc.status}: "
+                     f"{exc.body[:200]}); {later}")
             return False
-        progress(f"applied live on {endpoint} (version {reply.json().get('version')})")
+        progress(f"applied live on {endpoint} (version {reply.get('version')})")
         return True
 
 

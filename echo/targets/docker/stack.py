@@ -20,9 +20,9 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
-from echo.config import Settings
+from echo import management
+from echo.config import Settings, to_bool, to_int
 from echo.core.associations import Associations
-from echo.core.auth import issue_management_token
 from echo.targets.base import Outputs, Progress, Target, TargetError
 from echo.targets.docker.images import build_image
 
@@ -73,10 +73,7 @@ def nginx_conf(replicas: int) -> str:
 
 
 def _int_option(options: dict[str, str], key: str, default: int, low: int, high: int) -> int:
-    raw = options.get(key, str(default))
-    if not raw.isdigit() or not low <= int(raw) <= high:
-        raise ValueError(f"-o {key}={raw}: expected a whole number from {low} to {high}")
-    return int(raw)
+    return to_int(f"-o {key}", options.get(key, str(default)), low, high)
 
 
 def _fingerprint(*parts: object) -> str:
@@ -324,7 +321,7 @@ class DockerTarget(Target):
         for network in self.client.networks.list(filters={"label": f"{LABEL}={self.project}"}):
             progress(f"removing network {network.name}")
             network.remove()
-        if self.options.get("remove_image", "").lower() in ("1", "true", "yes"):
+        if to_bool("-o remove_image", self.options.get("remove_image", "no")):
             try:
                 self.client.images.remove(f"{self.prefix}:latest")
                 progress(f"removed image {self.prefix}:latest")
@@ -370,16 +367,10 @@ def _logs(container: Any, lines: int = 20) -> str:
 
 
 def _request(method: str, url: str, secret: str, body: Any = None) -> Any:
-    token = issue_management_token(secret, ttl=60)
-    request = urllib.request.Request(
-        url, method=method, data=None if body is None else json.dumps(body).encode(),
-        headers={"authorization": f"Bearer {token}", "content-type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=15) as reply:
-            return json.loads(reply.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        raise TargetError(f"{method} {url} answered {exc.code}: "
-                          f"{exc.read().decode(errors='replace')[:500]}") from exc
-    except OSError as exc:
-        raise TargetError(f"cannot reach {url} ({exc}): is the deployment running? "
+        return management.call(method, url, secret, body)
+    except management.ManagementError as exc:
+        raise TargetError(str(exc)) from exc
+    except management.Unreachable as exc:
+        raise TargetError(f"{exc}: is the deployment running? "
                           "see `echoctl status --target docker`") from exc

@@ -15,13 +15,18 @@ import os
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+
+from echo.broker.connection import POOL_SIZE, redis_client, subscription
+from echo.config import redis_urls
 from echo.core.associations import Associations, parse_associations_text
-from echo.core.redis_conn import redis_client, subscription
 
 log = logging.getLogger("echo.store")
 
-Changed = Callable[[], Awaitable[None]]
+Changed = Callable[[], Awaitable[object]]
 
 
 class AssociationsStore(abc.ABC):
@@ -123,13 +128,22 @@ class RedisStore(AssociationsStore):
     publishes the new version on ``echo:associations:changed`` and every node re-reads.
     A node starting later reads the current version from Redis; if Redis is empty, the
     durable store (a file in dev, S3 in the cloud) seeds it.
+
+    ``url`` may list several servers (the broker spreads channels over them): the document
+    lives on the first. On a Redis Cluster (``cluster``) the URL is a seed node, commands go
+    to the slot owner, and both keys share a hash tag so the scripts (which touch both) run
+    on one node; a PUBLISH from a script reaches subscribers on every cluster node.
     """
 
-    def __init__(self, url: str, durable: AssociationsStore, prefix: str = "echo") -> None:
-        self.url = url
+    def __init__(self, url: str, durable: AssociationsStore, prefix: str = "echo", *,
+                 cluster: bool = False) -> None:
+        self.url = redis_urls(url)[0]
         self.durable = durable
-        self.redis = redis_client(url)
-        self.keys = (f"{prefix}:associations:version", f"{prefix}:associations")
+        self.redis: Redis | RedisCluster = (RedisCluster.from_url(self.url, max_connections=POOL_SIZE,
+                                                 socket_connect_timeout=2)
+                           if cluster else redis_client(self.url))
+        tag = f"{{{prefix}:associations}}" if cluster else f"{prefix}:associations"
+        self.keys = (f"{tag}:version", tag)
         self.channel = f"{prefix}:associations:changed"
 
     def describe(self) -> str:
@@ -139,7 +153,8 @@ class RedisStore(AssociationsStore):
         return self.durable
 
     async def load(self) -> Associations:
-        document, version = await self.redis.hmget(self.keys[1], "document", "version")
+        row: list[Any] = await self.redis.hmget(self.keys[1], "document", "version")
+        document, version = row
         if document is None:
             seed = await self.durable.load()
             document, version = await self.redis.eval(
@@ -171,3 +186,5 @@ class RedisStore(AssociationsStore):
 
     async def close(self) -> None:
         await self.redis.aclose()
+        if isinstance(self.redis, Redis):  # a pool given to a client stays open
+            await self.redis.connection_pool.disconnect()

@@ -1,0 +1,642 @@
+"""Cross-node delivery on Redis: per-channel subscriptions, sharded over servers or a Cluster.
+
+**Who gets what.** A node subscribes to a channel's Redis channel only while it serves the
+channel, on one pub/sub connection per Redis server (:mod:`echo.broker.subscriber`), so it
+receives nothing for channels it doesn't serve. A channel's Redis names carry a hash tag,
+``<prefix>:{<app>:<channel>}`` (the app percent-encoded, so no ``:``, ``{`` or ``}`` of a
+name can make two channels collide), and every key of the channel (``…:nodes``,
+``…:presence``, history later) lives in the same Cluster slot or on the same server.
+
+**Where.** One URL: one server. Several: each channel on one of them by consistent hashing
+of the hash tag (:mod:`echo.broker.ring`; every node must list the same URLs). A Cluster
+(``cluster=True``, the URLs are seed nodes): the slot owner, read from ``CLUSTER SHARDS``,
+through sharded pub/sub (``SPUBLISH``/``SSUBSCRIBE``); a slot that moves is re-resolved
+(``MOVED``, or a server-sent ``sunsubscribe``) and its channels re-subscribed.
+
+**What travels.** ``<node id: 16 bytes><epoch: 4><sequence: 8><Frame.packet>``: the
+receiving node skips its own frames by the prefix and writes the packet as it is. The
+sequence (per publishing node and channel) lets a receiver see frames it missed, and drop a
+frame it already has (a pipeline resent after a connection broke mid-way).
+
+**Loss is counted, never silent.** ``publish`` delivers locally, then queues for Redis
+(:mod:`echo.broker.outbox`: ordered, pipelined, bounded); a frame that can't be sent counts
+in ``stats.publish_failures``. Each node registers its interest in a channel in
+``<name>:nodes`` (score: expiry in Redis time, refreshed every ``liveness / 3`` s) once its
+subscription is confirmed, and again *before* re-subscribing after a reconnect; the publish
+script returns PUBLISH's receiver count and the count of live registrations, and the
+difference goes to ``stats.lost_receivers`` (the publisher's view). The receiver's view is
+``stats.extra["missed_frames"]``: sequence gaps, which also catch what the registry cannot
+see (a restarted Redis lost the registry, and a node had not re-registered yet).
+
+**Presence** is a hash per channel (``member -> <node id><info JSON>``) beside a registry of
+the nodes holding entries there; ``presence()`` returns the entries of nodes whose
+registration is live and deletes the rest, so a dead node's entries go within ``liveness``
+(30 s) seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import secrets
+import struct
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+from urllib.parse import quote
+
+import redis.asyncio as aioredis
+from redis.crc import key_slot
+from redis.exceptions import MovedError
+
+from echo.broker.base import Broker
+from echo.broker.connection import describe, node_url, redis_client
+from echo.broker.outbox import Outbox, Outgoing
+from echo.broker.ring import HashRing
+from echo.broker.scripts import (
+    PRESENCE_ADD,
+    PRESENCE_BEAT,
+    PRESENCE_READ,
+    PUBLISH,
+    REGISTER,
+    SPUBLISH,
+    Call,
+    run_pipelined,
+    run_script,
+)
+from echo.broker.subscriber import Subscriber
+from echo.broker.throttle import ThrottledLog
+from echo.broker.topology import SLOTS, read_topology
+from echo.transport import codec
+from echo.transport.base import Frame
+
+if TYPE_CHECKING:
+    from echo.config import Settings
+
+log = logging.getLogger("echo.redis")
+
+T = TypeVar("T")
+
+NODE_ID_BYTES = 16
+HEADER = struct.Struct(">IQ")
+"""After the node id: epoch (a new one when the publisher forgot its sequences), sequence."""
+PREFIX_BYTES = NODE_ID_BYTES + HEADER.size
+LIVENESS = 30.0
+"""Seconds a node's registration (interest, presence) lives without a refresh."""
+MAX_SEQUENCES = 100_000
+"""Channels a publisher keeps a sequence for; beyond, it starts a new epoch."""
+MAX_SENDERS = 256
+"""Publishers a receiver tracks per channel; beyond, it forgets them (no gap counted)."""
+TOPOLOGY_INTERVAL = 0.5
+"""At most one ``CLUSTER SHARDS`` per this many seconds, however many MOVED arrive."""
+REGISTER_KEYS = 500
+"""Registries refreshed by one script call (when their channels share a server or slot)."""
+COMMAND_TIMEOUT = 2.0
+"""Seconds a bookkeeping command (unregister, clean-up) may take before it is given up."""
+CHANNEL_SAFE = "-_:.@=/#~"
+"""Characters kept as they are in a channel's part of a Redis name (Echo's channel names
+and the ``#presence`` suffix); anything else is percent-encoded."""
+
+
+class ChannelKeys(NamedTuple):
+    name: bytes
+    """The Redis (shard) channel."""
+    nodes: bytes
+    """Sorted set: nodes serving the channel (score: expiry, ms of Redis time)."""
+    presence: bytes
+    """Hash: member -> node id + info JSON."""
+    present: bytes
+    """Sorted set: nodes holding presence entries in the channel."""
+
+
+@functools.lru_cache(maxsize=65_536)
+def channel_keys(prefix: str, app: str, channel: str) -> ChannelKeys:
+    name = f"{prefix}:{{{quote(app, safe='')}:{quote(channel, safe=CHANNEL_SAFE)}}}".encode()
+    return ChannelKeys(name, name + b":nodes", name + b":presence", name + b":present")
+
+
+def hash_tag(key: bytes) -> bytes:
+    """What Redis Cluster hashes: the text between the first ``{`` and the next ``}``."""
+    start = key.find(b"{")
+    end = key.find(b"}", start + 1)
+    return key[start + 1:end] if start >= 0 and end > start + 1 else key
+
+
+class Shard:
+    """One Redis server this node uses: a bounded command client, an outbox, a subscriber."""
+
+    def __init__(self, url: str, broker: RedisBroker) -> None:
+        self.url = url
+        self.label = describe(url)
+        self.client = redis_client(url)
+        self.outbox = Outbox(self.client, self.label, broker.publish_script, broker.stats,
+                             broker.warn, on_moved=broker.moved if broker.cluster else None)
+        self.subscriber = Subscriber(url, self.label, sharded=broker.cluster, stats=broker.stats,
+                                     warn=broker.warn, on_message=broker.received,
+                                     prepare=broker.prepare, on_lost=broker.lost)
+
+    async def close(self) -> None:
+        await self.outbox.close()
+        await self.subscriber.close()
+        await self.client.aclose()
+        await self.client.connection_pool.disconnect()  # a pool given to a client stays open
+
+
+@dataclass
+class _Turn:
+    lock: asyncio.Lock
+    users: int = 0
+
+
+class RedisBroker(Broker):
+    name = "redis"
+
+    def __init__(self, urls: list[str], *, cluster: bool = False, prefix: str = "echo",
+                 liveness: float = LIVENESS) -> None:
+        super().__init__()
+        if not urls:
+            raise ValueError("RedisBroker needs at least one Redis URL")
+        if "{" in prefix or "}" in prefix:
+            raise ValueError(f"prefix {prefix!r} must not contain braces (hash tags)")
+        self.urls = list(urls)
+        self.cluster = cluster
+        self.prefix = prefix
+        self.liveness = liveness
+        self.node_id = secrets.token_hex(NODE_ID_BYTES // 2).encode()
+        self.publish_script = SPUBLISH if cluster else PUBLISH
+        self.warn = ThrottledLog(log)
+        self.stats.extra.update(missed_frames=0, duplicates_dropped=0, presence_failures=0)
+        self._shards: dict[str, Shard] = {}
+        self._ring: HashRing[Shard] | None = None
+        self._slots: list[Shard | None] = [None] * SLOTS
+        if not cluster:
+            self._shards = {url: Shard(url, self) for url in self.urls}
+            self._ring = HashRing(self._shards)
+        self._served: dict[bytes, tuple[str, str]] = {}
+        self._assigned: dict[bytes, Shard] = {}
+        self._seen: dict[bytes, dict[bytes, tuple[int, int]]] = {}
+        self._sequences: dict[bytes, int] = {}
+        self._epoch = 1
+        self._present: dict[ChannelKeys, dict[str, bytes]] = {}
+        self._unsynced: set[ChannelKeys] = set()
+        self._turns: dict[bytes, _Turn] = {}
+        self._topology_lock = asyncio.Lock()
+        self._topology_at = -TOPOLOGY_INTERVAL
+        self._topology_known = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._maintainer: asyncio.Task[None] | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RedisBroker:
+        from echo.config import redis_urls
+
+        if not settings.redis_url:
+            raise ValueError("redis_url is not set")
+        return cls(redis_urls(settings.redis_url), cluster=settings.redis_cluster)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self, deliver: Callable[[str, str, Frame], None]) -> None:
+        await super().start(deliver)
+        if self.cluster and not await self._refresh_topology():
+            log.warning("Redis Cluster: no seed node answered (%s); retrying every second",
+                        ", ".join(describe(url) for url in self.urls))
+        self._maintainer = asyncio.get_running_loop().create_task(self._maintain())
+
+    async def flush(self) -> None:
+        for shard in list(self._shards.values()):
+            await shard.outbox.flush()
+
+    async def close(self) -> None:
+        tasks = [task for task in (self._maintainer, *self._tasks) if task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            await asyncio.wait_for(self._leave(), COMMAND_TIMEOUT)
+        except Exception as exc:
+            log.warning("could not remove this node's registrations and presence from Redis "
+                        "(%s); they expire within %.0fs", exc or type(exc).__name__,
+                        self.liveness)
+        for shard in list(self._shards.values()):
+            await shard.close()
+
+    async def _leave(self) -> None:
+        """Delete this node's registrations and presence entries."""
+        work: dict[Shard, list[tuple[str, tuple[Any, ...]]]] = {}
+        for name, shard in self._assigned.items():
+            work.setdefault(shard, []).append(("zrem", (name + b":nodes", self.node_id)))
+        for keys, members in self._present.items():
+            owner = self._route(keys.name)
+            if owner is not None and members:
+                work.setdefault(owner, []).extend([("hdel", (keys.presence, *members)),
+                                                   ("zrem", (keys.present, self.node_id))])
+
+        async def clean(shard: Shard, commands: list[tuple[str, tuple[Any, ...]]]) -> None:
+            async with shard.client.pipeline(transaction=False) as pipe:
+                for command, args in commands:
+                    getattr(pipe, command)(*args)
+                await pipe.execute(raise_on_error=False)
+
+        await asyncio.gather(*(clean(shard, commands) for shard, commands in work.items()))
+
+    async def problems(self) -> list[str]:
+        found: list[str] = []
+        if self.cluster and not self._topology_known:
+            found.append("redis cluster: slot owners unknown (no seed node answered: "
+                         + ", ".join(describe(url) for url in self.urls) + ")")
+
+        async def check(shard: Shard) -> None:
+            try:
+                await asyncio.wait_for(shard.client.ping(), 1)
+            except Exception as exc:
+                found.append(f"redis {shard.label}: unreachable ({exc or type(exc).__name__})")
+                return
+            if shard.subscriber.wanted and not shard.subscriber.live:
+                found.append(f"redis {shard.label}: re-subscribing "
+                             f"{len(shard.subscriber.wanted)} channel(s)")
+
+        await asyncio.gather(*(check(shard) for shard in list(self._shards.values())))
+        return found
+
+    # -- routing ---------------------------------------------------------------------------
+
+    def _route(self, key: bytes) -> Shard | None:
+        if self._ring is not None:
+            return self._ring.get(hash_tag(key))
+        return self._slots[key_slot(key)]
+
+    def shard_of(self, app: str, channel: str) -> str | None:
+        """``host:port`` of the Redis server carrying ``channel`` (for tests and logs)."""
+        shard = self._route(channel_keys(self.prefix, app, channel).name)
+        return shard.label if shard is not None else None
+
+    async def _refresh_topology(self) -> bool:
+        """Read the slot owners from the cluster and move channels whose owner changed.
+
+        However many callers ask at once (every MOVED frame of a batch), one read serves
+        all who asked before it started, and reads are at least ``TOPOLOGY_INTERVAL`` apart.
+        """
+        asked = time.monotonic()
+        async with self._topology_lock:
+            if self._topology_at >= asked:
+                return self._topology_known
+            await asyncio.sleep(self._topology_at + TOPOLOGY_INTERVAL - time.monotonic())
+            self._topology_at = time.monotonic()
+            ranges = None
+            for url in [*self._shards, *self.urls]:
+                try:
+                    ranges = await read_topology(url)
+                    break
+                except Exception as exc:
+                    log.debug("CLUSTER SHARDS on %s failed: %s", describe(url), exc)
+            if not ranges:
+                return False
+            slots: list[Shard | None] = [None] * SLOTS
+            for owner in ranges:
+                url = node_url(self.urls[0], owner.host, owner.port)
+                shard = self._shards.get(url)
+                if shard is None:
+                    shard = self._shards[url] = Shard(url, self)
+                slots[owner.start:owner.end + 1] = [shard] * (owner.end - owner.start + 1)
+            self._slots = slots
+            self._topology_known = True
+        await self._reroute()
+        return True
+
+    def _refresh_topology_soon(self) -> None:
+        async def refresh() -> None:
+            await self._refresh_topology()
+
+        self._spawn(refresh())
+
+    async def _reroute(self) -> None:
+        moving = [name for name in self._served
+                  if self._assigned.get(name) is not self._route(name)]
+        for name in moving:
+            async with self._turn(name):
+                old = self._assigned.get(name)
+                new = self._route(name)
+                if name not in self._served or old is new:
+                    continue
+                if old is not None:
+                    del self._assigned[name]
+                    await old.subscriber.remove(name)
+                if new is not None:
+                    await self._attach(name, new, register_first=True)
+        owning = set(self._slots)
+        for url, shard in list(self._shards.items()):
+            if shard in owning:
+                await shard.subscriber.resync()
+            elif not shard.subscriber.wanted and not len(shard.outbox):
+                del self._shards[url]
+                await shard.close()
+
+    def moved(self, items: list[Outgoing]) -> None:
+        """Frames a server refused with MOVED: find the new owners and send them there."""
+        async def resend() -> None:
+            await self._refresh_topology()
+            for item in items:
+                shard = self._route(item.name)
+                if shard is None:
+                    self.stats.publish_failures += 1
+                else:
+                    shard.outbox.put(item)
+
+        self._spawn(resend())
+
+    def lost(self, subscriber: Subscriber, slot: int | None) -> None:
+        """The server dropped subscriptions (their slot moved): re-resolve, re-subscribe."""
+        log.info("Redis %s no longer serves slot %s; finding its new owner", subscriber.label,
+                 slot)
+        self._refresh_topology_soon()
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _on_owner(self, key: bytes, run: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
+        """Run a command on the server owning ``key`` (re-resolved once after MOVED)."""
+        shard = self._route(key)
+        if shard is None and self.cluster:
+            await self._refresh_topology()
+            shard = self._route(key)
+        if shard is None:
+            raise ConnectionError("no Redis Cluster node known for this channel")
+        try:
+            return await run(shard.client)
+        except MovedError:
+            if not self.cluster:
+                raise
+            await self._refresh_topology()
+            shard = self._route(key)
+            if shard is None:
+                raise
+            return await run(shard.client)
+
+    # -- channels --------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _turn(self, name: bytes) -> AsyncIterator[None]:
+        """One subscribe/unsubscribe/move of a channel at a time, in call order."""
+        turn = self._turns.get(name)
+        if turn is None:
+            turn = self._turns[name] = _Turn(asyncio.Lock())
+        turn.users += 1
+        try:
+            async with turn.lock:
+                yield
+        finally:
+            turn.users -= 1
+            if not turn.users:
+                del self._turns[name]
+
+    async def subscribe(self, app: str, channel: str) -> None:
+        name = channel_keys(self.prefix, app, channel).name
+        async with self._turn(name):
+            if name in self._served:
+                return
+            self._served[name] = (app, channel)
+            self._seen[name] = {}
+            shard = self._route(name)
+            if shard is not None:
+                await self._attach(name, shard, register_first=False)
+
+    async def _attach(self, name: bytes, shard: Shard, *, register_first: bool) -> None:
+        self._assigned[name] = shard
+        if register_first:
+            await self._register(shard, [name])
+        if await shard.subscriber.add(name) and not register_first:
+            await self._register(shard, [name])
+
+    async def unsubscribe(self, app: str, channel: str) -> None:
+        name = channel_keys(self.prefix, app, channel).name
+        async with self._turn(name):
+            if self._served.pop(name, None) is None:
+                return
+            self._seen.pop(name, None)
+            shard = self._assigned.pop(name, None)
+            if shard is None:
+                return
+            try:  # first: a publish after this no longer expects this node
+                await asyncio.wait_for(shard.client.zrem(name + b":nodes", self.node_id),
+                                       COMMAND_TIMEOUT)
+            except Exception as exc:
+                self.warn.warning("unregister", 1, "%d registration(s) left in Redis %s (%s); "
+                                  "they expire by themselves", shard.label, exc)
+            await shard.subscriber.remove(name)
+
+    async def _register(self, shard: Shard, names: list[bytes]) -> None:
+        """Record (or refresh) that this node serves ``names``; failures are logged."""
+        try:
+            await self._heartbeat(shard, self._registrations(names))
+        except Exception as exc:
+            self.warn.warning("register", len(names), "%d channel registration(s) on Redis "
+                              "%s failed (%s)", shard.label, exc)
+
+    def _beat(self) -> tuple[bytes, int]:
+        return self.node_id, int(self.liveness * 1000)
+
+    def _registrations(self, names: Iterable[bytes]) -> list[Call]:
+        """REGISTER calls for ``names``: many keys per call, all in one slot on a Cluster."""
+        groups: dict[int, list[bytes]] = defaultdict(list)
+        for name in names:
+            groups[key_slot(name) if self.cluster else 0].append(name + b":nodes")
+        return [(REGISTER, keys[start:start + REGISTER_KEYS], self._beat())
+                for keys in groups.values() for start in range(0, len(keys), REGISTER_KEYS)]
+
+    async def _heartbeat(self, shard: Shard, calls: list[Call]) -> None:
+        """Run registration scripts on ``shard``. A connection failure raises; a call the
+        server refuses (MOVED: the slot moved) is logged, and sends for the slot's owner."""
+        for start in range(0, len(calls), 1000):
+            results = await run_pipelined(shard.client, calls[start:start + 1000])
+            failed = [result for result in results if isinstance(result, Exception)]
+            if failed:
+                if any(isinstance(result, MovedError) for result in failed):
+                    self._refresh_topology_soon()
+                self.warn.warning(f"refused {shard.label}", len(failed), "%d registration(s) "
+                                  "refused by Redis %s (%s)", shard.label, failed[0])
+
+    async def prepare(self, subscriber: Subscriber) -> None:
+        """Before (re-)subscribing on a server: register every channel wanted there and put
+        back this node's presence entries (a restarted Redis lost both)."""
+        shard = next((shard for shard in self._shards.values()
+                      if shard.subscriber is subscriber), None)
+        if shard is None:
+            return
+        calls = self._registrations(subscriber.wanted)
+        for keys, members in self._present.items():
+            if members and self._route(keys.name) is shard:
+                calls.extend((PRESENCE_ADD, (keys.present, keys.presence),
+                              (*self._beat(), member, value))
+                             for member, value in members.items())
+        await self._heartbeat(shard, calls)
+
+    # -- frames ----------------------------------------------------------------------------
+
+    def publish(self, app: str, channel: str, frame: Frame) -> None:
+        self.deliver(app, channel, frame)
+        keys = channel_keys(self.prefix, app, channel)
+        sequence = self._sequences.get(keys.name, 0) + 1
+        if sequence == 1 and len(self._sequences) >= MAX_SEQUENCES:
+            self._sequences.clear()
+            self._epoch += 1
+        self._sequences[keys.name] = sequence
+        shard = self._route(keys.name)
+        if shard is None:
+            self.stats.publish_failures += 1
+            self.warn.warning("unrouted", 1, "%d frame(s) not sent to other nodes: no Redis "
+                              "Cluster node known for their channel yet")
+            return
+        header = self.node_id + HEADER.pack(self._epoch, sequence)
+        shard.outbox.put(Outgoing(keys.name, keys.nodes, header + frame.packet))
+
+    def received(self, name: bytes, payload: bytes) -> None:
+        """A frame from Redis: write it to this node's subscribers, unless it is this node's
+        own, for a channel no longer served, or one already delivered."""
+        if payload.startswith(self.node_id):
+            return
+        target = self._served.get(name)
+        if target is None:
+            return
+        if len(payload) < PREFIX_BYTES:
+            self.warn.warning("malformed", 1, "%d malformed frame(s) ignored on %r",
+                              name[:120])
+            return
+        sender = payload[:NODE_ID_BYTES]
+        epoch, sequence = HEADER.unpack_from(payload, NODE_ID_BYTES)
+        seen = self._seen[name]
+        last = seen.get(sender)
+        if last is not None and last[0] == epoch:
+            if sequence <= last[1]:
+                self.stats.extra["duplicates_dropped"] += 1
+                return
+            if sequence > last[1] + 1:
+                missed = sequence - last[1] - 1
+                self.stats.extra["missed_frames"] += missed
+                self.warn.warning("missed", missed, "%d frame(s) from another node missed on "
+                                  "%r (Redis lost them, or this node was re-subscribing)",
+                                  name[:120])
+        elif last is None and len(seen) >= MAX_SENDERS:
+            seen.clear()
+        seen[sender] = (epoch, sequence)
+        self.stats.received += 1
+        try:
+            self.deliver(target[0], target[1], Frame(payload[PREFIX_BYTES:]))
+        except Exception:
+            log.exception("delivering a frame from another node on %r failed", name[:120])
+
+    # -- presence --------------------------------------------------------------------------
+
+    async def presence_add(self, app: str, channel: str, member: str,
+                           info: dict[str, Any]) -> None:
+        keys = channel_keys(self.prefix, app, channel)
+        value = self.node_id + codec.dumps(info).encode()
+        self._present.setdefault(keys, {})[member] = value
+        try:
+            await self._on_owner(keys.name, lambda client: run_script(
+                client, PRESENCE_ADD, (keys.present, keys.presence),
+                (*self._beat(), member, value)))
+        except Exception as exc:
+            self._presence_failed(keys, exc)
+
+    async def presence_remove(self, app: str, channel: str, member: str) -> None:
+        keys = channel_keys(self.prefix, app, channel)
+        members = self._present.get(keys)
+        if members is None or members.pop(member, None) is None:
+            return
+        if not members:
+            del self._present[keys]
+        try:
+            await self._on_owner(keys.name, lambda client: client.hdel(keys.presence, member))
+        except Exception as exc:
+            self._presence_failed(keys, exc)
+
+    def _presence_failed(self, keys: ChannelKeys, exc: Exception) -> None:
+        self._unsynced.add(keys)
+        self.stats.extra["presence_failures"] += 1
+        self.warn.warning("presence", 1, "%d presence update(s) not stored in Redis (%s); "
+                          "retried every %.0fs", exc, self.liveness / 3)
+
+    async def presence(self, app: str, channel: str) -> dict[str, dict[str, Any]]:
+        keys = channel_keys(self.prefix, app, channel)
+        try:
+            flat = await self._on_owner(keys.name, lambda client: run_script(
+                client, PRESENCE_READ, (keys.present, keys.presence), (NODE_ID_BYTES,)))
+        except Exception as exc:
+            self.stats.extra["presence_failures"] += 1
+            self.warn.warning("presence read", 1, "%d presence read(s) answered with this "
+                              "node's members only: Redis unreachable (%s)", exc)
+            return {member: codec.loads(value[NODE_ID_BYTES:])
+                    for member, value in self._present.get(keys, {}).items()}
+        found: dict[str, dict[str, Any]] = {}
+        for index in range(0, len(flat) - 1, 2):
+            try:
+                found[flat[index].decode()] = codec.loads(flat[index + 1])
+            except ValueError:
+                log.warning("ignored a malformed presence entry in %r", keys.presence[:120])
+        return found
+
+    async def _resync_presence(self, keys: ChannelKeys) -> None:
+        """Make Redis hold exactly this node's entries for a channel after failed writes."""
+        local = self._present.get(keys, {})
+
+        async def sync(client: aioredis.Redis) -> None:
+            stored: dict[Any, Any] = await client.hgetall(keys.presence)
+            stale = [member for member, value in stored.items()
+                     if bytes(value).startswith(self.node_id) and bytes(member).decode() not in local]
+            if stale:
+                await client.hdel(keys.presence, *stale)
+            for member, value in local.items():
+                await run_script(client, PRESENCE_ADD, (keys.present, keys.presence),
+                                 (*self._beat(), member, value))
+
+        await self._on_owner(keys.name, sync)
+
+    # -- upkeep ----------------------------------------------------------------------------
+
+    async def _maintain(self) -> None:
+        """Refresh registrations and presence liveness; re-read the cluster's slot owners."""
+        while True:
+            interval = self.liveness / 3
+            if self.cluster and not self._topology_known:
+                interval = 1.0
+            await asyncio.sleep(interval)
+            try:
+                await self._refresh()
+            except Exception:
+                log.exception("refreshing this node's registrations in Redis failed")
+
+    async def _refresh(self) -> None:
+        if self.cluster:
+            await self._refresh_topology()
+        served: dict[Shard, list[bytes]] = defaultdict(list)
+        for name, shard in self._assigned.items():
+            served[shard].append(name)
+        work = {shard: self._registrations(names) for shard, names in served.items()}
+        for keys, members in self._present.items():
+            owner = self._route(keys.name)
+            if owner is not None and members and keys not in self._unsynced:
+                work.setdefault(owner, []).append(
+                    (PRESENCE_BEAT, (keys.present, keys.presence), self._beat()))
+
+        async def beat(shard: Shard, calls: list[Call]) -> None:
+            try:
+                await self._heartbeat(shard, calls)
+            except Exception as exc:
+                self.warn.warning("heartbeat", len(calls), "%d registration refresh(es) on "
+                                  "Redis %s failed (%s)", shard.label, exc)
+
+        await asyncio.gather(*(beat(shard, calls) for shard, calls in work.items()))
+        for keys in list(self._unsynced):
+            try:
+                await self._resync_presence(keys)
+            except Exception as exc:
+                log.debug("presence of %r still not in Redis: %s", keys.name[:120], exc)
+            else:
+                self._unsynced.discard(keys)

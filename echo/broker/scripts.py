@@ -1,0 +1,140 @@
+"""The broker's Lua scripts, and running them by SHA (loaded once per server, again after a
+restart emptied its script cache).
+
+Every script touches keys of one channel only (``<name>``, ``<name>:nodes``, ...), which
+share the channel's hash tag, so each runs on the one Redis Cluster node owning that slot.
+Times are Redis's clock (``TIME``), so nodes with skewed clocks agree on what has expired.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
+
+_NOW = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+"""
+
+_PUBLISH = _NOW.join(("""
+-- KEYS[1]: the channel, KEYS[2]: its registry of serving nodes (score: expiry, ms)
+-- ARGV[1]: the payload. Returns {receivers, nodes serving}: the difference was missed.
+local receivers = redis.call('%s', KEYS[1], ARGV[1])
+""", """
+return {receivers, redis.call('ZCOUNT', KEYS[2], now, '+inf')}
+"""))
+
+_REGISTER = """
+local ttl = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. now)
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ttl * 2)
+"""
+
+
+class LuaScript:
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+
+PUBLISH = LuaScript(_PUBLISH % "PUBLISH")
+SPUBLISH = LuaScript(_PUBLISH % "SPUBLISH")
+
+REGISTER = LuaScript(_NOW + """
+-- KEYS: registries of nodes serving channels (several when they share a server or slot)
+-- ARGV[1]: this node's id, ARGV[2]: how long the entry lives without a refresh (ms)
+local ttl = tonumber(ARGV[2])
+for _, key in ipairs(KEYS) do
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. now)
+  redis.call('ZADD', key, now + ttl, ARGV[1])
+  redis.call('PEXPIRE', key, ttl * 2)
+end
+return #KEYS
+""")
+
+PRESENCE_BEAT = LuaScript(_NOW + """
+-- KEYS[1]: nodes holding presence entries in a channel, KEYS[2]: its presence hash
+-- ARGV[1]: this node's id, ARGV[2]: ttl (ms). The hash lives as long as a node refreshes.
+""" + _REGISTER + """
+redis.call('PEXPIRE', KEYS[2], ttl * 2)
+return 1
+""")
+
+PRESENCE_ADD = LuaScript(_NOW + """
+-- KEYS[1]: nodes holding presence entries, KEYS[2]: the presence hash (member -> node..info)
+-- ARGV[1]: node id, ARGV[2]: ttl (ms), ARGV[3]: member, ARGV[4]: node id .. info JSON
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
+""" + _REGISTER + """
+redis.call('PEXPIRE', KEYS[2], ttl * 2)
+return 1
+""")
+
+PRESENCE_READ = LuaScript(_NOW + """
+-- KEYS[1]: nodes holding presence entries (score: expiry), KEYS[2]: the presence hash
+-- ARGV[1]: length of a node id. Returns {member, info, ...} of live nodes' entries and
+-- deletes the entries of nodes that stopped refreshing (they died).
+local live = {}
+for _, node in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')) do
+  live[node] = true
+end
+local width = tonumber(ARGV[1])
+local entries = redis.call('HGETALL', KEYS[2])
+local found, dead = {}, {}
+for i = 1, #entries, 2 do
+  local value = entries[i + 1]
+  if live[string.sub(value, 1, width)] then
+    found[#found + 1] = entries[i]
+    found[#found + 1] = string.sub(value, width + 1)
+  else
+    dead[#dead + 1] = entries[i]
+    if #dead == 1000 then
+      redis.call('HDEL', KEYS[2], unpack(dead))
+      dead = {}
+    end
+  end
+end
+if #dead > 0 then redis.call('HDEL', KEYS[2], unpack(dead)) end
+return found
+""")
+
+Arg = bytes | str | int | float
+Call = tuple[LuaScript, Sequence[bytes], Sequence[Arg]]
+
+
+async def run_script(client: aioredis.Redis, script: LuaScript, keys: Sequence[bytes],
+                     args: Sequence[Arg]) -> Any:
+    try:
+        return await client.evalsha(script.sha, len(keys), *keys, *args)
+    except NoScriptError:
+        await client.script_load(script.source)
+        return await client.evalsha(script.sha, len(keys), *keys, *args)
+
+
+async def _pipeline(client: aioredis.Redis, calls: Sequence[Call]) -> list[Any]:
+    async with client.pipeline(transaction=False) as pipe:
+        for script, keys, args in calls:
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        return list(await pipe.execute(raise_on_error=False))
+
+
+async def run_pipelined(client: aioredis.Redis, calls: Sequence[Call]) -> list[Any]:
+    """Run ``calls`` in one pipeline, in order: a result or an exception for each.
+
+    A server that forgot a script (restarted) answers NOSCRIPT to every call of it; those
+    are loaded and run again, still in their order.
+    """
+    results = await _pipeline(client, calls)
+    missing = [index for index, result in enumerate(results)
+               if isinstance(result, NoScriptError)]
+    if missing:
+        for script in {calls[index][0].sha: calls[index][0] for index in missing}.values():
+            await client.script_load(script.source)
+        again = await _pipeline(client, [calls[index] for index in missing])
+        for index, result in zip(missing, again, strict=True):
+            results[index] = result
+    return results

@@ -57,9 +57,11 @@ class Settings:
     publish_rate: float = 50.0
     publish_burst: int = 100
     max_queued_packets: int = 1000
-    fast_broadcast: bool = True
-    ping_interval: int = 25
-    ping_timeout: int = 20
+    transport: str = "native"
+    ping_interval: float = 25.0
+    ping_timeout: float = 20.0
+    connect_timeout: float = 45.0
+    redis_cluster: bool = False
 
     def path(self, relative: Path) -> Path:
         """Resolve a project-relative path setting."""
@@ -89,7 +91,8 @@ class Settings:
         return self.secret
 
 
-def _to_int(name: str, raw: Any, low: int, high: int) -> int:
+def to_int(name: str, raw: Any, low: int, high: int) -> int:
+    """The one whole-number parser for settings and options, range-checked, errors named."""
     try:
         value = int(raw)
         if isinstance(raw, float) and raw != value:
@@ -109,6 +112,25 @@ def _to_float(name: str, raw: Any, low: float, high: float) -> float:
     if not low < value <= high:
         raise ConfigError(f"{name}: {value} is out of range (more than {low}, at most {high})")
     return value
+
+
+TRANSPORTS = ("native", "python-socketio")
+
+
+def redis_urls(value: str) -> list[str]:
+    """The URLs of a ``redis_url`` setting: one, or several separated by commas."""
+    return [url.strip() for url in value.split(",") if url.strip()]
+
+
+def to_bool(name: str, raw: Any) -> bool:
+    """The one boolean parser for settings and options: true/false, 1/0, yes/no, on/off."""
+    if isinstance(raw, bool):
+        return raw
+    if str(raw).strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if str(raw).strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}: expected true or false, got {raw!r}")
 
 
 def _to_str(name: str, raw: Any) -> str:
@@ -153,35 +175,36 @@ def _convert(key: str, name: str, raw: Any) -> Any:
     """Turn one raw value (from TOML or the environment) into its typed form."""
     match key:
         case "port":
-            return _to_int(name, raw, 0, 65535)
+            return to_int(name, raw, 0, 65535)
         case "max_message_bytes":
-            return _to_int(name, raw, 64, 16 * 1024 * 1024)
+            return to_int(name, raw, 64, 16 * 1024 * 1024)
         case "max_workers":
-            return _to_int(name, raw, 1, 256)
+            return to_int(name, raw, 1, 256)
         case "max_pending_per_channel":
-            return _to_int(name, raw, 1, 1_000_000)
+            return to_int(name, raw, 1, 1_000_000)
         case "max_channels_per_connection" | "max_queued_packets":
-            return _to_int(name, raw, 1, 100_000)
+            return to_int(name, raw, 1, 100_000)
         case "max_connections_per_app":
-            return _to_int(name, raw, 1, 10_000_000)
+            return to_int(name, raw, 1, 10_000_000)
         case "publish_burst":
-            return _to_int(name, raw, 1, 1_000_000)
+            return to_int(name, raw, 1, 1_000_000)
         case "publish_rate":  # 0 turns the limit off
             if raw in (0, "0", 0.0):
                 return 0.0
             return _to_float(name, raw, 0.0, 1_000_000.0)
-        case "fast_broadcast":
-            if isinstance(raw, bool):
-                return raw
-            if str(raw).lower() in ("1", "true", "yes", "on"):
-                return True
-            if str(raw).lower() in ("0", "false", "no", "off"):
-                return False
-            raise ConfigError(f"{name}: expected true or false, got {raw!r}")
+        case "redis_cluster":
+            return to_bool(name, raw)
+        case "transport":
+            value = _to_str(name, raw)
+            if value not in TRANSPORTS:
+                raise ConfigError(f"{name}: {raw!r} is not one of {', '.join(TRANSPORTS)}")
+            return value
         case "app_secrets":
             return _to_app_secrets(name, raw)
-        case "ping_interval" | "ping_timeout":  # whole seconds: the handshake carries ms of ints
-            return _to_int(name, raw, 1, 3600)
+        case "ping_interval" | "ping_timeout":  # seconds; the handshake carries whole ms
+            return _to_float(name, raw, 0.01, 3600.0)
+        case "connect_timeout":
+            return _to_float(name, raw, 0.01, 3600.0)
         case "function_timeout":
             return _to_float(name, raw, 0.0, 900.0)
         case "functions_dir" | "apps_dir" | "associations":
@@ -215,10 +238,11 @@ def _convert(key: str, name: str, raw: Any) -> Any:
             if not re.fullmatch(r"[A-Za-z0-9_-]{0,32}", value):
                 raise ConfigError(f"{name}: {raw!r} must be up to 32 letters, digits, - or _")
             return value
-        case "redis_url":
+        case "redis_url":  # one URL, or several (comma-separated): channels spread over them
             value = _to_str(name, raw)
-            if not value.startswith(("redis://", "rediss://", "unix://")):
-                raise ConfigError(f"{name}: {raw!r} is not a redis:// or rediss:// URL")
+            for url in redis_urls(value):
+                if not url.startswith(("redis://", "rediss://", "unix://")):
+                    raise ConfigError(f"{name}: {url!r} is not a redis:// or rediss:// URL")
             return value
         case _:
             return _to_str(name, raw)

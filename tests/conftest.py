@@ -96,6 +96,7 @@ class EchoProcess:
         self.env = {**os.environ, "ECHO_SECRET": SECRET, **(env or {})}
         self.extra_args: list[str] = []
         self.process: subprocess.Popen[bytes] | None = None
+        self.transport = self.env.get("ECHO_TRANSPORT", "native")
 
     def start(self, timeout: float = 20) -> EchoProcess:
         log = self.log_path.open("ab")
@@ -143,10 +144,24 @@ class EchoProcess:
         return issue_management_token(SECRET)
 
 
+TRANSPORTS = ("native", "python-socketio")
+"""Echo's two wire implementations; modules with ``WIRE_TESTS = True`` run on both."""
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if getattr(metafunc.module, "WIRE_TESTS", False) and "echo_server" in metafunc.fixturenames:
+        metafunc.parametrize("echo_server", TRANSPORTS, indirect=True, scope="module")
+
+
 @pytest.fixture(scope="module")
-def echo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EchoProcess]:
-    project = make_project(tmp_path_factory.mktemp("project"))
-    server = EchoProcess(project).start()
+def echo_server(request: pytest.FixtureRequest,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[EchoProcess]:
+    """``echoctl dev`` on a test project; on the native transport unless the module asks for
+    both (``WIRE_TESTS``)."""
+    transport = getattr(request, "param", "native")
+    project = make_project(tmp_path_factory.mktemp(f"project-{transport}"))
+    server = EchoProcess(project, env={"ECHO_TRANSPORT": transport}).start()
+    server.transport = transport
     yield server
     server.stop()
 

@@ -11,6 +11,7 @@ import socketio
 from tests.conftest import SECRET, Client, EchoProcess, connect
 
 pytestmark = pytest.mark.anyio
+WIRE_TESTS = True  # every test here runs on both transports (conftest.py)
 
 
 async def assert_still_serving(server: EchoProcess) -> None:

@@ -19,6 +19,9 @@ import pytest
 
 from tests.conftest import REPO, EchoProcess
 
+pytestmark = pytest.mark.browser
+WIRE_TESTS = True  # every test here runs on both transports (conftest.py)
+
 try:
     from playwright.sync_api import expect, sync_playwright
 except ImportError:  # reported by the `browser` fixture: skipped, or failed on CI

@@ -27,6 +27,7 @@ from echo.core.auth import issue_token
 from tests.conftest import EchoProcess
 
 pytestmark = pytest.mark.node
+WIRE_TESTS = True  # every test here runs on both transports (conftest.py)
 
 NODE_DIR = Path(__file__).resolve().parent / "node"
 EKKO = "ekko-client.mjs"

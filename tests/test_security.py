@@ -106,7 +106,7 @@ async def test_cors_allows_only_listed_origins(guarded: EchoProcess) -> None:
             "origin": "http://evil.example", "access-control-request-method": "PUT"})
     assert good.status_code == 200
     assert good.headers["access-control-allow-origin"] == ORIGIN
-    assert evil.status_code == 400
+    assert evil.status_code == 403  # the native transport refuses a foreign Origin
     assert "access-control-allow-origin" not in api.headers
 
 
@@ -177,7 +177,7 @@ async def test_a_client_that_stops_reading_is_disconnected_and_others_are_served
     else:
         raise AssertionError(f"the non-reading client was never disconnected ({sent} sent)")
     await reader.wait_for("message", sent, timeout=10)
-    assert "disconnecting slow consumer" in guarded.log()
+    assert "slow consumer" in guarded.log()
     await ws.close()
     sock.close()
 

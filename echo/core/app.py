@@ -1,8 +1,9 @@
-"""One ASGI app: Socket.IO for the realtime traffic, Starlette for everything else.
+"""One ASGI app: the transport for the realtime traffic, Starlette for everything else.
 
-``EchoServer`` ties together settings, a runner and an associations store. It knows nothing
-about which runner or store it got: ``echoctl dev`` passes the local worker runner and a file
-store, a cloud deployment passes others.
+``EchoServer`` is the composition root: settings, a runner, an associations store, a
+transport (the wire) and a broker (what crosses nodes). It knows nothing about which runner
+or store it got: ``echoctl dev`` passes the local worker runner and a file store, a cloud
+deployment passes others.
 """
 
 from __future__ import annotations
@@ -13,27 +14,49 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
-import socketio
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import BaseRoute
 
-from echo.config import Settings
-from echo.core import http, metrics
+from echo.broker.base import Broker
+from echo.broker.memory import MemoryBroker
+from echo.config import Settings, redis_urls
+from echo.core import http, metrics, shutdown
 from echo.core.associations import Associations, AssociationsError
-from echo.core.broadcast import EchoManager
 from echo.core.functions import FunctionCatalog
 from echo.core.pipeline import Pipeline
 from echo.core.realtime import Realtime
-from echo.core.redis_conn import redis_client
-from echo.core.redis_manager import EchoRedisManager
 from echo.core.runners import Runner, RunnerSet, load_runner_class
 from echo.core.store import AssociationsStore, FileStore, RedisStore
+from echo.transport.base import Transport, TransportOptions, load_transport
 
 log = logging.getLogger("echo.server")
 
 Hook = Callable[[], Awaitable[None]]
+
+
+def make_broker(settings: Settings) -> Broker:
+    """Redis when ``redis_url`` is set (one URL, several, or a Cluster's), else one node."""
+    if not settings.redis_url:
+        return MemoryBroker()
+    from echo.broker.redis import RedisBroker
+
+    return RedisBroker.from_settings(settings)
+
+
+def transport_options(settings: Settings) -> TransportOptions:
+    # headroom over the message limit for the envelope; a bigger frame is refused by the
+    # transport before it reaches a handler
+    payload = max(settings.max_message_bytes * 2 + 16 * 1024, 1024 * 1024)
+    return TransportOptions(
+        ping_interval=settings.ping_interval,
+        ping_timeout=settings.ping_timeout,
+        max_payload=payload,
+        connect_timeout=settings.connect_timeout,
+        max_backlog=settings.max_queued_packets,
+        cors_origins=settings.cors_origins,
+    )
 
 
 class EchoServer:
@@ -44,7 +67,7 @@ class EchoServer:
         store: AssociationsStore,
         *,
         routes: Sequence[BaseRoute] = (),
-        client_manager: socketio.AsyncManager | None = None,
+        broker: Broker | None = None,
         on_startup: Sequence[Hook] = (),
         on_shutdown: Sequence[Hook] = (),
     ) -> None:
@@ -58,14 +81,10 @@ class EchoServer:
         self.functions = FunctionCatalog(
             settings.path(settings.functions_dir), settings.function_timeout
         )
-        self.redis = redis_client(settings.redis_url) if settings.redis_url else None
-        if client_manager is None:
-            if settings.redis_url:
-                client_manager = EchoRedisManager(settings.redis_url)
-            elif settings.fast_broadcast:
-                client_manager = EchoManager()
+        self.broker = broker if broker is not None else make_broker(settings)
         self.realtime = Realtime(
             settings,
+            self.broker,
             lambda realtime: Pipeline(
                 runner,
                 self.functions,
@@ -74,8 +93,11 @@ class EchoServer:
                 realtime.report_function_error,
                 max_pending_per_channel=settings.max_pending_per_channel,
             ),
-            client_manager=client_manager,
         )
+        self.transport: Transport = load_transport(settings.transport)(
+            self.realtime, transport_options(settings))
+        self.realtime.attach(self.transport)
+        metrics.watch(self.transport, self.broker)
         starlette = Starlette(
             routes=[*http.routes(self), *routes],
             middleware=[
@@ -88,14 +110,15 @@ class EchoServer:
             ],
             lifespan=self._lifespan,
         )
-        self.asgi = socketio.ASGIApp(self.realtime.sio, other_asgi_app=starlette)
+        self.asgi = self.transport.asgi(starlette)
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
         await self.runner.start()
+        await self.broker.start(self.realtime.write_local)
+        await self.transport.start()
         await self.load_associations()
         watcher = asyncio.create_task(self.store.watch(self.load_associations))
-        slow = asyncio.create_task(self.realtime.watch_slow_consumers())
         for hook in self._on_startup:
             await hook()
         try:
@@ -103,29 +126,25 @@ class EchoServer:
         finally:
             for hook in self._on_shutdown:
                 await hook()
-            for task in (watcher, slow):
-                task.cancel()
-            await asyncio.gather(watcher, slow, return_exceptions=True)
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+            await self.transport.close()
+            await self.broker.close()
             await self.store.close()
             await self.runner.close()
 
     async def drain(self, grace: float = 10) -> None:
         """Before the transports close on shutdown: finish in-flight messages, tell clients."""
-        await self.realtime.drain(grace)
-        manager = self.realtime.sio.manager
-        if isinstance(manager, EchoRedisManager):  # what the last deliveries sent other nodes
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(manager.flush(), 2)
+        await shutdown.drain(self.realtime, grace)
 
     async def readiness_problems(self) -> list[str]:
         problems = []
         if self.associations_problem:
             problems.append(f"associations: {self.associations_problem}")
-        if self.redis is not None:
-            try:
-                await asyncio.wait_for(self.redis.ping(), 1)
-            except Exception as exc:
-                problems.append(f"redis: unreachable ({exc or type(exc).__name__})")
+        try:
+            problems.extend(await asyncio.wait_for(self.broker.problems(), 2))
+        except TimeoutError:
+            problems.append(f"{self.broker.name}: no answer within 2 s")
         return problems
 
     async def load_associations(self) -> bool:
@@ -192,19 +211,21 @@ class EchoServer:
         self.runner.reload(names)
 
     def connected_apps(self) -> list[str]:
-        """Apps with a namespace on this node (the ones whose admins can hear a status)."""
-        return [ns.lstrip("/") for ns in self.realtime.sio.manager.get_namespaces() if ns != "/"]
+        """Apps with a connection on this node (the ones whose admins can hear a status)."""
+        return sorted({conn.app for conn in self.transport.connections()})
 
     async def _status_all(self, event: str, **details: object) -> None:
         """A node-local event (every node applies a sync itself): tell this node's admins."""
         for app in self.connected_apps():
-            await self.realtime.status(app, event, local=True, **details)
+            self.realtime.status(app, event, local=True, **details)
 
 
 def make_store(settings: Settings) -> AssociationsStore:
     """The project's file; shared through Redis (file as durable copy) when Redis is set."""
     durable = FileStore(settings.path(settings.associations))
-    return RedisStore(settings.redis_url, durable) if settings.redis_url else durable
+    if not settings.redis_url:
+        return durable
+    return RedisStore(redis_urls(settings.redis_url)[0], durable, cluster=settings.redis_cluster)
 
 
 def build_server(settings: Settings, runner: Runner | None = None, **options: Any) -> EchoServer:

@@ -1,17 +1,22 @@
-"""Prometheus metrics for ``/metrics``: connections, messages, functions, Redis.
+"""Prometheus metrics for ``/metrics``: connections, messages, functions, broker, transport.
 
-Counted where things happen (realtime, pipeline, Redis manager); exposed by http.py.
-Labels stay low-cardinality: app and function names, never channels or users.
+Counted where things happen (realtime, pipeline); the broker's and the transport's own
+counters are read when scraped (:func:`watch`). Exposed by http.py. Labels stay
+low-cardinality: app and function names, never channels or users.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
+
+if TYPE_CHECKING:
+    from echo.broker.base import Broker
+    from echo.transport.base import Transport
 
 
 class PlainCounter:
@@ -58,20 +63,51 @@ FUNCTION_DURATION = Histogram(
 FUNCTION_ERRORS = Counter(
     "echo_function_errors_total", "Echo function failures, by kind", ["function", "kind"]
 )
-REDIS_RECONNECTS = Counter("echo_redis_reconnects_total", "Re-subscriptions to Redis after a loss")
-REDIS_PUBLISH_FAILURES = Counter(
-    "echo_redis_publish_failures_total", "Emits not sent to other nodes because Redis was down"
-)
 ASSOCIATIONS_VERSION = Gauge("echo_associations_version", "Version of the associations in force")
-SLOW_CONSUMERS = Counter(
-    "echo_slow_consumers_disconnected_total", "Clients cut off for not reading their messages"
-)
 RATE_LIMITED = Counter("echo_publish_rate_limited_total", "Publishes refused by the rate limit")
-SOCKET_WRITES = PlainCounter(
-    "echo_socket_writes",
-    "Broadcast deliveries by path: one prebuilt frame written directly, or engine.io's queue",
-    "path",
-)
+
+
+class _NodeCollector:
+    """The broker's and the transport's counters, read at scrape time (they count on the
+    hot path as plain integers)."""
+
+    def __init__(self) -> None:
+        self.transport: Transport | None = None
+        self.broker: Broker | None = None
+        REGISTRY.register(self)
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        if self.broker is not None:
+            stats = self.broker.stats
+            for name, value, documentation in (
+                ("echo_redis_reconnects", stats.reconnects,
+                 "Re-subscriptions to the broker's backend after a loss"),
+                ("echo_redis_publish_failures", stats.publish_failures,
+                 "Frames not sent to other nodes (backend down, outbox full)"),
+                ("echo_broker_lost_deliveries", stats.lost_receivers,
+                 "Deliveries to nodes serving a channel that the backend did not reach"),
+                ("echo_broker_published", stats.published, "Frames sent to other nodes"),
+                ("echo_broker_received", stats.received, "Frames received from other nodes"),
+            ):
+                yield CounterMetricFamily(name, documentation, value=value)
+            for key, value in list(stats.extra.items()):  # the backend's own counters
+                yield CounterMetricFamily(f"echo_broker_{key}", f"Broker counter {key}",
+                                          value=value)
+        if self.transport is not None:
+            yield CounterMetricFamily(
+                "echo_slow_consumers_disconnected",
+                "Clients cut off for not reading their messages",
+                value=self.transport.slow_consumers,
+            )
+
+
+_NODE = _NodeCollector()
+
+
+def watch(transport: Transport, broker: Broker) -> None:
+    """Export this node's transport and broker counters (the latest server built wins)."""
+    _NODE.transport = transport
+    _NODE.broker = broker
 
 
 @functools.cache

@@ -1,92 +1,42 @@
-"""The Socket.IO side: connect/auth, subscribe, unsubscribe, publish, presence and status.
+"""Echo's realtime policy: who may connect, subscribe and publish, and what they are sent.
 
-Each app is the namespace ``/<appName>`` (as in Ekko). Handlers answer an ack callback with
-``{ok: true, ...}`` or ``{ok: false, error: {code, message}}``; a client that passed no
-callback (Ekko's own) gets refusals as an ``error`` event instead, so nothing fails silently.
+This is the :class:`echo.transport.base.Handler` the wire calls. Each app is the namespace
+``/<appName>`` (as in Ekko). Requests with an ack are answered ``{ok: true, ...}`` or
+``{ok: false, error: {code, message}}``; a client that passed no callback (Ekko's own) gets
+refusals as an ``error`` event instead, so nothing fails silently.
+
+Rooms are local to this node (the transport keeps them); the broker carries frames between
+nodes, and this node subscribes to a channel only while it has subscribers to it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import contextvars
 import logging
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
-import socketio
-from socketio import packet as sio_packet
-
+from echo.broker.base import Broker
 from echo.config import Settings
-from echo.core import broadcast, codec, metrics, protocol
+from echo.core import metrics, protocol
 from echo.core.associations import Rule
 from echo.core.auth import AuthError, Claims, verify_token
+from echo.core.limits import ConnectionCounts, TokenBucket
 from echo.core.pipeline import Envelope, Overloaded, Pipeline
-from echo.core.protocol import ADMIN_CHANNEL, ProtocolError
+from echo.core.protocol import ADMIN_CHANNEL, ErrorCode, ProtocolError
 from echo.core.runners import FunctionError
+from echo.transport.base import Connection, Frame, Refused, Transport
 
 log = logging.getLogger("echo.realtime")
 
-class _Request(NamedTuple):
-    """Where an event came from, so an answer can be sent later (``id`` None: no ack wanted)."""
-
-    eio_sid: str
-    namespace: str
-    id: int | None
+MAX_UUID_LENGTH = 200
 
 
-_request: contextvars.ContextVar[_Request] = contextvars.ContextVar("request")
-
-
-class _InlineServer(socketio.AsyncServer):
-    """Runs event handlers inline in the connection's reader instead of a task per event.
-
-    python-socketio starts a task for every event, a large share of the cost per message.
-    Echo's handlers return quickly; the one that may not (a publish through functions) moves
-    itself to a task and answers from there (``Realtime._answer``). It also records where
-    each event came from, so refusals without an ack become ``error`` events.
-    """
-
-    event_handler: Callable[..., Awaitable[Any]] | None = None
-    """Every event of every namespace goes here when set (Echo's handlers are catch-all)."""
-
-    async def _handle_event(self, eio_sid, namespace, id, data):  # type: ignore[no-untyped-def]
-        namespace = namespace or "/"
-        sid = self.manager.sid_from_eio_sid(eio_sid, namespace)
-        if self.manager.is_connected(sid, namespace):
-            await self._handle_event_internal(self, sid, eio_sid, data, namespace, id)
-
-    async def _handle_event_internal(self, server, sid, eio_sid, data, namespace, id):  # type: ignore[no-untyped-def]
-        request = _Request(eio_sid, namespace, id)
-        _request.set(request)
-        if self.event_handler is not None:  # skips python-socketio's per-event handler lookup
-            reply = await self.event_handler(data[0], namespace, sid, *data[1:])
-        else:
-            reply = await server._trigger_event(data[0], namespace, sid, *data[1:])
-        if reply is not self.not_handled and id is not None:
-            await self.answer(request, reply)
-
-    async def answer(self, request: _Request, reply: Any) -> None:
-        """Send the ack; its text is built directly, python-socketio's packet only for binary."""
-        args = [] if reply is None else list(reply) if isinstance(reply, tuple) else [reply]
-        prefix = "3" if request.namespace == "/" else "3" + request.namespace + ","
-        try:
-            text = prefix + str(request.id) + codec.dumps(args)
-        except TypeError:  # bytes in the reply: a binary ack
-            await self._send_packet(request.eio_sid, self.packet_class(
-                sio_packet.ACK, namespace=request.namespace, id=request.id, data=args))
-            return
-        await self.eio.send(request.eio_sid, text)
-
-
-DEFERRED = object()
-"""A handler's return value meaning: the answer will be sent later, from a task."""
-
-
-@dataclass
+@dataclass(slots=True)
 class Client:
+    """What this node knows of one connection (``Connection.state``)."""
+
     app: str
     uuid: str
     admin: bool
@@ -95,79 +45,82 @@ class Client:
     bucket: TokenBucket | None = None
 
 
-def status_payload(event: str, app: str, **details: Any) -> dict[str, Any]:
-    """A ``status`` event: Ekko's ``{message: {event, app, uuid, admin}}`` plus flat fields."""
-    core = {
-        "event": event,
-        "app": app,
-        "uuid": details.pop("uuid", None),
-        "admin": details.pop("admin", False),
-    }
-    return {**core, **details, "ts": int(time.time() * 1000), "message": dict(core)}
+class Rooms:
+    """Joins and leaves rooms on the transport, keeping this node's broker subscriptions in
+    step: subscribed while a room has a local member, and a join answered only once the
+    node receives the channel's frames from every node."""
+
+    def __init__(self, transport: Transport, broker: Broker) -> None:
+        self.transport = transport
+        self.broker = broker
+        self._subscribing: dict[tuple[str, str], asyncio.Future[None]] = {}
+
+    async def join(self, conn: Connection, room: str) -> None:
+        key = (conn.app, room)
+        if self.transport.join(conn, room):
+            done = self._subscribing[key] = asyncio.get_running_loop().create_future()
+            try:
+                await self.broker.subscribe(conn.app, room)
+            finally:
+                del self._subscribing[key]
+                done.set_result(None)
+        elif (pending := self._subscribing.get(key)) is not None:
+            await asyncio.shield(pending)
+
+    async def leave(self, conn: Connection, room: str) -> None:
+        if room in conn.rooms and self.transport.leave(conn, room):
+            await self.broker.unsubscribe(conn.app, room)
 
 
-class TokenBucket:
-    """Publish rate limit: ``rate`` tokens a second, up to ``burst`` saved up."""
+@dataclass(slots=True)
+class Request:
+    """One event from a client, and where its answer goes (``ack_id`` None: no ack wanted)."""
 
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate = rate
-        self.burst = burst
-        self.tokens = float(burst)
-        self.updated = time.monotonic()
+    conn: Connection
+    client: Client
+    event: str
+    ack_id: int | None
 
-    def take(self) -> float:
-        """Take one token; return 0 if granted, else the seconds until one is available."""
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return 0.0
-        return (1 - self.tokens) / self.rate
+
+Handling = Callable[["Realtime", Request, Any], Coroutine[Any, Any, Any]]
+
+DEFERRED = object()
+"""A handler's return value meaning: the answer will be sent later, from a task."""
 
 
 class Realtime:
-    """Owns the Socket.IO server and the per-connection state of this node."""
+    """The per-connection policy of this node (the transport's Handler)."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        make_pipeline: Callable[[Realtime], Pipeline],
-        client_manager: socketio.AsyncManager | None = None,
-    ) -> None:
+    def __init__(self, settings: Settings, broker: Broker,
+                 make_pipeline: Callable[[Realtime], Pipeline]) -> None:
         self.settings = settings
-        # headroom over the message limit for the envelope; a bigger frame is refused by
-        # engine.io before it reaches a handler
-        buffer = max(settings.max_message_bytes * 2 + 16 * 1024, 1024 * 1024)
-        self.sio = _InlineServer(
-            async_mode="asgi",
-            namespaces="*",
-            client_manager=client_manager,
-            cors_allowed_origins=list(settings.cors_origins)
-            if settings.cors_origins != ("*",)
-            else "*",
-            max_http_buffer_size=buffer,
-            json=codec,
-            ping_interval=settings.ping_interval,
-            ping_timeout=settings.ping_timeout,
-            logger=False,
-            engineio_logger=False,
-        )
-        if settings.fast_broadcast:
-            broadcast.install(self.sio)
-        self.clients: dict[str, Client] = {}
-        self._background: set[asyncio.Task[None]] = set()
-        self.connections_per_app: dict[str, int] = {}
+        self.broker = broker
+        self.connections = ConnectionCounts(settings.max_connections_per_app)
         self.draining = False
+        self._background: set[asyncio.Task[None]] = set()
         self.pipeline = make_pipeline(self)
-        self.sio.on("connect", self._on_connect, namespace="*")
-        self.sio.on("disconnect", self._on_disconnect, namespace="*")
-        self.sio.on("*", self._on_event, namespace="*")
-        self.sio.event_handler = self._on_event
+        self._transport: Transport | None = None
+        self._rooms: Rooms | None = None
+
+    def attach(self, transport: Transport) -> None:
+        """The transport this node serves on (it is built with this handler)."""
+        self._transport = transport
+        self._rooms = Rooms(transport, self.broker)
+
+    @property
+    def transport(self) -> Transport:
+        assert self._transport is not None, "Realtime.attach(transport) first"
+        return self._transport
+
+    @property
+    def rooms(self) -> Rooms:
+        assert self._rooms is not None, "Realtime.attach(transport) first"
+        return self._rooms
 
     # -- delivery ---------------------------------------------------------------------
 
     async def deliver(self, envelope: Envelope) -> None:
+        """The pipeline's last step: one frame, to the channel's subscribers on every node."""
         payload = {
             "channel": envelope.channel,
             "message": envelope.message,
@@ -177,20 +130,26 @@ class Realtime:
             "ts": envelope.ts,
         }
         metrics.MESSAGES_DELIVERED.inc(envelope.app)
-        await self.sio.emit("message", payload, room=envelope.channel, namespace="/" + envelope.app)
+        self.broker.publish(envelope.app, envelope.channel,
+                            Frame.event("/" + envelope.app, "message", payload))
 
-    async def status(self, app: str, event: str, *, local: bool = False, **details: Any) -> None:
+    def write_local(self, app: str, room: str, frame: Frame) -> None:
+        """The broker's delivery: a frame for a room of this node."""
+        self.transport.write("/" + app, room, frame)
+
+    def status(self, app: str, event: str, *, local: bool = False, **details: Any) -> None:
         """Tell the app's admin sockets what happened (``local``: on this node only)."""
-        await self.sio.emit(
-            "status", status_payload(event, app, **details), room=ADMIN_CHANNEL,
-            namespace="/" + app, ignore_queue=local,
-        )
+        frame = Frame.event("/" + app, "status", protocol.status_payload(event, app, **details))
+        if local:
+            self.write_local(app, ADMIN_CHANNEL, frame)
+        else:
+            self.broker.publish(app, ADMIN_CHANNEL, frame)
 
     async def report_function_error(
         self, envelope: Envelope, error: FunctionError, elapsed: float
     ) -> None:
-        log.warning("%s/%s: %s", envelope.app, envelope.channel, error)
-        await self.status(
+        log.warning("%s/%s: %s", envelope.app[:80], envelope.channel, error)
+        self.status(
             envelope.app,
             "function_error",
             uuid=envelope.uuid,
@@ -202,239 +161,194 @@ class Realtime:
             durationMs=round(elapsed * 1000, 1),
         )
 
-    async def _presence(self, client: Client, channel: str, event_name: str) -> None:
-        await self.sio.emit(
-            "presence",
-            {"eventName": event_name, "channel": channel, "uuid": client.uuid},
-            room=protocol.presence_room(channel),
-            namespace="/" + client.app,
-        )
+    def _presence(self, client: Client, channel: str, event_name: str) -> None:
+        frame = Frame.event("/" + client.app, "presence",
+                            {"eventName": event_name, "channel": channel, "uuid": client.uuid})
+        self.broker.publish(client.app, protocol.presence_room(channel), frame)
 
-    # -- protection ---------------------------------------------------------------------
+    # -- connection lifecycle (the transport's Handler) ---------------------------------
 
-    async def watch_slow_consumers(self, interval: float = 0.5, full_every: int = 20) -> None:
-        """Disconnect clients that stopped reading before their send queue grows unbounded.
-
-        A client that does not read fills its TCP window; uvicorn then pauses writing and
-        engine.io's per-socket queue grows with every message for it. Past
-        ``max_queued_packets`` the client is cut off and its queue dropped.
-
-        Only sockets that sent through engine.io's queue since the last look can have grown
-        it (:data:`broadcast.queued_sockets`), so those are checked every ``interval``; all
-        sockets (long-polling ones are not tracked) every ``full_every`` intervals. Looking
-        at 10,000 idle sockets twice a second was most of an idle node's CPU.
-        """
-        limit = self.settings.max_queued_packets
-        rounds = 0
-        while True:
-            await asyncio.sleep(interval)
-            rounds += 1
-            if rounds % full_every == 0 or not self.settings.fast_broadcast:
-                candidates = list(self.sio.eio.sockets.values())
-            else:
-                candidates = list(broadcast.queued_sockets)
-            broadcast.queued_sockets.clear()
-            for sock in candidates:
-                queued = sock.queue.qsize()
-                if sock.closed:
-                    continue
-                if queued <= limit:
-                    if queued:  # still has a backlog: look again next time
-                        broadcast.queued_sockets.add(sock)
-                    continue
-                log.warning("disconnecting slow consumer %s: %d packets queued (limit %d)",
-                            sock.sid, queued, limit)
-                metrics.SLOW_CONSUMERS.inc()
-                await sock.close(wait=False, abort=True)
-                while not sock.queue.empty():  # free what it never read
-                    sock.queue.get_nowait()
-                    sock.queue.task_done()
-
-    async def drain(self, grace: float) -> None:
-        """Graceful shutdown: refuse new work, finish in-flight messages, tell clients.
-
-        After this, uvicorn closes the transports; clients see a transport close (not a
-        server disconnect), so socket.io clients reconnect, to another node behind a balancer.
-        """
-        self.draining = True
-        try:
-            await asyncio.wait_for(self.pipeline.idle.wait(), grace)
-        except TimeoutError:
-            log.warning("shutting down with %d messages still in flight", self.pipeline.in_flight)
-        notice = {"code": "server_shutdown", "message": "this node is shutting down; "
-                  "reconnecting", "event": "shutdown"}
-        for namespace in list(self.sio.manager.get_namespaces()):
-            if namespace != "/":
-                await self.sio.emit("error", notice, namespace=namespace, ignore_queue=True)
-        # let the writers flush the notice (and any last delivery) before transports close
-        queues = [sock.queue.join() for sock in list(self.sio.eio.sockets.values())]
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*queues), 1.0)
-
-    # -- connection lifecycle ---------------------------------------------------------
-
-    async def _on_connect(self, namespace: str, sid: str, environ: dict, auth: Any) -> None:
-        app = namespace.lstrip("/")
+    async def connect(self, conn: Connection, auth: Any) -> None:
+        app = conn.app
         token = auth.get("jwt") if isinstance(auth, dict) else None
         try:
             claims = verify_token(self.settings.secrets_for(app), token, app=app)
         except AuthError as exc:
-            log.info("refused connection to /%s: %s", app, exc)
-            raise socketio.exceptions.ConnectionRefusedError(f"Authorization error: {exc}") from None
-        count = self.connections_per_app.get(app, 0)
-        if count >= self.settings.max_connections_per_app:
-            log.warning("refused connection to /%s: %d connections (limit)", app, count)
-            raise socketio.exceptions.ConnectionRefusedError(
-                f"limit: app {app!r} has {count} connections on this node, the limit is "
-                f"{self.settings.max_connections_per_app}; retry later or on another node")
+            log.info("refused connection to /%s: %s", app[:80], exc)
+            raise Refused(f"Authorization error: {exc}") from None
+        problem = self.connections.problem(app)
+        if problem is not None:
+            log.warning("refused connection to /%s: %s", app[:80], problem)
+            raise Refused(problem)
         uuid = auth.get("uuid") if isinstance(auth, dict) else None
-        if not isinstance(uuid, str) or not uuid or len(uuid) > 200:
-            uuid = sid
+        if not isinstance(uuid, str) or not uuid or len(uuid) > MAX_UUID_LENGTH:
+            uuid = conn.sid
         client = Client(app=app, uuid=uuid, admin=claims.admin, claims=claims)
         if self.settings.publish_rate > 0:
             client.bucket = TokenBucket(self.settings.publish_rate, self.settings.publish_burst)
-        self.clients[sid] = client
-        self.connections_per_app[app] = count + 1
-        metrics.CONNECTIONS.labels(app).inc()
+        conn.state = client
+        self.connections.add(app)
+        metrics.labelled(metrics.CONNECTIONS, app).inc()
         if claims.admin:
-            await self.sio.enter_room(sid, ADMIN_CHANNEL, namespace=namespace)
-        await self.status(app, "connection", uuid=uuid, admin=claims.admin)
+            await self.rooms.join(conn, ADMIN_CHANNEL)
+        self.status(app, "connection", uuid=uuid, admin=claims.admin)
 
-    async def _on_disconnect(self, namespace: str, sid: str, reason: Any = None) -> None:
-        client = self.clients.pop(sid, None)
-        if client is None:
+    async def disconnect(self, conn: Connection, reason: str) -> None:
+        client = conn.state
+        if not isinstance(client, Client):
             return
-        self.connections_per_app[client.app] -= 1
-        metrics.CONNECTIONS.labels(client.app).dec()
+        conn.state = None
+        self.connections.remove(client.app)
+        metrics.labelled(metrics.CONNECTIONS, client.app).dec()
         for channel in client.channels:
-            await self._presence(client, channel, "left")
-        await self.status(client.app, "disconnection", uuid=client.uuid, admin=client.admin)
+            self._presence(client, channel, "left")
+            await self.broker.presence_remove(client.app, channel, conn.sid)
+        for room in list(conn.rooms):
+            await self.rooms.leave(conn, room)
+        self.status(client.app, "disconnection", uuid=client.uuid, admin=client.admin)
 
-    # -- events -----------------------------------------------------------------------
-
-    async def _on_event(self, event: str, namespace: str, sid: str, *args: Any) -> Any:
-        client = self.clients.get(sid)
-        if client is None:
-            return None
+    async def event(self, conn: Connection, event: str, args: list[Any],
+                    ack_id: int | None) -> None:
+        client = conn.state
+        if not isinstance(client, Client):
+            return
+        request = Request(conn, client, event, ack_id)
         handler = self._handlers.get(event)
-        data = args[0] if args else None
         if handler is None:
             error = ProtocolError(
-                "unknown_event",
+                ErrorCode.UNKNOWN_EVENT,
                 f"unknown event {event[:60]!r}; expected subscribe, unsubscribe or publish",
             )
-            return await self._refuse(sid, event, error, _request.get())
+            self._answer(request, self._refusal(request, error))
+            return
         if len(args) > 1:
-            error = ProtocolError("bad_request", f"{event} takes one object argument")
-            return await self._refuse(sid, event, error, _request.get())
-        reply = await self._run(handler(self, sid, client, data), sid, event, _request.get())
-        return self.sio.not_handled if reply is DEFERRED else reply
+            error = ProtocolError(ErrorCode.BAD_REQUEST,
+                                  f"{event[:60]} takes one object argument")
+            self._answer(request, self._refusal(request, error))
+            return
+        data = args[0] if args else None
+        reply = await self._run(handler(self, request, data), request)
+        if reply is not DEFERRED:
+            self._answer(request, reply)
 
-    async def _run(self, handling: Awaitable[Any], sid: str, event: str,
-                   request: _Request) -> Any:
+    # -- answering ------------------------------------------------------------------------
+
+    @staticmethod
+    def _answer(request: Request, reply: Any) -> None:
+        if request.ack_id is not None:
+            request.conn.ack(request.ack_id, reply)
+
+    async def _run(self, handling: Awaitable[Any], request: Request) -> Any:
         """Await a handler; turn refusals and bugs into an error answer."""
         try:
             return await handling
         except ProtocolError as exc:
-            return await self._refuse(sid, event, exc, request)
+            return self._refusal(request, exc)
         except Exception as exc:  # a bug must still answer, and never take the node down
-            log.exception("%s failed", event)
+            log.exception("%s failed", request.event[:60])
             error = ProtocolError(
-                "internal", f"{event} failed on the server ({type(exc).__name__}); it was logged")
-            return await self._refuse(sid, event, error, request)
+                ErrorCode.INTERNAL,
+                f"{request.event[:60]} failed on the server ({type(exc).__name__}); it was logged")
+            return self._refusal(request, error)
 
-    async def _refuse(self, sid: str, event: str, exc: ProtocolError,
-                      request: _Request) -> dict[str, Any]:
-        metrics.MESSAGES_REJECTED.labels(exc.code).inc()
+    @staticmethod
+    def _refusal(request: Request, exc: ProtocolError) -> dict[str, Any]:
+        metrics.labelled(metrics.MESSAGES_REJECTED, str(exc.code)).inc()
         reply = protocol.error(exc.code, exc.message, **exc.details)
-        if request.id is None:
-            await self.sio.emit("error", {**reply["error"], "event": event[:60]}, to=sid,
-                                namespace=request.namespace)
+        if request.ack_id is None:  # Ekko's client passes no callback: tell it with an event
+            request.conn.emit("error", {**reply["error"], "event": request.event[:60]})
         return reply
 
-    def _answer_later(self, handling: Awaitable[Any], sid: str, event: str) -> object:
+    def _answer_later(self, handling: Awaitable[Any], request: Request) -> object:
         """Finish a slow request in its own task and send its ack from there."""
-        request = _request.get()
 
         async def finish() -> None:
-            reply = await self._run(handling, sid, event, request)
-            if request.id is not None:
-                await self.sio.answer(request, reply)
+            reply = await self._run(handling, request)
+            self._answer(request, reply)
 
         task = asyncio.get_running_loop().create_task(finish())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return DEFERRED
 
-    async def _subscribe(self, sid: str, client: Client, data: Any) -> dict[str, Any]:
-        request = protocol.parse_subscribe(data)
-        if ADMIN_CHANNEL in request.channels and not client.admin:
-            raise ProtocolError("forbidden", "only admin tokens may subscribe to 'admin'")
-        for channel in request.channels:
+    # -- events -----------------------------------------------------------------------
+
+    async def _subscribe(self, request: Request, data: Any) -> dict[str, Any]:
+        conn, client = request.conn, request.client
+        subscription = protocol.parse_subscribe(data)
+        if ADMIN_CHANNEL in subscription.channels and not client.admin:
+            raise ProtocolError(ErrorCode.FORBIDDEN, "only admin tokens may subscribe to 'admin'")
+        for channel in subscription.channels:
             if channel == ADMIN_CHANNEL:
                 continue
             if not client.claims.may("subscribe", channel):
-                raise ProtocolError("forbidden", f"this token may not subscribe to {channel!r}")
-            if request.with_presence and not client.claims.may("presence", channel):
-                raise ProtocolError("forbidden", f"this token may not see presence on {channel!r}")
-        total = len(client.channels | set(request.channels))
+                raise ProtocolError(ErrorCode.FORBIDDEN,
+                                    f"this token may not subscribe to {channel!r}")
+            if subscription.with_presence and not client.claims.may("presence", channel):
+                raise ProtocolError(ErrorCode.FORBIDDEN,
+                                    f"this token may not see presence on {channel!r}")
+        total = len(client.channels | set(subscription.channels))
         if total > self.settings.max_channels_per_connection:
             raise ProtocolError(
-                "limit",
+                ErrorCode.LIMIT,
                 f"this would make {total} channels on one connection; the limit is "
                 f"{self.settings.max_channels_per_connection}",
             )
-        namespace = "/" + client.app
-        for channel in request.channels:
-            await self.sio.enter_room(sid, channel, namespace=namespace)
-            if request.with_presence:
-                await self.sio.enter_room(sid, protocol.presence_room(channel), namespace=namespace)
-            new = channel not in client.channels
-            client.channels.add(channel)
-            if new and channel != ADMIN_CHANNEL:
-                await self._presence(client, channel, "joined")
-        await self.status(client.app, "subscribe", uuid=client.uuid, channels=list(request.channels))
-        return protocol.ok(channels=list(request.channels))
+        for channel in subscription.channels:
+            await self.rooms.join(conn, channel)
+            if subscription.with_presence:
+                await self.rooms.join(conn, protocol.presence_room(channel))
+            if channel not in client.channels and conn.state is client:
+                client.channels.add(channel)
+                if channel != ADMIN_CHANNEL:
+                    await self.broker.presence_add(client.app, channel, conn.sid,
+                                                   {"uuid": client.uuid})
+                    self._presence(client, channel, "joined")
+        self.status(client.app, "subscribe", uuid=client.uuid, channels=list(subscription.channels))
+        return protocol.ok(channels=list(subscription.channels))
 
-    async def _unsubscribe(self, sid: str, client: Client, data: Any) -> dict[str, Any]:
+    async def _unsubscribe(self, request: Request, data: Any) -> dict[str, Any]:
+        conn, client = request.conn, request.client
         channels = protocol.parse_unsubscribe(data)
-        namespace = "/" + client.app
         for channel in channels:
             if channel == ADMIN_CHANNEL and client.admin:
                 continue  # admins stay on their status feed, as in Ekko
-            await self.sio.leave_room(sid, channel, namespace=namespace)
-            await self.sio.leave_room(sid, protocol.presence_room(channel), namespace=namespace)
+            await self.rooms.leave(conn, channel)
+            await self.rooms.leave(conn, protocol.presence_room(channel))
             if channel in client.channels:
                 client.channels.discard(channel)
-                await self._presence(client, channel, "left")
-        await self.status(client.app, "unsubscribe", uuid=client.uuid, channels=list(channels))
+                await self.broker.presence_remove(client.app, channel, conn.sid)
+                self._presence(client, channel, "left")
+        self.status(client.app, "unsubscribe", uuid=client.uuid, channels=list(channels))
         return protocol.ok(channels=list(channels))
 
-    async def _publish(self, sid: str, client: Client, data: Any) -> Any:
-        request = protocol.parse_publish(data, self.settings.max_message_bytes)
-        if not client.claims.may("publish", request.channel):
-            raise ProtocolError("forbidden", f"this token may not publish to {request.channel!r}")
+    async def _publish(self, request: Request, data: Any) -> Any:
+        client = request.client
+        publish = protocol.parse_publish(data, self.settings.max_message_bytes)
+        if not client.claims.may("publish", publish.channel):
+            raise ProtocolError(ErrorCode.FORBIDDEN,
+                                f"this token may not publish to {publish.channel!r}")
         if self.draining:
-            raise ProtocolError("server_shutdown", "this node is shutting down; publish again "
-                                                   "after reconnecting")
+            raise ProtocolError(ErrorCode.SERVER_SHUTDOWN,
+                                "this node is shutting down; publish again after reconnecting")
         if client.bucket is not None:
             wait = client.bucket.take()
             if wait:
                 retry_ms = max(1, round(wait * 1000))
                 metrics.RATE_LIMITED.inc()
                 raise ProtocolError(
-                    "rate_limited",
+                    ErrorCode.RATE_LIMITED,
                     f"over {self.settings.publish_rate:g} publishes/s (burst "
                     f"{self.settings.publish_burst}); retry in {retry_ms} ms",
                     retryAfterMs=retry_ms,
                 )
         metrics.MESSAGES_PUBLISHED.inc(client.app)
-        rule = self.pipeline.rule(client.app, request.channel)
-        if self.pipeline.may_wait(client.app, request.channel, rule):
+        rule = self.pipeline.rule(client.app, publish.channel)
+        if self.pipeline.may_wait(client.app, publish.channel, rule):
             # functions to run, or a predecessor still in flight: don't hold up this
             # connection's other events; publish order is kept by the pipeline's sequence
-            return self._answer_later(self._deliver_publish(client, request, rule), sid, "publish")
-        return await self._deliver_publish(client, request, rule)
+            return self._answer_later(self._deliver_publish(client, publish, rule), request)
+        return await self._deliver_publish(client, publish, rule)
 
     async def _deliver_publish(self, client: Client, request: protocol.PublishRequest,
                                rule: Rule) -> Any:
@@ -443,11 +357,11 @@ class Realtime:
                 client.app, request.channel, request.message, client.uuid, rule
             )
         except Overloaded as exc:
-            raise ProtocolError("overloaded", str(exc)) from None
+            raise ProtocolError(ErrorCode.OVERLOADED, str(exc)) from None
         envelope = outcome.envelope
         if outcome.error is not None and outcome.dropped_by is None:
             raise ProtocolError(
-                "function_error",
+                ErrorCode.FUNCTION_ERROR,
                 f"not delivered: {outcome.error}",
                 function=outcome.error.function,
                 kind=outcome.error.kind,
@@ -462,7 +376,7 @@ class Realtime:
             **({"droppedBy": outcome.dropped_by} if outcome.dropped_by else {}),
         )
 
-    _handlers = {
+    _handlers: dict[str, Handling] = {
         "subscribe": _subscribe,
         "unsubscribe": _unsubscribe,
         "publish": _publish,

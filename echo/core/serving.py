@@ -24,7 +24,7 @@ def uvicorn_config(app: Any, host: str, port: int, log_level: str = "info") -> u
         http="auto",
         ws="websockets-sansio",
         ws_per_message_deflate=False,
-        # engine.io's heartbeat already checks every connection; uvicorn's own WebSocket
+        # Engine.IO's heartbeat already checks every connection; uvicorn's own WebSocket
         # pings doubled the idle traffic (py-spy on 10,000 idle connections)
         ws_ping_interval=None,
         ws_ping_timeout=None,
@@ -34,10 +34,24 @@ def uvicorn_config(app: Any, host: str, port: int, log_level: str = "info") -> u
     )
 
 
-class _Server(uvicorn.Server):
-    """uvicorn's server with a hook that runs before it closes the connections."""
+class EchoUvicorn(uvicorn.Server):
+    """uvicorn's server with two hooks: once it listens, and before it closes connections."""
 
-    before_shutdown: Callable[[], Awaitable[None]] | None = None
+    def __init__(self, config: uvicorn.Config,
+                 on_ready: Callable[[], None] | None = None,
+                 before_shutdown: Callable[[], Awaitable[None]] | None = None) -> None:
+        super().__init__(config)
+        self.on_ready = on_ready
+        self.before_shutdown = before_shutdown
+
+    async def startup(self, sockets: Any = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            # what exists now (modules, app, settings) lives as long as the process: keep it
+            # out of every later full garbage collection, whose pause grows with the heap
+            gc.freeze()
+            if self.on_ready is not None:
+                self.on_ready()
 
     async def shutdown(self, sockets: Any = None) -> None:
         if self.before_shutdown is not None:
@@ -49,18 +63,4 @@ def run(app: Any, host: str, port: int, log_level: str = "info",
         on_ready: Callable[[], None] | None = None,
         before_shutdown: Callable[[], Awaitable[None]] | None = None) -> None:
     """Serve until SIGINT/SIGTERM; ``before_shutdown`` runs first (draining in-flight work)."""
-    server = _Server(uvicorn_config(app, host, port, log_level))
-    server.before_shutdown = before_shutdown
-    original = server.startup
-
-    async def startup(sockets: Any = None) -> None:
-        await original(sockets)
-        if server.started:
-            # what exists now (modules, app, settings) lives as long as the process: keep it
-            # out of every later full garbage collection, whose pause grows with the heap
-            gc.freeze()
-            if on_ready is not None:
-                on_ready()
-
-    server.startup = startup  # type: ignore[method-assign]
-    server.run()
+    EchoUvicorn(uvicorn_config(app, host, port, log_level), on_ready, before_shutdown).run()

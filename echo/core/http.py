@@ -16,8 +16,10 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from echo.core import protocol
 from echo.core.associations import AssociationsError, parse_associations_text
 from echo.core.auth import AuthError, Claims, verify_token
+from echo.core.protocol import ErrorCode
 
 if TYPE_CHECKING:
     from echo.core.app import EchoServer
@@ -27,10 +29,8 @@ log = logging.getLogger("echo.http")
 MAX_ASSOCIATIONS_BYTES = 1024 * 1024
 
 
-def _problem(status: int, code: str, message: str, **details: object) -> JSONResponse:
-    return JSONResponse(
-        {"ok": False, "error": {"code": code, "message": message, **details}}, status_code=status
-    )
+def _problem(status: int, code: ErrorCode, message: str, **details: object) -> JSONResponse:
+    return JSONResponse(protocol.error(code, message, **details), status_code=status)
 
 
 def _management_claims(request: Request, secrets: tuple[str, ...]) -> Claims | JSONResponse:
@@ -38,15 +38,15 @@ def _management_claims(request: Request, secrets: tuple[str, ...]) -> Claims | J
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
         return _problem(
-            401, "unauthorized", "send a management token: Authorization: Bearer <jwt> "
+            401, ErrorCode.UNAUTHORIZED, "send a management token: Authorization: Bearer <jwt> "
             "(`echoctl jwt --manage`)"
         )
     try:
         claims = verify_token(secrets, token.strip())
     except AuthError as exc:
-        return _problem(401, "unauthorized", str(exc))
+        return _problem(401, ErrorCode.UNAUTHORIZED, str(exc))
     if not claims.manage:
-        return _problem(403, "forbidden", "a management token is required (`echoctl jwt --manage`); "
+        return _problem(403, ErrorCode.FORBIDDEN, "a management token is required (`echoctl jwt --manage`); "
                                           "user and app admin tokens are refused")
     return claims
 
@@ -77,12 +77,12 @@ def routes(server: EchoServer) -> list[Route]:
             body += chunk
             if len(body) > MAX_ASSOCIATIONS_BYTES:
                 return _problem(
-                    413, "too_large", f"the document is over {MAX_ASSOCIATIONS_BYTES} bytes"
+                    413, ErrorCode.TOO_LARGE, f"the document is over {MAX_ASSOCIATIONS_BYTES} bytes"
                 )
         try:
             associations = parse_associations_text(body, source="request body")
         except AssociationsError as exc:
-            return _problem(400, "invalid_associations", str(exc), path=exc.path)
+            return _problem(400, ErrorCode.INVALID_ASSOCIATIONS, str(exc), path=exc.path)
         try:
             stored = await server.replace_associations(
                 associations, source="PUT /associations"
@@ -90,7 +90,7 @@ def routes(server: EchoServer) -> list[Route]:
         except Exception as exc:
             log.error("PUT /associations not stored in %s: %s", server.store.describe(), exc)
             return _problem(
-                503, "unavailable",
+                503, ErrorCode.UNAVAILABLE,
                 f"could not store the document in {server.store.describe()} ({exc}); "
                 "nothing was changed, try again",
             )

@@ -33,7 +33,7 @@ from typing import Any
 from echo.core import metrics
 from echo.core.associations import Associations, Rule
 from echo.core.functions import FunctionCatalog, FunctionConfigError, FunctionSpec
-from echo.core.runners import FunctionError, InvocationContext, Runner
+from echo.core.runners import FunctionError, FunctionErrorKind, InvocationContext, Runner
 
 log = logging.getLogger("echo.pipeline")
 
@@ -305,6 +305,6 @@ def _as_function_error(function: str, exc: Exception) -> FunctionError:
     if isinstance(exc, FunctionError):
         return exc
     if isinstance(exc, FunctionConfigError):
-        return FunctionError(function, "load_failed", str(exc))
+        return FunctionError(function, FunctionErrorKind.LOAD_FAILED, str(exc))
     log.exception("runner failed on %s", function)  # a runner bug must not stall the channel
-    return FunctionError(function, "failed", f"runner error: {exc!r}")
+    return FunctionError(function, FunctionErrorKind.FAILED, f"runner error: {exc!r}")

@@ -8,7 +8,9 @@ message that names the offending field.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 import orjson
@@ -19,10 +21,29 @@ CHANNEL_NAME = re.compile(r"^[A-Za-z0-9_\-:.@=/]{1,200}$")
 MAX_CHANNELS_PER_REQUEST = 100
 
 
+class ErrorCode(StrEnum):
+    """Every ``error.code`` Echo answers with, on the socket and over HTTP (README: Error codes)."""
+
+    BAD_REQUEST = "bad_request"
+    BAD_CHANNEL = "bad_channel"
+    TOO_LARGE = "too_large"
+    FORBIDDEN = "forbidden"
+    UNKNOWN_EVENT = "unknown_event"
+    FUNCTION_ERROR = "function_error"
+    OVERLOADED = "overloaded"
+    RATE_LIMITED = "rate_limited"
+    LIMIT = "limit"
+    SERVER_SHUTDOWN = "server_shutdown"
+    INTERNAL = "internal"
+    UNAUTHORIZED = "unauthorized"
+    INVALID_ASSOCIATIONS = "invalid_associations"
+    UNAVAILABLE = "unavailable"
+
+
 class ProtocolError(Exception):
     """A request Echo refuses; ``code`` is machine-readable, the message is for people."""
 
-    def __init__(self, code: str, message: str, **details: Any) -> None:
+    def __init__(self, code: ErrorCode | str, message: str, **details: Any) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -116,5 +137,17 @@ def ok(**fields: Any) -> dict[str, Any]:
     return {"ok": True, **fields}
 
 
-def error(code: str, message: str, **fields: Any) -> dict[str, Any]:
-    return {"ok": False, "error": {"code": code, "message": message, **fields}}
+def error(code: ErrorCode | str, message: str, **fields: Any) -> dict[str, Any]:
+    """The one error body: ``{ok: false, error: {code, message, ...}}`` (socket acks, HTTP)."""
+    return {"ok": False, "error": {"code": str(code), "message": message, **fields}}
+
+
+def status_payload(event: str, app: str, **details: Any) -> dict[str, Any]:
+    """A ``status`` event: Ekko's ``{message: {event, app, uuid, admin}}`` plus flat fields."""
+    core = {
+        "event": event,
+        "app": app,
+        "uuid": details.pop("uuid", None),
+        "admin": details.pop("admin", False),
+    }
+    return {**core, **details, "ts": int(time.time() * 1000), "message": dict(core)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from enum import StrEnum
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
 
@@ -37,17 +38,33 @@ class InvocationContext:
         }
 
 
+class FunctionErrorKind(StrEnum):
+    """Why a function gave no usable result (README: Failures)."""
+
+    RAISED = "raised"
+    """The handler raised."""
+    TIMEOUT = "timeout"
+    BAD_RESULT = "bad_result"
+    """Not JSON, or not the runner's answer shape."""
+    CRASHED = "crashed"
+    """The worker process died (or the runner shut down)."""
+    NOT_FOUND = "not_found"
+    LOAD_FAILED = "load_failed"
+    """The code or its configuration could not be loaded."""
+    FAILED = "failed"
+    """The runner itself could not reach the function."""
+
+
 class FunctionError(Exception):
-    """An echo function did not produce a usable result.
+    """An echo function did not produce a usable result; ``kind`` says how."""
 
-    ``kind`` is one of ``raised`` (the handler raised), ``timeout``, ``bad_result`` (not
-    JSON), ``crashed`` (the worker process died), ``not_found``.
-    """
-
-    def __init__(self, function: str, kind: str, detail: str) -> None:
-        super().__init__(f"function {function!r} {kind}: {detail}")
+    def __init__(self, function: str, kind: FunctionErrorKind | str, detail: str) -> None:
+        try:
+            self.kind = FunctionErrorKind(kind)
+        except ValueError:  # a worker's answer with a kind this version does not know
+            self.kind = FunctionErrorKind.RAISED
+        super().__init__(f"function {function!r} {self.kind}: {detail}")
         self.function = function
-        self.kind = kind
         self.detail = detail
 
 
@@ -117,7 +134,7 @@ class RunnerSet(Runner):
         try:
             runner = await self._get(spec.runner or self.settings.runner)
         except LookupError as exc:
-            raise FunctionError(spec.name, "load_failed", str(exc)) from None
+            raise FunctionError(spec.name, FunctionErrorKind.LOAD_FAILED, str(exc)) from None
         return await runner.invoke(spec, event, context)
 
 

@@ -19,7 +19,7 @@ from starlette.staticfiles import StaticFiles
 from echo.config import Settings
 from echo.core.app import EchoServer, build_server
 from echo.core.auth import issue_token
-from echo.core.protocol import CHANNEL_NAME
+from echo.core.protocol import CHANNEL_NAME, ErrorCode, error
 from echo.core.runners import Runner
 from echo.emulator.local_runner import LocalRunner
 from echo.emulator.localstack import LocalStackFunctions, localstack_settings
@@ -33,10 +33,8 @@ def _dev_routes(settings: Settings, apps_dir: Path) -> list[BaseRoute]:
     async def dev_token(request: Request) -> JSONResponse:
         app = request.query_params.get("app", "")
         if not CHANNEL_NAME.match(app):
-            return JSONResponse(
-                {"ok": False, "error": {"code": "bad_request", "message": "?app=NAME is required"}},
-                status_code=400,
-            )
+            return JSONResponse(error(ErrorCode.BAD_REQUEST, "?app=NAME is required"),
+                                status_code=400)
         admin = request.query_params.get("admin", "").lower() in ("1", "true", "yes")
         token = issue_token(settings.secrets_for(app)[0], app, admin=admin, ttl=DEV_TOKEN_TTL)
         return JSONResponse({"appName": app, "jwt": token, "admin": admin})

@@ -36,7 +36,7 @@ import orjson
 
 from echo.config import Settings
 from echo.core.functions import FunctionConfigError, FunctionSpec, discover
-from echo.core.runners import FunctionError, InvocationContext, Runner
+from echo.core.runners import FunctionError, FunctionErrorKind, InvocationContext, Runner
 
 log = logging.getLogger("echo.runner.local")
 
@@ -127,7 +127,7 @@ class LocalRunner(Runner):
             call = self._waiting.popleft()
             if not call.answer.done():
                 call.answer.set_exception(
-                    FunctionError(call.spec.name, "crashed", "the runner was shut down"))
+                    FunctionError(call.spec.name, FunctionErrorKind.CRASHED, "the runner was shut down"))
         for worker in list(self._all):
             worker.kill()
             with contextlib.suppress(Exception):
@@ -158,9 +158,10 @@ class LocalRunner(Runner):
     async def invoke(self, spec: FunctionSpec, event: Any, context: InvocationContext) -> Any:
         function = spec.name
         if spec.path is None:
-            raise FunctionError(function, "not_found", f"no folder {self.functions_dir / function}")
+            raise FunctionError(function, FunctionErrorKind.NOT_FOUND,
+                                f"no folder {self.functions_dir / function}")
         if self._closed:
-            raise FunctionError(function, "crashed", "the runner was shut down")
+            raise FunctionError(function, FunctionErrorKind.CRASHED, "the runner was shut down")
         call_id = next(self._ids)
         request = {
             "id": call_id,
@@ -229,7 +230,7 @@ class LocalRunner(Runner):
                 except Exception as exc:
                     self._count -= 1
                     for call in batch:
-                        _answer(call, FunctionError(call.spec.name, "crashed",
+                        _answer(call, FunctionError(call.spec.name, FunctionErrorKind.CRASHED,
                                                     f"could not start a worker: {exc}"))
                     finished = len(batch)
                     return
@@ -242,7 +243,8 @@ class LocalRunner(Runner):
                 log.exception("local runner failed running a batch")
                 worker.kill()
                 for call in batch:
-                    _answer(call, FunctionError(call.spec.name, "crashed", "runner error (logged)"))
+                    _answer(call, FunctionError(call.spec.name, FunctionErrorKind.CRASHED,
+                                                "runner error (logged)"))
                 finished = len(batch)
             if worker.alive and worker.generation == self._generation and not self._closed:
                 self._idle.append(worker)
@@ -252,7 +254,7 @@ class LocalRunner(Runner):
             leftover = batch[finished:]
             if self._closed:
                 for call in leftover:
-                    _answer(call, FunctionError(call.spec.name, "crashed",
+                    _answer(call, FunctionError(call.spec.name, FunctionErrorKind.CRASHED,
                                                 "the runner was shut down"))
             else:
                 self._waiting.extendleft(reversed(leftover))  # never started: run elsewhere
@@ -275,13 +277,13 @@ class LocalRunner(Runner):
                 line = await process.stdout.readline()
             except (ValueError, asyncio.LimitOverrunError) as exc:
                 worker.kill()
-                _answer(call, FunctionError(call.spec.name, "crashed", str(exc)))
+                _answer(call, FunctionError(call.spec.name, FunctionErrorKind.CRASHED, str(exc)))
                 return index + 1
             finally:
                 timer.cancel()
             if not line:
                 if worker.timed_out:
-                    error = FunctionError(call.spec.name, "timeout",
+                    error = FunctionError(call.spec.name, FunctionErrorKind.TIMEOUT,
                                           f"no result within {call.spec.timeout:g}s")
                 else:
                     code = await process.wait()
@@ -293,7 +295,7 @@ class LocalRunner(Runner):
                         for unanswered in batch[index:]:
                             unanswered.alone = True
                         return index
-                    error = FunctionError(call.spec.name, "crashed",
+                    error = FunctionError(call.spec.name, FunctionErrorKind.CRASHED,
                                           f"worker process exited with code {code}")
                 worker.kill()
                 _answer(call, error)
@@ -304,7 +306,8 @@ class LocalRunner(Runner):
                     raise ValueError(f"answer for invocation {response.get('id')}, not {call.id}")
             except (ValueError, AttributeError) as exc:
                 worker.kill()
-                _answer(call, FunctionError(call.spec.name, "crashed", f"worker protocol: {exc}"))
+                _answer(call, FunctionError(call.spec.name, FunctionErrorKind.CRASHED,
+                                            f"worker protocol: {exc}"))
                 return index + 1
             _answer(call, response)
         return len(batch)

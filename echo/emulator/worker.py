@@ -131,12 +131,12 @@ class _Answers:
         with self.changed:
             self.held.append(answer)
             if not more_coming:
-                self._write()
+                self.write_held()
             elif len(self.held) == 1:  # the release thread wakes only when one is held
                 self.since = time.monotonic()
                 self.changed.notify()
 
-    def _write(self) -> None:
+    def write_held(self) -> None:
         if self.held:
             self.out.write(b"".join(self.held))
             self.out.flush()
@@ -152,7 +152,7 @@ class _Answers:
             time.sleep(max(0.0, since + HOLD - time.monotonic()))
             with self.changed:
                 if self.held and self.since == since:
-                    self._write()
+                    self.write_held()
 
 
 def _requests(fd: int) -> Iterator[tuple[bytes, bool]]:
@@ -180,7 +180,7 @@ def main() -> None:
         _serve(answers)
     finally:  # e.g. sys.exit() in a handler: what was answered still goes out
         with answers.changed:
-            answers._write()
+            answers.write_held()
 
 
 def _serve(answers: _Answers) -> None:

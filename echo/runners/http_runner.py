@@ -16,7 +16,7 @@ import orjson
 
 from echo.config import Settings
 from echo.core.functions import FunctionSpec
-from echo.core.runners import FunctionError, InvocationContext, Runner
+from echo.core.runners import FunctionError, FunctionErrorKind, InvocationContext, Runner
 
 
 class HttpRunner(Runner):
@@ -40,7 +40,7 @@ class HttpRunner(Runner):
             return spec.url
         if self.url_template:
             return self.url_template.replace("{function}", spec.name)
-        raise FunctionError(spec.name, "load_failed",
+        raise FunctionError(spec.name, FunctionErrorKind.LOAD_FAILED,
                             "no url: set url in its function.toml or ECHO_HTTP_URL")
 
     async def invoke(self, spec: FunctionSpec, event: Any, context: InvocationContext) -> Any:
@@ -61,18 +61,19 @@ class HttpRunner(Runner):
                 timeout=spec.timeout,
             )
         except httpx.TimeoutException:
-            raise FunctionError(spec.name, "timeout", f"no answer within {spec.timeout:g}s") from None
+            raise FunctionError(spec.name, FunctionErrorKind.TIMEOUT,
+                                f"no answer within {spec.timeout:g}s") from None
         except httpx.HTTPError as exc:
-            raise FunctionError(spec.name, "failed", f"endpoint unreachable: {exc}") from None
+            raise FunctionError(spec.name, FunctionErrorKind.FAILED, f"endpoint unreachable: {exc}") from None
         if response.status_code == 204:
             return None
         if not response.is_success:
             raise FunctionError(
-                spec.name, "raised", f"HTTP {response.status_code}: {response.text[:200]}"
+                spec.name, FunctionErrorKind.RAISED, f"HTTP {response.status_code}: {response.text[:200]}"
             )
         try:
             return orjson.loads(response.content)
         except orjson.JSONDecodeError:
             raise FunctionError(
-                spec.name, "bad_result", f"response is not JSON: {response.text[:80]!r}"
+                spec.name, FunctionErrorKind.BAD_RESULT, f"response is not JSON: {response.text[:80]!r}"
             ) from None

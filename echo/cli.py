@@ -58,12 +58,16 @@ def settings_for(project: Path | None, dev: bool = True, **overrides: Any) -> Se
 
 
 def _logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(name)s: %(message)s",
-        handlers=[RichHandler(console=err, show_path=False, markup=False)],
-        force=True,
-    )
+    """rich for a person at a terminal; plain one-line records for files and collectors
+    (rich wraps long lines at the console width, which splits a record across lines)."""
+    handler: logging.Handler
+    if err.is_terminal:
+        handler = RichHandler(console=err, show_path=False, markup=False)
+        layout = "%(name)s: %(message)s"
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        layout = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level.upper(), format=layout, handlers=[handler], force=True)
 
 
 def template_dir() -> Path:

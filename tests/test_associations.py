@@ -6,6 +6,8 @@ import pytest
 
 from echo.core.associations import AssociationsError, parse_associations, parse_associations_text
 
+pytestmark = pytest.mark.unit
+
 
 def doc(*channels: dict) -> dict:
     return {"applications": {"app": {"channels": list(channels)}}}

@@ -25,6 +25,8 @@ from tests import test_browser_chat
 from tests.conftest import REPO, EchoProcess, make_project
 from tests.test_browser_chat import SCREENSHOTS, WAIT_MS
 
+pytestmark = pytest.mark.browser
+
 expect = test_browser_chat.expect
 browser = test_browser_chat.browser  # the same module-scoped Chromium (skips/fails the same way)
 

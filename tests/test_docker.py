@@ -31,6 +31,8 @@ from echo.core.auth import issue_token
 from echo.targets.docker import DockerTarget
 from tests.conftest import REPO, SECRET, TEST_APP, TEST_ASSOCIATIONS, Client, free_port, make_project
 
+pytestmark = pytest.mark.docker
+
 BASE_IMAGE = os.environ.get("ECHO_TEST_BASE_IMAGE") or None
 REDIS_IMAGE = BASE_IMAGE or "redis:7"
 PUBLIC_IMAGES = ("python:3.11-slim-bookworm", "redis:7", "nginx:1.27")  # the defaults

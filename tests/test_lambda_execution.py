@@ -21,7 +21,7 @@ from echo.runners.lambda_runner import LambdaRunner
 from tests.conftest import MotoServer, make_project
 from tests.test_docker import BASE_IMAGE, engine, not_run, require_image
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.aws, pytest.mark.docker]
 
 RUNTIME_IMAGE = "echo-lambda-runtime"
 RUNTIME_DIR = Path(__file__).parent / "fixtures" / "lambda-runtime"

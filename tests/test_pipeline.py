@@ -13,7 +13,7 @@ from echo.core.functions import FunctionCatalog
 from echo.core.pipeline import Envelope, Pipeline
 from echo.core.runners import Runner
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.unit]
 
 
 class NoFunctions(Runner):

@@ -13,21 +13,23 @@ from pathlib import Path
 from typing import Any
 
 from bench.scenarios import Scenario
-from bench.servers import LABELS, NODE_DIR
+from bench.servers import NODE_DIR, is_product, label, ref_of, short_label
 
 GEN_BOUND_PCT = 85.0  # a generator this busy may be what limits the figure
 
 
 def _version(package: str) -> str | None:
     try:
-        return metadata.version(package)
+        version: str = metadata.version(package)
+        return version
     except metadata.PackageNotFoundError:
         return None
 
 
 def _node_package(name: str) -> str | None:
     try:
-        return json.loads((NODE_DIR / "node_modules" / name / "package.json").read_text())["version"]
+        data = json.loads((NODE_DIR / "node_modules" / name / "package.json").read_text())
+        return str(data["version"])
     except (OSError, ValueError, KeyError):
         return None
 
@@ -99,30 +101,62 @@ def machine() -> dict[str, Any]:
     }
 
 
-def ratios(rows: list[dict[str, Any]], scenarios: list[Scenario]) -> list[dict[str, Any]]:
-    """Echo / baseline for each scenario (middleware ones against the plain shape's baselines)."""
+RATIO_KEYS = ("deliveries_per_s", "server_us_per_delivery", "p50_ms", "p99_ms", "p999_ms",
+              "rss_per_conn_kb")
+
+
+NOISE_FLOOR = 0.10  # µs/delivery moves this much between identical builds in short windows
+
+
+def spread(all_runs: list[dict[str, Any]], scenario: str, targets: tuple[str, ...]) -> float | None:
+    """Round-to-round spread of µs/delivery (max ÷ min - 1) of these targets: the run's own noise."""
+    worst = None
+    for target in targets:
+        values = [r["server_us_per_delivery"] for r in all_runs
+                  if r["scenario"] == scenario and r["target"] == target and r.get("ok")
+                  and r.get("server_us_per_delivery")]
+        if len(values) > 1:
+            worst = max(worst or 0.0, max(values) / min(values) - 1)
+    return worst
+
+
+def ratios(rows: list[dict[str, Any]], scenarios: list[Scenario],
+           all_runs: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Each Echo being built (either transport) against Echo before and the baselines.
+
+    ``before``: the ``echo@REF`` target, same scenario (it runs the functions too), with the
+    rounds' own spread and a ``regressed`` flag when µs/delivery grew beyond it (and beyond
+    ``NOISE_FLOOR``); ``node``/``pysio``: the baselines, middleware scenarios against the
+    plain shape's rows.
+    """
     by = {(r["scenario"], r["target"]): r for r in rows if r.get("ok") or r.get("deliveries_per_s")}
     compare = {s.name: s.compare_to for s in scenarios if s.compare_to}
+    befores = list(dict.fromkeys(r["target"] for r in rows if ref_of(r["target"])))
     out = []
     for row in rows:
-        if row["target"] != "echo" or row.get("server_failed"):
+        if not is_product(row["target"]) or row.get("server_failed"):
             continue
         name = row["scenario"]
         against = compare.get(name, name)
-        entry: dict[str, Any] = {"scenario": name, "against": against}
-        for base in ("node", "pysio"):
-            other = by.get((against, base))
+        entry: dict[str, Any] = {"scenario": name, "target": row["target"], "against": against}
+        sides = [("node", (against, "node")), ("pysio", (against, "pysio"))]
+        if befores:
+            sides.insert(0, ("before", (name, befores[0])))
+            entry["before_target"] = befores[0]
+        for side, key in sides:
+            other = by.get(key)
             if not other:
                 continue
-            entry[base] = {
-                key: _ratio(row.get(key), other.get(key))
-                for key in ("deliveries_per_s", "server_us_per_delivery", "p50_ms", "p99_ms",
-                            "p999_ms", "rss_per_conn_kb")
-            }
+            entry[side] = {k: _ratio(row.get(k), other.get(k)) for k in RATIO_KEYS}
             # a saturated generator caps both figures: the deliveries/s ratio then says little
-            entry[base]["generator_bound"] = any(
+            entry[side]["generator_bound"] = any(
                 (r.get("gen_cpu_pct") or 0) > GEN_BOUND_PCT for r in (row, other))
-        if len(entry) > 2:
+            if side == "before":
+                noise = spread(all_runs or [], name, (row["target"], other["target"]))
+                cpu = entry[side]["server_us_per_delivery"]
+                entry[side]["round_spread"] = noise
+                entry[side]["regressed"] = cpu is not None and cpu > 1 + max(noise or 0.0, NOISE_FLOOR)
+        if any(side in entry for side in ("before", "node", "pysio")):
             out.append(entry)
     return out
 
@@ -141,17 +175,21 @@ def _fmt(value: Any, digits: int = 1, thousands: bool = False) -> str:
     return f"{value:,.{digits}f}"
 
 
-def markdown(result: dict[str, Any]) -> str:
+def _intro(result: dict[str, Any]) -> list[str]:
     m = result["machine"]
     pk = m["packages"]
-    source, after = result.get("echo_source", {}), result.get("echo_source_after", {})
-    lines = [
+    source = result.get("echo_source", {})
+    refs = result.get("echo_refs", {})
+    before = "".join(
+        f" Echo before = `{target}`: {ref.get('commit')}, echo/ sha256 {ref.get('echo_sha256')}."
+        for target, ref in refs.items())
+    return [
         f"# Echo bench: `{result['profile']}` profile",
         "",
         f"Echo {source.get('commit')}"
         + (f" (snapshot of `{source['ref']}`)" if source.get("ref") else "")
         + (" + uncommitted changes" if source.get("dirty") else "")
-        + f", echo/ sha256 {source.get('echo_sha256')}.",
+        + f", echo/ sha256 {source.get('echo_sha256')}." + before,
         "",
         f"Run {result['started']} in {result['seconds']:.0f} s. Machine: {m['cores']} cores "
         f"({m['cpu_model']}), {m['memory_gb']} GiB, Linux {m['kernel']}; Python {m['python']}, "
@@ -159,7 +197,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"socket.io {pk['socket.io (node)']}, load generator socket.io-client "
         f"{pk['socket.io-client (node)']}; load average at start {m['load_avg_at_start']}.",
         "",
-        "Echo = `echoctl serve`; Node = minimal socket.io 4 server (bench/node/baseline-server.mjs); "
+        "Echo = `echoctl serve` on its native transport; Echo on py-sio = the same on its "
+        "python-socketio transport (`ECHO_TRANSPORT=python-socketio`); Echo before = Echo as "
+        "committed at the ref above; Node = minimal socket.io 4 server (bench/node/baseline-server.mjs); "
         "py-sio = hand-written python-socketio under `uvicorn.run` defaults (bench/baseline_pysio.py). "
         "Deliveries/s count messages received by subscribers in the measured window; latency is "
         "publish → receive on one clock; server CPU is % of one core (all nodes and Echo's function "
@@ -167,19 +207,26 @@ def markdown(result: dict[str, Any]) -> str:
         f"gen = the load generator's own CPU (★ when above {GEN_BOUND_PCT:.0f}%: the generator may "
         "be what limits that figure).",
         "",
+    ]
+
+
+def _runs_table(result: dict[str, Any]) -> list[str]:
+    source = result.get("echo_source", {})
+    lines = [
         "| scenario | server | deliveries/s | p50 ms | p99 ms | p99.9 ms | lost | refused "
         "| server CPU % | µs/deliv | RSS MB | kB/conn | gen CPU % |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    short = {"echo": "Echo", "node": "Node", "pysio": "py-sio"}
     for row in result["runs"]:
         name = row["scenario"] + ("" if row.get("ok") else " ⚠")
-        if row.get("echo_sha256") and row["echo_sha256"] != source.get("echo_sha256"):
+        if (is_product(row["target"]) and row.get("echo_sha256")
+                and row["echo_sha256"] != source.get("echo_sha256")):
             name += " †"
         nodes = row.get("nodes", 1)
-        server = short.get(row["target"], row["target"]) + (f" x{nodes}" if nodes > 1 else "")
+        server = short_label(row["target"]) + (f" x{nodes}" if nodes > 1 else "")
         if row.get("server_failed") or ("server_cpu_pct" not in row):
-            lines.append(f"| {name} | {server} | failed: {str(row.get('error'))[:80]} |" + " |" * 10)
+            error = " ".join(str(row.get("error")).split())  # one table cell: no line breaks
+            lines.append(f"| {name} | {server} | failed: {error[:80]} |" + " |" * 10)
             continue
         gen = row.get("gen_cpu_pct")
         gen_text = _fmt(gen, 0) + (" ★" if gen and gen > GEN_BOUND_PCT else "")
@@ -198,7 +245,50 @@ def markdown(result: dict[str, Any]) -> str:
             f"{_fmt(row['server_us_per_delivery'], 2)} | {_fmt(row['rss_mb'], 0)} | "
             f"{_fmt(row['rss_per_conn_kb'])} | {gen_text} |"
         )
-    lines += [
+    return lines
+
+
+def _one(side: dict[str, Any], key: str) -> str:
+    bound = key == "deliveries_per_s" and side.get("generator_bound")
+    return _fmt(side.get(key), 2) + (" ★" if bound else "")
+
+
+def _before_after_table(result: dict[str, Any]) -> list[str]:
+    entries = [e for e in result["ratios"] if "before" in e]
+    if not entries:
+        return []
+    lines = [
+        "",
+        "## Before → after",
+        "",
+        f"Echo being built (native transport, and its python-socketio transport) ÷ "
+        f"{label(entries[0]['before_target'])}, same scenario, same run. deliveries/s: above 1 "
+        "is after ahead; µs/delivery (server CPU per delivery, the figure least disturbed by the "
+        "machine's other load) and latency: below 1 is after ahead. ★: the load generator was "
+        "saturated in one of the two runs (deliveries/s capped by the machine). Spread: how much "
+        "µs/delivery moved between the rounds of the same build (the run's own noise, with 2+ "
+        f"rounds); ▲: µs/delivery grew by more than that spread and more than {NOISE_FLOOR:.0%}.",
+        "",
+        "| scenario | Echo | deliveries/s ÷before | µs/deliv ÷before | spread | p50 ÷before | p99 ÷before "
+        "| kB/conn ÷before |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for entry in entries:
+        side = entry["before"]
+        noise = side.get("round_spread")
+        lines.append(
+            f"| {entry['scenario']} | {short_label(entry['target'])} | {_one(side, 'deliveries_per_s')} | "
+            f"{_one(side, 'server_us_per_delivery')}{' ▲' if side.get('regressed') else ''} | "
+            f"{'-' if noise is None else f'±{noise:.0%}'} | {_one(side, 'p50_ms')} | "
+            f"{_one(side, 'p99_ms')} | {_one(side, 'rss_per_conn_kb')} |")
+    return lines
+
+
+def _baselines_table(result: dict[str, Any]) -> list[str]:
+    entries = [e for e in result["ratios"] if "node" in e or "pysio" in e]
+    if not entries:
+        return []
+    lines = [
         "",
         "## Echo / baseline",
         "",
@@ -209,23 +299,71 @@ def markdown(result: dict[str, Any]) -> str:
         "(2 cores: one for the server, one for the generator) and µs/delivery is the figure to "
         "compare.",
         "",
-        "| scenario | vs | deliveries/s ÷Node | ÷py-sio | µs/deliv ÷Node | ÷py-sio | "
+        "| scenario | Echo | vs | deliveries/s ÷Node | ÷py-sio | µs/deliv ÷Node | ÷py-sio | "
         "p99 ÷Node | ÷py-sio | kB/conn ÷Node | ÷py-sio |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for entry in result["ratios"]:
+    for entry in entries:
         node, py = entry.get("node", {}), entry.get("pysio", {})
 
-        def pair(key: str, node: dict = node, py: dict = py) -> str:
-            def one(side: dict) -> str:
-                bound = key == "deliveries_per_s" and side.get("generator_bound")
-                return _fmt(side.get(key), 2) + (" ★" if bound else "")
-            return f"{one(node)} | {one(py)}"
+        def pair(key: str, node: dict[str, Any] = node, py: dict[str, Any] = py) -> str:
+            return f"{_one(node, key)} | {_one(py, key)}"
 
         lines.append(
-            f"| {entry['scenario']} | {entry['against']} | {pair('deliveries_per_s')} | "
-            f"{pair('server_us_per_delivery')} | {pair('p99_ms')} | {pair('rss_per_conn_kb')} |"
+            f"| {entry['scenario']} | {short_label(entry.get('target', 'echo'))} | {entry['against']} | "
+            f"{pair('deliveries_per_s')} | {pair('server_us_per_delivery')} | {pair('p99_ms')} | "
+            f"{pair('rss_per_conn_kb')} |"
         )
+    return lines
+
+
+def _scale_table(result: dict[str, Any]) -> list[str]:
+    """The scale-out series per target: throughput, CPU per delivery, the quiet node's CPU."""
+    series = [s["name"] for s in result["scenarios"] if s.get("group") == "scale-out"]
+    rows = [r for r in result["runs"] if r["scenario"] in series and "server_cpu_pct" in r]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Scale-out: 1,000 channels, each channel's subscribers on one node",
+        "",
+        "Every node on one Redis; with 2+ nodes every publish crosses nodes. µs/deliv = all nodes' "
+        "CPU ÷ deliveries (÷1 node: the same figure divided by the target's 1-node one, so 1.0 = "
+        "adding nodes costs nothing per delivery). Quiet node: one more node, on the same Redis, "
+        "holding 10 subscribers of a channel nobody publishes to; its CPU during the window is what "
+        "a node spends on channels it does not serve (µs per publish = its CPU time ÷ the messages "
+        "published elsewhere).",
+        "",
+        "| target | scenario | nodes | deliveries/s | publishes/s | µs/deliv | ÷1 node | CPU % per node "
+        "| Redis CPU % | quiet node CPU % | quiet µs/publish | lost | gen CPU % |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    targets = list(dict.fromkeys(r["target"] for r in rows))
+    for target in targets:
+        mine = sorted((r for r in rows if r["target"] == target),
+                      key=lambda r: (series.index(r["scenario"])))
+        one = next((r for r in mine if r.get("nodes") == 1), None)
+        unit = one.get("server_us_per_delivery") if one else None
+        for row in mine:
+            name = row["scenario"] + ("" if row.get("ok") else " ⚠")
+            per_node = row.get("node_cpu_pct") or [row["server_cpu_pct"]]
+            gen = row.get("gen_cpu_pct")
+            lines.append(
+                f"| {short_label(target)} | {name} | {row.get('nodes', 1)} | "
+                f"{_fmt(row.get('deliveries_per_s'), thousands=True)} | "
+                f"{_fmt(row.get('publishes_per_s'), thousands=True)} | "
+                f"{_fmt(row.get('server_us_per_delivery'), 2)} | "
+                f"{_fmt(_ratio(row.get('server_us_per_delivery'), unit), 2)} | "
+                f"{' / '.join(_fmt(c, 0) for c in per_node)} | {_fmt(row.get('redis_cpu_pct'), 0)} | "
+                f"{_fmt(row.get('quiet_cpu_pct'), 1)} | {_fmt(row.get('quiet_us_per_publish'), 2)} | "
+                f"{row.get('lost', '-')} | {_fmt(gen, 0) + (' ★' if gen and gen > GEN_BOUND_PCT else '')} |")
+    return lines
+
+
+def markdown(result: dict[str, Any]) -> str:
+    source, after = result.get("echo_source", {}), result.get("echo_source_after", {})
+    lines = _intro(result) + _runs_table(result)
+    lines += _before_after_table(result) + _baselines_table(result) + _scale_table(result)
     if after and after.get("echo_sha256") != source.get("echo_sha256"):
         lines[2:2] = ["**Warning: echo/ changed while this run was going on "
                       f"({source.get('echo_sha256')} → {after.get('echo_sha256')}): Echo rows "
@@ -234,7 +372,7 @@ def markdown(result: dict[str, Any]) -> str:
     failures = [r for r in result["runs"] if not r.get("ok")]
     if failures:
         lines += ["", "## Problems", ""]
-        lines += [f"- {r['scenario']} on {LABELS.get(r['target'], r['target'])}: {r.get('error')}"
+        lines += [f"- {r['scenario']} on {label(r['target'])}: {str(r.get('error'))[-1500:]}"
                   for r in failures]
     if result.get("skipped"):
         lines += ["", "## Skipped", ""] + [f"- {s}" for s in result["skipped"]]

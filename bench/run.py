@@ -17,13 +17,25 @@ from pathlib import Path
 from typing import Any
 
 from bench.scenarios import Scenario
-from bench.servers import NODE_DIR, Redis, Server, ServerFailed, cpu_seconds, make_server, rss_mb, token
+from bench.servers import (
+    NODE_DIR,
+    Redis,
+    Server,
+    ServerFailed,
+    cpu_seconds,
+    family,
+    make_server,
+    rss_mb,
+    safe_name,
+    token,
+)
 
 
 @dataclass
 class Sample:
     t: float
     cpu: float
+    node_cpu: tuple[float, ...]  # each node's process tree
     redis_cpu: float
     rss: float  # the server processes' own RSS (Echo's function workers are not connections)
     rss_tree: float  # with every child process
@@ -43,12 +55,14 @@ class Sampler:
         return [pid for server in self.servers for pid in server.pids()]
 
     def sample(self) -> Sample:
-        pids = self.pids()
-        tree = rss_mb(pids)
-        self.peak_rss = max(self.peak_rss, tree)
-        main = rss_mb([s.process.pid for s in self.servers if s.alive()])
-        return Sample(time.monotonic(), cpu_seconds(pids),
-                      cpu_seconds(self.redis.pids()) if self.redis else 0.0, main, tree)
+        trees = [server.pids() for server in self.servers]
+        pids = [pid for tree in trees for pid in tree]
+        tree_rss = rss_mb(pids)
+        self.peak_rss = max(self.peak_rss, tree_rss)
+        main = rss_mb([s.process.pid for s in self.servers if s.process is not None and s.alive()])
+        node_cpu = tuple(cpu_seconds(tree) for tree in trees)
+        return Sample(time.monotonic(), sum(node_cpu), node_cpu,
+                      cpu_seconds(self.redis.pids()) if self.redis else 0.0, main, tree_rss)
 
     def mark(self, name: str) -> None:
         self.marks[name] = self.sample()
@@ -70,8 +84,14 @@ def _between(a: Sample, b: Sample) -> tuple[float, float]:
     return 100 * (b.cpu - a.cpu) / wall, 100 * (b.redis_cpu - a.redis_cpu) / wall
 
 
-def run_loadgen(config: dict[str, Any], deadline: float, on_phase: Callable[[str, dict], None],
-                log_path: Path) -> dict[str, Any]:
+def _nodes_between(a: Sample, b: Sample) -> list[float]:
+    """Each node's CPU (% of one core) between two samples."""
+    wall = max(b.t - a.t, 1e-6)
+    return [100 * (after - before) / wall for before, after in zip(a.node_cpu, b.node_cpu, strict=True)]
+
+
+def run_loadgen(config: dict[str, Any], deadline: float,
+                on_phase: Callable[[str, dict[str, Any]], None], log_path: Path) -> dict[str, Any]:
     """Start the generator, call ``on_phase`` at each phase line, return its result line."""
     with log_path.open("ab") as stderr:
         process = subprocess.Popen(
@@ -110,7 +130,7 @@ def measure(scenario: Scenario, target: str, servers: list[Server], redis: Redis
     sampler.mark("start")
     watcher = sampler.watch()
 
-    def on_phase(phase: str, line: dict) -> None:
+    def on_phase(phase: str, line: dict[str, Any]) -> None:
         sampler.mark(phase)
         if phase == "connected":
             progress(f"{line['connections']:,} connected in {line['connectSeconds']:.1f}s")
@@ -121,7 +141,7 @@ def measure(scenario: Scenario, target: str, servers: list[Server], redis: Redis
 
     config = scenario.loadgen_config([s.url for s in servers], token())
     try:
-        gen = run_loadgen(config, scenario.deadline, on_phase, workdir / f"loadgen-{target}.log")
+        gen = run_loadgen(config, scenario.deadline, on_phase, workdir / f"loadgen-{safe_name(target)}.log")
     finally:
         sampler.stop()
         watcher.join()
@@ -152,7 +172,9 @@ def measure(scenario: Scenario, target: str, servers: list[Server], redis: Redis
     if scenario.mode != "idle":
         measured = "measure_start" in marks and "measure_end" in marks
         cpu, redis_cpu = _between(marks["measure_start"], marks["measure_end"]) if measured else (0, 0)
+        node_cpu = _nodes_between(marks["measure_start"], marks["measure_end"]) if measured else []
         dps = gen.get("deliveriesPerSec", 0) or 0
+        pps = gen.get("publishesPerSec") or 0
         latency = gen.get("latencyMs", {})
         at = marks.get("measure_end") or marks.get("idle_end") or marks["start"]
         row.update({
@@ -177,6 +199,12 @@ def measure(scenario: Scenario, target: str, servers: list[Server], redis: Redis
             "gen_loop_p99_ms": gen.get("loopDelayP99Ms"),
             "gen_rss_mb": gen.get("genRssMb"),
         })
+        if scenario.nodes > 1:
+            row["node_cpu_pct"] = node_cpu
+        if scenario.quiet_nodes and node_cpu:
+            quiet = sum(node_cpu[i] for i in scenario.quiet_nodes)
+            row.update(quiet_nodes=list(scenario.quiet_nodes), quiet_cpu_pct=quiet,
+                       quiet_us_per_publish=(1e4 * quiet / pps) if pps else None)
         if row["ok"] and (gen.get("lost") or 0) > 0:
             row.update(ok=False, error=f"{gen['lost']} deliveries lost (not received when "
                                       "deliveries stopped, or after the drain's "
@@ -192,20 +220,28 @@ def measure(scenario: Scenario, target: str, servers: list[Server], redis: Redis
 def run_scenario(scenario: Scenario, targets: list[str], workdir: Path,
                  progress: Callable[[str, str], None]) -> list[dict[str, Any]]:
     """Fresh servers for every target of the scenario, then each target measured in turn."""
-    wanted = [t for t in targets if t in scenario.targets]
-    redis = Redis(workdir).start() if scenario.nodes > 1 else None
-    servers = {t: [make_server(t, workdir, redis.url if redis else None, i)
-                   for i in range(scenario.nodes)] for t in wanted}
+    wanted = [t for t in targets if family(t) in scenario.targets]
+    # one Redis per target: a target's nodes never hear another target's traffic (an idle
+    # server of another target would otherwise decode it all, and load the machine)
+    redis: dict[str, Redis] = {}
+    servers: dict[str, list[Server]] = {}
     rows: list[dict[str, Any]] = []
     try:
+        for t in wanted:
+            if scenario.needs_redis:
+                redis[t] = Redis(workdir).start()
+            url = redis[t].url if t in redis else None
+            servers[t] = [make_server(t, workdir, url, i) for i in range(scenario.nodes)]
         for group in servers.values():
             for server in group:
                 server.start()
         failed: dict[str, str] = {}
+        # every server starts at once (up to 4 targets x 4 nodes): 2 cores need longer for many
+        ready_within = 30 + 2 * sum(len(group) for group in servers.values())
         for target, group in servers.items():
             for server in group:
                 try:
-                    server.wait_ready()
+                    server.wait_ready(ready_within)
                 except ServerFailed as exc:
                     failed[target] = str(exc)
         for target, group in servers.items():
@@ -215,8 +251,11 @@ def run_scenario(scenario: Scenario, targets: list[str], workdir: Path,
                              "error": f"server failed to start: {failed[target]}"})
                 continue
             progress(target, "connecting")
-            rows += measure(scenario, target, group, redis, workdir,
-                            lambda text, target=target: progress(target, text))
+
+            def report(text: str, target: str = target) -> None:
+                progress(target, text)
+
+            rows += measure(scenario, target, group, redis.get(target), workdir, report)
             time.sleep(0.2)  # let the closed connections settle before the next target
     finally:
         every = [server for group in servers.values() for server in group]
@@ -224,8 +263,8 @@ def run_scenario(scenario: Scenario, targets: list[str], workdir: Path,
             server.interrupt()
         for server in every:
             server.stop()
-        if redis:
-            redis.stop()
+        for one in redis.values():
+            one.stop()
     return rows
 
 
@@ -245,7 +284,7 @@ def best(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if kind == "window":
             pick = max(clean, key=lambda r: r.get("deliveries_per_s") or 0)
         elif kind == "rate":
-            pick = min(clean, key=lambda r: r.get("p99_ms") if r.get("p99_ms") is not None else 1e12)
+            pick = min(clean, key=lambda r: float(r["p99_ms"]) if r.get("p99_ms") is not None else 1e12)
         else:
             pick = clean[0]
         # a round that failed must not hide behind a good one

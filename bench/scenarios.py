@@ -13,12 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+Channel = tuple[str, int, int, bool]  # (name, subscribers, publishers, publishers are subscribers)
+Placement = tuple[tuple[int, ...], tuple[int, ...]]  # (subscribers' nodes, publishers' nodes)
+
 
 @dataclass(frozen=True)
 class Scenario:
     name: str
     title: str
-    channels: tuple[tuple[str, int, int, bool], ...]  # (name, subscribers, publishers, pubs are subs)
+    channels: tuple[Channel, ...]
     mode: str = "window"
     window: int = 8
     rate: float = 0
@@ -33,6 +36,14 @@ class Scenario:
     idle_name: str | None = None  # also report the idle phase as its own row of this name
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    placement: tuple[Placement, ...] = ()  # one per channel, or none: round robin over the nodes
+    quiet_nodes: tuple[int, ...] = ()  # nodes serving no published channel
+    over_redis: bool = False  # on Redis even with one node (the 1-node point of a scale-out series)
+    group: str | None = None  # scenarios reported together (the scale-out series)
+
+    @property
+    def needs_redis(self) -> bool:
+        return self.nodes > 1 or self.over_redis
 
     @property
     def connections(self) -> int:
@@ -44,14 +55,17 @@ class Scenario:
         return connect + self.idle + self.warmup + self.measure + self.drain + 30
 
     def loadgen_config(self, urls: list[str], token: str) -> dict[str, Any]:
+        channels: list[dict[str, Any]] = [
+            {"name": name, "subs": subs, "pubs": pubs, "pubsAreSubs": both}
+            for name, subs, pubs, both in self.channels
+        ]
+        for channel, (subs_on, pubs_on) in zip(channels, self.placement, strict=False):
+            channel.update(subsOn=list(subs_on), pubsOn=list(pubs_on))
         return {
             "urls": urls,
             "namespace": "/bench",
             "token": token,
-            "channels": [
-                {"name": name, "subs": subs, "pubs": pubs, "pubsAreSubs": both}
-                for name, subs, pubs, both in self.channels
-            ],
+            "channels": channels,
             "mode": self.mode,
             "window": self.window,
             "rate": self.rate,
@@ -68,27 +82,68 @@ class Scenario:
         }
 
 
-def fanout(subs: int, prefix: str = "") -> tuple[tuple[str, int, int, bool], ...]:
+def fanout(subs: int, prefix: str = "") -> tuple[Channel, ...]:
     return ((f"{prefix}fan", subs, 1, False),)
 
 
 def rooms(channels: int = 20, subs: int = 10, pubs_per_channel: int = 10, prefix: str = "",
-          pubs_are_subs: bool = False) -> tuple[tuple[str, int, int, bool], ...]:
+          pubs_are_subs: bool = False) -> tuple[Channel, ...]:
     return tuple((f"{prefix}room-{i}", subs, pubs_per_channel, pubs_are_subs) for i in range(channels))
 
 
 def _base(measure: float, warmup: float, drain: float = 30) -> list[Scenario]:
-    timing = {"measure": measure, "warmup": warmup, "drain": drain}
     return [
         Scenario("fanout-100", "1 publisher → 100 subscribers, as fast as accepted",
-                 fanout(100), window=8, **timing),
+                 fanout(100), window=8, measure=measure, warmup=warmup, drain=drain),
         Scenario("fanout-1000", "1 publisher → 1,000 subscribers, as fast as accepted",
-                 fanout(1000), window=4, **timing),
+                 fanout(1000), window=4, measure=measure, warmup=warmup, drain=drain),
         Scenario("fixed-200-100", "1 publisher → 100 subscribers at 200 msg/s (latency)",
-                 fanout(100), mode="rate", rate=200, window=1000, **timing),
+                 fanout(100), mode="rate", rate=200, window=1000, measure=measure, warmup=warmup,
+                 drain=drain),
         Scenario("rooms-20x10", "200 publishers on 20 channels x 10 subscribers",
-                 rooms(), window=2, **timing),
+                 rooms(), window=2, measure=measure, warmup=warmup, drain=drain),
     ]
+
+
+SCALE_CHANNELS = 1000
+SCALE_SUBS = 3  # per channel, all on the channel's node
+QUIET_SUBS = 10  # held by the quiet node, on a channel nobody publishes to
+
+
+def scale_out(nodes: int, measure: float, warmup: float, quiet: bool = False) -> Scenario:
+    """1,000 channels over ``nodes`` nodes on one Redis, each channel's subscribers on one node.
+
+    Channel i's 3 subscribers sit on node i mod N (channels spread evenly); its publisher sits
+    on another node, alternating over the others, so with 2+ nodes every publish crosses nodes
+    and every node publishes as much as it delivers. ``quiet`` adds one more node holding 10
+    subscribers of a channel nobody publishes to: a node that serves none of the traffic, whose
+    CPU during the window is what a node spends on channels it does not serve.
+    """
+    channels: list[Channel] = [(f"chan-{i}", SCALE_SUBS, 1, False) for i in range(SCALE_CHANNELS)]
+    placement: list[Placement] = []
+    for i in range(SCALE_CHANNELS):
+        home = i % nodes
+        publisher = home if nodes == 1 else (home + 1 + (i // nodes) % (nodes - 1)) % nodes
+        placement.append(((home,), (publisher,)))
+    quiet_nodes: tuple[int, ...] = ()
+    if quiet:
+        channels.append(("quiet", QUIET_SUBS, 0, False))
+        placement.append(((nodes,), (nodes,)))
+        quiet_nodes = (nodes,)
+    name = f"scale-{nodes}" + ("-quiet" if quiet else "")
+    title = (f"{SCALE_CHANNELS:,} channels x {SCALE_SUBS} subscribers on {nodes} node(s) over one "
+             "Redis, each channel on one node, publishers on the other nodes"
+             + (", plus a quiet node serving none of them" if quiet else ""))
+    return Scenario(name, title, tuple(channels), window=2, measure=measure, warmup=warmup,
+                    nodes=nodes + (1 if quiet else 0), over_redis=True, targets=("echo", "node"),
+                    placement=tuple(placement), quiet_nodes=quiet_nodes, group="scale-out",
+                    notes="every publish crosses nodes (2+ nodes); the quiet node's CPU is "
+                          "reported apart")
+
+
+def scale_series(measure: float, warmup: float) -> list[Scenario]:
+    """The scale-out series: 1, 2 and 3 nodes, then 3 nodes and a quiet one."""
+    return [*(scale_out(n, measure, warmup) for n in (1, 2, 3)), scale_out(3, measure, warmup, quiet=True)]
 
 
 def _middleware(measure: float, warmup: float, which: tuple[str, ...]) -> list[Scenario]:
@@ -139,6 +194,7 @@ def full() -> list[Scenario]:
                 idle_name=s.idle_name and f"redis2-{s.idle_name}")
         for s in scale
     ]
+    scenarios += scale_series(measure, warmup)
     # best of 2 where a round is cheap: the machine is shared, so one unlucky window is likely
     return [replace(s, rounds=2) if s.connections <= 2000 else s for s in scenarios]
 

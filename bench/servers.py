@@ -1,6 +1,10 @@
 """The servers under test, each a real process on a free loopback port, and /proc sampling.
 
-- ``echo``: ``echoctl serve`` (Echo's production entry point) on a copy of ``bench/project``;
+- ``echo``: ``echoctl serve`` (Echo's production entry point) on a copy of ``bench/project``,
+  native transport (``ECHO_TRANSPORT=native``);
+- ``echo-pysio``: the same Echo on its python-socketio transport (``ECHO_TRANSPORT=python-socketio``);
+- ``echo@REF``: Echo as committed at a git ref (``echo/`` snapshotted with ``git archive``, first on
+  ``PYTHONPATH``), e.g. the "before" of a change measured in the same run as the "after";
 - ``node``: ``bench/node/baseline-server.mjs``, a minimal socket.io 4.x server (the seed's stack);
 - ``pysio``: ``bench/baseline_pysio.py``, python-socketio under ``uvicorn.run`` defaults;
 - ``redis``: a private ``redis-server`` for the scale-out scenarios.
@@ -32,8 +36,39 @@ APP = "bench"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
-TARGETS = ("echo", "node", "pysio")
-LABELS = {"echo": "Echo", "node": "Node socket.io", "pysio": "python-socketio"}
+TARGETS = ("echo", "node", "pysio")  # the default set; ``echo-pysio`` and ``echo@REF`` on request
+EXTRA_TARGETS = ("echo-pysio",)
+LABELS = {"echo": "Echo", "echo-pysio": "Echo (python-socketio transport)", "node": "Node socket.io",
+          "pysio": "python-socketio"}
+SHORT = {"echo": "Echo", "echo-pysio": "Echo on py-sio", "node": "Node", "pysio": "py-sio"}
+
+
+def ref_of(target: str) -> str | None:
+    """The git ref of an ``echo@REF`` target, None for every other target."""
+    return target.split("@", 1)[1] if target.startswith("echo@") else None
+
+
+def family(target: str) -> str:
+    """``echo`` for every Echo target (so Echo-only scenarios run them all), else the target."""
+    return "echo" if target in ("echo", *EXTRA_TARGETS) or ref_of(target) else target
+
+
+def is_product(target: str) -> bool:
+    """The Echo being built (working tree, either transport): the exit status is gated on it."""
+    return family(target) == "echo" and ref_of(target) is None
+
+
+def known(target: str) -> bool:
+    return target in TARGETS or target in EXTRA_TARGETS or bool(ref_of(target))
+
+
+def label(target: str) -> str:
+    ref = ref_of(target)
+    return f"Echo before ({ref})" if ref else LABELS.get(target, target)
+
+
+def short_label(target: str) -> str:
+    return "Echo before" if ref_of(target) else SHORT.get(target, target)
 
 
 class ServerFailed(RuntimeError):
@@ -43,7 +78,8 @@ class ServerFailed(RuntimeError):
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def token(app: str = APP) -> str:
@@ -72,7 +108,8 @@ def _children_map() -> dict[int, list[int]]:
 
 def process_tree(pid: int) -> list[int]:
     children = _children_map()
-    tree, todo = [], [pid]
+    tree: list[int] = []
+    todo = [pid]
     while todo:
         current = todo.pop()
         tree.append(current)
@@ -134,8 +171,9 @@ class Server:
     def wait_ready(self, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not self.alive():
-                raise ServerFailed(f"{self.name} exited with {self.process.returncode}:\n{self.log()}")
+            if self.process is None or self.process.poll() is not None:
+                code = self.process.returncode if self.process else None
+                raise ServerFailed(f"{self.name} exited with {code}:\n{self.log()}")
             try:
                 with urllib.request.urlopen(self.ready_url, timeout=1) as response:
                     if response.status == 200:
@@ -149,16 +187,16 @@ class Server:
         return self.process is not None and self.process.poll() is None
 
     def pids(self) -> list[int]:
-        return process_tree(self.process.pid) if self.alive() else []
+        return process_tree(self.process.pid) if self.process is not None and self.alive() else []
 
     def interrupt(self) -> None:
         """Ask it to stop (Ctrl+C); ``stop`` waits for it, killing it after 8 s."""
-        if self.alive() and not self.interrupted:
+        if self.process is not None and self.alive() and not self.interrupted:
             self.interrupted = True
             self.process.send_signal(signal.SIGINT)
 
     def stop(self) -> None:
-        if not self.alive():
+        if self.process is None or not self.alive():
             return
         self.interrupt()
         try:
@@ -187,29 +225,36 @@ def make_project(root: Path) -> Path:
     return project
 
 
-# Where Echo's code comes from: None = this working tree (as installed in the venv), or a
-# folder holding an ``echo/`` package snapshotted from a git ref (``--echo-ref``), put first
-# on PYTHONPATH so that ``echoctl`` and its function workers import it instead.
-ECHO_SOURCE: dict[str, Path | None] = {"path": None}
+# Where each Echo target's code comes from: absent = this working tree (as installed in the
+# venv), or a folder holding an ``echo/`` package snapshotted from a git ref (``--echo-ref`` for
+# ``echo``/``echo-pysio``, the ref itself for ``echo@REF``), put first on PYTHONPATH so that
+# ``echoctl`` and its function workers import it instead.
+SNAPSHOTS: dict[str, Path] = {}
 
 
-def snapshot_echo(ref: str, root: Path) -> Path:
+def safe_name(text: str) -> str:
+    """A target or ref as a file name (refs may hold ``/``)."""
+    return "".join(c if c.isalnum() or c in "-_.@" else "_" for c in text)
+
+
+def snapshot_echo(ref: str, root: Path, targets: tuple[str, ...] = ("echo",)) -> Path:
     """Extract ``echo/`` as committed at ``ref`` (read-only for the repository: git archive)."""
     data = subprocess.run(["git", "archive", "--format=tar", ref, "echo"], cwd=REPO,
                           capture_output=True, check=True, timeout=60).stdout
-    dest = root / "echo-src"
+    dest = root / f"echo-src-{safe_name(ref)}"
     dest.mkdir(parents=True, exist_ok=True)
     with tarfile.open(fileobj=io.BytesIO(data)) as archive:
         archive.extractall(dest, filter="data")
-    ECHO_SOURCE["path"] = dest
+    for target in targets:
+        SNAPSHOTS[target] = dest
     return dest
 
 
 def make_server(target: str, workdir: Path, redis_url: str | None = None, index: int = 0) -> Server:
     port = free_port()
     env = {**os.environ, "ECHO_SECRET": SECRET}
-    log_path = workdir / f"{target}-{index}-{port}.log"
-    if target == "echo":
+    log_path = workdir / f"{safe_name(target)}-{index}-{port}.log"
+    if family(target) == "echo":
         project = workdir / "project"
         if not project.exists():
             make_project(workdir)
@@ -221,11 +266,19 @@ def make_server(target: str, workdir: Path, redis_url: str | None = None, index:
             ECHO_PUBLISH_RATE="0",
             ECHO_MAX_CONNECTIONS_PER_APP="1000000",
         )
+        # the transport is chosen here, never inherited from the shell (an older Echo ignores it)
+        for inherited in ("ECHO_TRANSPORT", "ECHO_REDIS_URL", "ECHO_REDIS_CLUSTER"):
+            env.pop(inherited, None)
+        if target == "echo-pysio":
+            env["ECHO_TRANSPORT"] = "python-socketio"
+        elif target == "echo":
+            env["ECHO_TRANSPORT"] = "native"
         if redis_url:
             env["ECHO_REDIS_URL"] = redis_url
-        if ECHO_SOURCE["path"] is not None:
+        snapshot = SNAPSHOTS.get(target)
+        if snapshot is not None:
             env["PYTHONPATH"] = os.pathsep.join(
-                p for p in (str(ECHO_SOURCE["path"]), env.get("PYTHONPATH")) if p)
+                p for p in (str(snapshot), env.get("PYTHONPATH")) if p)
         command = [echoctl(), "serve", "--project", str(project), "--port", str(port)]
         ready = f"http://127.0.0.1:{port}/ready"
     elif target == "node":

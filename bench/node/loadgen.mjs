@@ -10,11 +10,13 @@
 // Everything is bounded: the number of messages (maxMessages), every wait (connect, idle,
 // warm-up, measure, drain) and the whole run (deadline: the process exits by itself).
 //
-// Model: channels [{name, subs, pubs, pubsAreSubs}]. Subscribers join their channel;
-// publishers publish {k, p, t, pad} on it, where k indexes this run's message tables, p the
-// publisher and t the send time (performance.now() in microseconds: the same monotonic
-// clock the subscribers read, in this one process). A message is complete once every
-// subscriber of its channel has it. Modes:
+// Model: channels [{name, subs, pubs, pubsAreSubs, subsOn?, pubsOn?}]. Subscribers join their
+// channel; subsOn / pubsOn (indices into urls) place a channel's subscribers / publishers on
+// those nodes, round robin; without them every connection goes round robin over all urls.
+// Publishers publish {k, p, t, pad} on their channel, where k indexes this run's message
+// tables, p the publisher and t the send time (performance.now() in microseconds: the same
+// monotonic clock the subscribers read, in this one process). A message is complete once
+// every subscriber of its channel has it. Modes:
 //   window: each publisher keeps at most `window` incomplete messages in flight, so the
 //           publisher goes as fast as the server delivers (end-to-end back-pressure);
 //   rate:   `rate` messages/s in total, spread evenly over the publishers (open loop;
@@ -230,14 +232,23 @@ async function connectAll() {
   // one spec per connection: subscribers first, so every publisher finds its room full
   const specs = [];
   let s = 0, p = 0;
+  const placed = (nodes, i) => {
+    const url = cfg.urls[nodes[i % nodes.length]];
+    if (url === undefined) throw new Error(`no url for node ${nodes[i % nodes.length]}`);
+    return url;
+  };
   for (const channel of cfg.channels) {
+    const subsOn = channel.subsOn?.length ? channel.subsOn : null;
+    const pubsOn = channel.pubsOn?.length ? channel.pubsOn : null;
     for (let i = 0; i < channel.subs; i++) {
       const publishes = channel.pubsAreSubs && i < channel.pubs;
-      specs.push({ url: cfg.urls[s++ % cfg.urls.length], role: publishes ? "both" : "sub", channel, i });
+      const url = subsOn ? placed(subsOn, i) : cfg.urls[s++ % cfg.urls.length];
+      specs.push({ url, role: publishes ? "both" : "sub", channel, i });
     }
     if (!channel.pubsAreSubs) {
       for (let i = 0; i < channel.pubs; i++) {
-        specs.push({ url: cfg.urls[p++ % cfg.urls.length], role: "pub", channel, i });
+        const url = pubsOn ? placed(pubsOn, i) : cfg.urls[p++ % cfg.urls.length];
+        specs.push({ url, role: "pub", channel, i });
       }
     }
   }

@@ -149,7 +149,7 @@ def dev(
 
     try:
         serving.run(server.asgi, settings.host, settings.port, settings.log_level, on_ready=banner,
-                    before_shutdown=server.drain)
+                    before_shutdown=server.drain, ws_max_size=server.options.max_payload)
     except OSError as exc:
         fail(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}",
              "pick another port with --port or ECHO_PORT")
@@ -180,14 +180,14 @@ def serve(
         server = build_server(settings)
     except LookupError as exc:
         fail(str(exc), "set ECHO_RUNNER to one of the runners listed")
-    mode = f"Redis {settings.redis_url}" if settings.redis_url else "single node, in memory"
     try:
         serving.run(
             server.asgi, settings.host, settings.port, settings.log_level,
             on_ready=lambda: logging.getLogger("echo").info(
-                "serving on %s:%s (%s, runner %s)", settings.host, settings.port, mode,
-                settings.runner),
+                "serving on %s:%s (transport %s, broker %s, runner %s)", settings.host,
+                settings.port, settings.transport, server.broker.describe(), settings.runner),
             before_shutdown=server.drain,
+            ws_max_size=server.options.max_payload,
         )
     except OSError as exc:
         fail(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}",

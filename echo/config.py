@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from echo.transport import TRANSPORTS
+
 CONFIG_FILE = "echo.toml"
 ENV_PREFIX = "ECHO_"
 DEV_SECRET_FILE = Path(".echo") / "secret"
@@ -112,9 +114,6 @@ def _to_float(name: str, raw: Any, low: float, high: float) -> float:
     if not low < value <= high:
         raise ConfigError(f"{name}: {value} is out of range (more than {low}, at most {high})")
     return value
-
-
-TRANSPORTS = ("native", "python-socketio")
 
 
 def redis_urls(value: str) -> list[str]:

@@ -3,6 +3,7 @@ settings, frames and the memory broker. No server, no network: the fast tier."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from pathlib import Path
@@ -14,8 +15,11 @@ from echo.config import ConfigError, load_settings, redis_urls, to_bool
 from echo.core import protocol
 from echo.core.limits import ConnectionCounts, TokenBucket
 from echo.core.protocol import ErrorCode, ProtocolError
+from echo.core.realtime import Rooms
 from echo.core.runners import FunctionErrorKind
-from echo.transport.base import Frame
+from echo.transport.base import Connection, Frame, TransportOptions
+from echo.transport.native.server import NativeTransport
+from echo.transport.native.sockets import NativeConnection
 
 pytestmark = [pytest.mark.unit, pytest.mark.anyio]
 
@@ -134,13 +138,67 @@ def test_a_frame_is_encoded_once_and_decodes_to_what_was_sent() -> None:
     assert root.decode() == ("/", "ping", [1, 2])
     with pytest.raises(TypeError):
         Frame.event("/chat", "bin", b"bytes")
+    received = Frame(packet='2/chat,["message","hé"]'.encode())  # as the broker hands it over
+    assert received.text == '2/chat,["message","hé"]'
+    assert received.decode() == ("/chat", "message", ["hé"])
+    with pytest.raises(TypeError):
+        Frame()
+
+
+class GatedBroker(MemoryBroker):
+    """The memory broker, with subscribe held until the test lets it finish."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.calls: list[tuple[str, str, str]] = []
+
+    async def subscribe(self, app: str, channel: str) -> None:
+        self.calls.append(("subscribe", app, channel))
+        await self.gate.wait()
+
+    async def unsubscribe(self, app: str, channel: str) -> None:
+        self.calls.append(("unsubscribe", app, channel))
+
+
+async def test_rooms_subscribe_a_node_once_and_later_joiners_wait_for_it() -> None:
+    """The second joiner of a room is answered only once the node receives the channel;
+    the last leaver unsubscribes the node."""
+    broker = GatedBroker()
+    transport = NativeTransport(NoHandler(), TransportOptions())
+    rooms = Rooms(transport, broker)
+    session = transport.new_session("polling")
+    first, second = NativeConnection(session, "/app"), NativeConnection(session, "/app")
+    joining = [asyncio.ensure_future(rooms.join(conn, "news")) for conn in (first, second)]
+    await asyncio.sleep(0.01)
+    assert broker.calls == [("subscribe", "app", "news")]
+    assert not any(task.done() for task in joining)
+    broker.gate.set()
+    await asyncio.wait_for(asyncio.gather(*joining), 1)
+    await rooms.leave(first, "news")
+    assert broker.calls == [("subscribe", "app", "news")]
+    await rooms.leave(second, "news")
+    assert broker.calls[-1] == ("unsubscribe", "app", "news")
+    await transport.close()
+
+
+class NoHandler:
+    async def connect(self, conn: Connection, auth: object) -> None:
+        return None
+
+    async def event(self, conn: Connection, event: str, args: list[object],
+                    ack_id: int | None) -> None:
+        return None
+
+    async def disconnect(self, conn: Connection, reason: str) -> None:
+        return None
 
 
 async def test_memory_broker_delivers_at_once_and_keeps_presence() -> None:
     got: list[tuple[str, str, bytes]] = []
     broker = MemoryBroker()
     await broker.start(lambda app, channel, frame: got.append((app, channel, frame.packet)))
-    broker.publish("app", "news", Frame(b"2/app,[1]"))
+    broker.publish("app", "news", Frame(packet=b"2/app,[1]"))
     assert got == [("app", "news", b"2/app,[1]")]
     await broker.presence_add("app", "news", "sid1", {"uuid": "ada"})
     await broker.presence_add("app", "news", "sid2", {"uuid": "bob"})

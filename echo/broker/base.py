@@ -86,6 +86,10 @@ class Broker(abc.ABC):
     async def presence(self, app: str, channel: str) -> dict[str, dict[str, Any]]:
         """Who is present in ``channel`` on every live node: ``{member: info}``."""
 
+    def describe(self) -> str:
+        """What this broker is, for a log line (never a credential)."""
+        return self.name
+
     async def problems(self) -> list[str]:
         """What keeps this broker from working now (for ``/ready``); empty when healthy."""
         return []

@@ -15,6 +15,9 @@ class MemoryBroker(Broker):
         super().__init__()
         self._presence: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
 
+    def describe(self) -> str:
+        return "memory (this node only)"
+
     def publish(self, app: str, channel: str, frame: Frame) -> None:
         self.deliver(app, channel, frame)
 

@@ -94,8 +94,8 @@ class EchoServer:
                 max_pending_per_channel=settings.max_pending_per_channel,
             ),
         )
-        self.transport: Transport = load_transport(settings.transport)(
-            self.realtime, transport_options(settings))
+        self.options = transport_options(settings)
+        self.transport: Transport = load_transport(settings.transport)(self.realtime, self.options)
         self.realtime.attach(self.transport)
         metrics.watch(self.transport, self.broker)
         starlette = Starlette(
@@ -128,7 +128,12 @@ class EchoServer:
                 await hook()
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
-            await self.transport.close()
+            await self.transport.close()  # runs every disconnect: presence "left", status
+            try:  # ... which other nodes must still hear
+                async with asyncio.timeout(2):
+                    await self.broker.flush()
+            except TimeoutError:
+                log.warning("stopping before every frame reached the other nodes")
             await self.broker.close()
             await self.store.close()
             await self.runner.close()

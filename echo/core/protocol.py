@@ -43,7 +43,7 @@ class ErrorCode(StrEnum):
 class ProtocolError(Exception):
     """A request Echo refuses; ``code`` is machine-readable, the message is for people."""
 
-    def __init__(self, code: ErrorCode | str, message: str, **details: Any) -> None:
+    def __init__(self, code: ErrorCode, message: str, **details: Any) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -64,10 +64,9 @@ class PublishRequest:
 
 def check_channel(name: Any, field: str = "channel") -> str:
     if not isinstance(name, str):
-        raise ProtocolError("bad_request", f"{field} must be a string, got {_kind(name)}")
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"{field} must be a string, got {_kind(name)}")
     if not CHANNEL_NAME.match(name):
-        raise ProtocolError(
-            "bad_channel",
+        raise ProtocolError(ErrorCode.BAD_CHANNEL,
             f"{field} {name[:80]!r} is not a channel name: 1-200 characters of letters, "
             "digits and _ - : . @ = /",
         )
@@ -80,17 +79,16 @@ def _kind(value: Any) -> str:
 
 def _object(data: Any, event: str, example: str) -> dict[str, Any]:
     if not isinstance(data, dict):
-        raise ProtocolError("bad_request", f"{event} expects an object like {example}")
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"{event} expects an object like {example}")
     return data
 
 
 def _channels(data: dict[str, Any], event: str) -> tuple[str, ...]:
     channels = data.get("channels")
     if not isinstance(channels, list) or not channels:
-        raise ProtocolError("bad_request", f"{event}.channels must be a non-empty list of names")
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"{event}.channels must be a non-empty list of names")
     if len(channels) > MAX_CHANNELS_PER_REQUEST:
-        raise ProtocolError(
-            "bad_request",
+        raise ProtocolError(ErrorCode.BAD_REQUEST,
             f"{event}.channels has {len(channels)} names; at most {MAX_CHANNELS_PER_REQUEST}",
         )
     return tuple(check_channel(c, f"{event}.channels[{i}]") for i, c in enumerate(channels))
@@ -100,7 +98,7 @@ def parse_subscribe(data: Any) -> SubscribeRequest:
     data = _object(data, "subscribe", '{"channels": ["news"]}')
     with_presence = data.get("withPresence", False)
     if not isinstance(with_presence, bool):
-        raise ProtocolError("bad_request", "subscribe.withPresence must be true or false")
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "subscribe.withPresence must be true or false")
     return SubscribeRequest(channels=_channels(data, "subscribe"), with_presence=with_presence)
 
 
@@ -112,17 +110,16 @@ def parse_publish(data: Any, max_message_bytes: int) -> PublishRequest:
     data = _object(data, "publish", '{"channel": "news", "message": {...}}')
     channel = check_channel(data.get("channel"), "publish.channel")
     if channel == ADMIN_CHANNEL:
-        raise ProtocolError("forbidden", "publish: the admin channel is for server status only")
+        raise ProtocolError(ErrorCode.FORBIDDEN, "publish: the admin channel is for server status only")
     if "message" not in data:
-        raise ProtocolError("bad_request", "publish.message is missing")
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "publish.message is missing")
     message = data["message"]
     try:
         size = len(orjson.dumps(message))
     except orjson.JSONEncodeError as exc:  # e.g. an integer beyond 64 bits, or a huge nesting
-        raise ProtocolError("bad_request", f"publish.message cannot be relayed: {exc}") from None
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"publish.message cannot be relayed: {exc}") from None
     if size > max_message_bytes:
-        raise ProtocolError(
-            "too_large",
+        raise ProtocolError(ErrorCode.TOO_LARGE,
             f"publish.message is {size} bytes encoded; the limit is {max_message_bytes}",
         )
     return PublishRequest(channel=channel, message=message)
@@ -137,7 +134,7 @@ def ok(**fields: Any) -> dict[str, Any]:
     return {"ok": True, **fields}
 
 
-def error(code: ErrorCode | str, message: str, **fields: Any) -> dict[str, Any]:
+def error(code: ErrorCode, message: str, **fields: Any) -> dict[str, Any]:
     """The one error body: ``{ok: false, error: {code, message, ...}}`` (socket acks, HTTP)."""
     return {"ok": False, "error": {"code": str(code), "message": message, **fields}}
 

@@ -62,7 +62,8 @@ class Rooms:
             try:
                 await self.broker.subscribe(conn.app, room)
             finally:
-                del self._subscribing[key]
+                if self._subscribing.get(key) is done:
+                    del self._subscribing[key]
                 done.set_result(None)
         elif (pending := self._subscribing.get(key)) is not None:
             await asyncio.shield(pending)
@@ -189,22 +190,30 @@ class Realtime:
         conn.state = client
         self.connections.add(app)
         metrics.labelled(metrics.CONNECTIONS, app).inc()
-        if claims.admin:
-            await self.rooms.join(conn, ADMIN_CHANNEL)
-        self.status(app, "connection", uuid=uuid, admin=claims.admin)
+        try:
+            if claims.admin:
+                await self.rooms.join(conn, ADMIN_CHANNEL)
+            self.status(app, "connection", uuid=uuid, admin=claims.admin)
+        except BaseException:  # refused after all: disconnect() will never be called for it
+            await self._forget(conn, client)
+            raise
+
+    async def _forget(self, conn: Connection, client: Client) -> None:
+        """Undo what connect() counted and joined."""
+        conn.state = None
+        self.connections.remove(client.app)
+        metrics.labelled(metrics.CONNECTIONS, client.app).dec()
+        for room in list(conn.rooms):
+            await self.rooms.leave(conn, room)
 
     async def disconnect(self, conn: Connection, reason: str) -> None:
         client = conn.state
         if not isinstance(client, Client):
             return
-        conn.state = None
-        self.connections.remove(client.app)
-        metrics.labelled(metrics.CONNECTIONS, client.app).dec()
-        for channel in client.channels:
+        for channel in client.channels - {ADMIN_CHANNEL}:  # the status feed has no presence
             self._presence(client, channel, "left")
             await self.broker.presence_remove(client.app, channel, conn.sid)
-        for room in list(conn.rooms):
-            await self.rooms.leave(conn, room)
+        await self._forget(conn, client)
         self.status(client.app, "disconnection", uuid=client.uuid, admin=client.admin)
 
     async def event(self, conn: Connection, event: str, args: list[Any],
@@ -295,10 +304,12 @@ class Realtime:
                 f"{self.settings.max_channels_per_connection}",
             )
         for channel in subscription.channels:
+            if not conn.connected:  # it left while an earlier channel was being joined
+                break
             await self.rooms.join(conn, channel)
             if subscription.with_presence:
                 await self.rooms.join(conn, protocol.presence_room(channel))
-            if channel not in client.channels and conn.state is client:
+            if channel not in client.channels:
                 client.channels.add(channel)
                 if channel != ADMIN_CHANNEL:
                     await self.broker.presence_add(client.app, channel, conn.sid,

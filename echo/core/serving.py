@@ -13,7 +13,11 @@ from typing import Any
 import uvicorn
 
 
-def uvicorn_config(app: Any, host: str, port: int, log_level: str = "info") -> uvicorn.Config:
+def uvicorn_config(app: Any, host: str, port: int, log_level: str = "info",
+                   ws_max_size: int = 16 * 1024 * 1024) -> uvicorn.Config:
+    """``ws_max_size``: the largest WebSocket message uvicorn reads before the transport
+    checks it: the transport's ``max_payload``, so an oversize message is refused (1009)
+    before 16 MiB of it is buffered."""
     return uvicorn.Config(
         app,
         host=host,
@@ -24,6 +28,7 @@ def uvicorn_config(app: Any, host: str, port: int, log_level: str = "info") -> u
         http="auto",
         ws="websockets-sansio",
         ws_per_message_deflate=False,
+        ws_max_size=ws_max_size,
         # Engine.IO's heartbeat already checks every connection; uvicorn's own WebSocket
         # pings doubled the idle traffic (py-spy on 10,000 idle connections)
         ws_ping_interval=None,
@@ -61,6 +66,8 @@ class EchoUvicorn(uvicorn.Server):
 
 def run(app: Any, host: str, port: int, log_level: str = "info",
         on_ready: Callable[[], None] | None = None,
-        before_shutdown: Callable[[], Awaitable[None]] | None = None) -> None:
+        before_shutdown: Callable[[], Awaitable[None]] | None = None,
+        ws_max_size: int = 16 * 1024 * 1024) -> None:
     """Serve until SIGINT/SIGTERM; ``before_shutdown`` runs first (draining in-flight work)."""
-    EchoUvicorn(uvicorn_config(app, host, port, log_level), on_ready, before_shutdown).run()
+    config = uvicorn_config(app, host, port, log_level, ws_max_size)
+    EchoUvicorn(config, on_ready, before_shutdown).run()

@@ -9,11 +9,14 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from echo.core import protocol
+from echo.core.protocol import ErrorCode
 from echo.core.realtime import Realtime
 
 log = logging.getLogger("echo.shutdown")
 
-NOTICE = {"code": "server_shutdown", "message": "this node is shutting down; reconnecting",
+NOTICE = {**protocol.error(ErrorCode.SERVER_SHUTDOWN,
+                           "this node is shutting down; reconnecting")["error"],
           "event": "shutdown"}
 
 

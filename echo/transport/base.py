@@ -13,13 +13,14 @@ A namespace is an app (``/<app>``); a room is a channel (or ``<channel>#presence
 from __future__ import annotations
 
 import abc
+import importlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from starlette.types import ASGIApp
 
-from echo.transport import codec
+from echo.transport import TRANSPORTS, codec
 
 
 class Refused(Exception):
@@ -34,36 +35,53 @@ class Refused(Exception):
 class Frame:
     """A Socket.IO EVENT packet encoded once, written as it is to every recipient.
 
-    ``packet`` is the Socket.IO packet's UTF-8 text (``2/app,["message",{...}]``), the same on
-    every transport and on every node: the broker carries these bytes between nodes and the
-    receiving node writes them without decoding. A transport may cache its own framing of it
-    (``wire``) so a message is framed once, not once per recipient.
+    The packet (``2/app,["message",{...}]``) is the same on every transport and on every
+    node: the broker carries its UTF-8 bytes (``packet``) between nodes and the receiving
+    node writes them without decoding the JSON; a WebSocket wants it as ``text``. Each form
+    is made from the other at most once. A transport may cache its own framing (``wire``),
+    so a message is framed once, not once per recipient.
     """
 
-    __slots__ = ("packet", "wire")
+    __slots__ = ("_packet", "_text", "wire")
 
-    def __init__(self, packet: bytes) -> None:
-        self.packet = packet
+    def __init__(self, *, packet: bytes | None = None, text: str | None = None) -> None:
+        if packet is None and text is None:
+            raise TypeError("Frame needs packet= (bytes) or text= (str)")
+        self._packet = packet
+        self._text = text
         self.wire: Any = None
+
+    @property
+    def packet(self) -> bytes:
+        if self._packet is None:
+            assert self._text is not None
+            self._packet = self._text.encode()
+        return self._packet
+
+    @property
+    def text(self) -> str:
+        if self._text is None:
+            assert self._packet is not None
+            self._text = self._packet.decode()
+        return self._text
 
     @classmethod
     def event(cls, namespace: str, event: str, *args: Any) -> Frame:
         """Encode ``event(*args)`` for ``namespace``; raises TypeError for non-JSON values."""
         prefix = "2" if namespace == "/" else "2" + namespace + ","
-        return cls((prefix + codec.dumps([event, *args])).encode())
+        return cls(text=prefix + codec.dumps([event, *args]))
 
     def decode(self) -> tuple[str, str, list[Any]]:
         """(namespace, event, args): for a transport that cannot write prepared bytes."""
-        text = self.packet.decode()
+        body = self.text[1:]
         namespace = "/"
-        body = text[1:]
         if body.startswith("/"):
             namespace, _, body = body.partition(",")
         event, *args = codec.loads(body)
         return namespace, event, args
 
     def __repr__(self) -> str:
-        return f"Frame({self.packet[:60]!r})"
+        return f"Frame({self.text[:60]!r})"
 
 
 class Connection(abc.ABC):
@@ -83,6 +101,11 @@ class Connection(abc.ABC):
     @property
     def app(self) -> str:
         return self.namespace[1:]
+
+    @property
+    @abc.abstractmethod
+    def connected(self) -> bool:
+        """Still connected: the handler may stop work for a connection that has left."""
 
     @property
     @abc.abstractmethod
@@ -198,13 +221,10 @@ class Transport(abc.ABC):
 
 
 def load_transport(name: str) -> type[Transport]:
-    """The transport class for the setting ``transport``."""
-    if name == "native":
-        from echo.transport.native.server import NativeTransport
-
-        return NativeTransport
-    if name == "python-socketio":
-        from echo.transport.pysocketio import PySocketIOTransport
-
-        return PySocketIOTransport
-    raise ValueError(f"transport {name!r} is not one of: native, python-socketio")
+    """The transport class for the setting ``transport`` (one of :data:`TRANSPORTS`)."""
+    if name not in TRANSPORTS:
+        raise ValueError(f"transport {name!r} is not one of: {', '.join(TRANSPORTS)}")
+    module, _, attribute = TRANSPORTS[name].partition(":")
+    found = getattr(importlib.import_module(module), attribute)
+    assert isinstance(found, type) and issubclass(found, Transport)
+    return found

@@ -170,7 +170,7 @@ class PySocketIOConnection(Connection):
         self.inbox: deque[Incoming | Leaving] = deque()
         self.busy = True
         """Its handshake or a drain of its inbox is running (starts busy: the handshake)."""
-        self.connected = False
+        self.accepted = False
         """Accepted by the core and not yet told it left."""
         self.gone = False
         self.cut_off = False
@@ -179,6 +179,10 @@ class PySocketIOConnection(Connection):
         self.pending: dict[int, Pending] = {}
         self.ack_ids = itertools.count(1)
         self.last_transport = "polling"
+
+    @property
+    def connected(self) -> bool:
+        return self.accepted
 
     @property
     def transport_name(self) -> str:
@@ -297,7 +301,7 @@ class PySocketIOTransport(Transport):
         return bool(self.members.get((namespace, room)))
 
     def connections(self) -> Iterable[Connection]:
-        return [conn for conn in self.registry.values() if conn.connected]
+        return [conn for conn in self.registry.values() if conn.accepted]
 
     def drop_member(self, conn: PySocketIOConnection, room: str) -> bool:
         """Take ``conn`` out of this transport's view of ``room``; True if that emptied it."""
@@ -409,7 +413,7 @@ class PySocketIOTransport(Transport):
         if serving:  # engine.io ends each session when its client answers the close
             await asyncio.wait(serving, timeout=CLOSE_TIMEOUT)
         sessions = {self.sio.manager.eio_sid_from_sid(conn.sid, conn.namespace)
-                    for conn in self.registry.values() if conn.connected}
+                    for conn in self.registry.values() if conn.accepted}
         sessions.discard(None)
         if sessions:
             loop = asyncio.get_running_loop()
@@ -444,7 +448,7 @@ class PySocketIOTransport(Transport):
             log.exception("accepting a connection to %r failed", namespace[:80])
             self.forget(conn)
             raise SocketIORefusal("internal error: the server could not accept this connection") from None
-        conn.connected = True
+        conn.accepted = True
         conn.busy = False
         try:
             conn.last_transport = self.transport_of(sid, namespace)
@@ -458,7 +462,7 @@ class PySocketIOTransport(Transport):
 
     async def on_event(self, envelope: str, namespace: str, sid: str, *data: Any) -> Any:
         conn = self.registry.get(sid)
-        if envelope != ENVELOPE or len(data) < 2 or conn is None or not conn.connected:
+        if envelope != ENVELOPE or len(data) < 2 or conn is None or not conn.accepted:
             return self.sio.not_handled
         event, wants_ack, *args = data
         if len(conn.inbox) >= INBOX_LIMIT:
@@ -513,7 +517,7 @@ class PySocketIOTransport(Transport):
             conn.busy = False
 
     async def deliver(self, conn: PySocketIOConnection, item: Incoming) -> None:
-        if not conn.connected:
+        if not conn.accepted:
             self.abandon(conn, item.ack_id)
             return
         try:
@@ -528,7 +532,7 @@ class PySocketIOTransport(Transport):
         if conn.gone:
             return
         try:
-            if conn.connected:
+            if conn.accepted:
                 await self.handler.disconnect(conn, reason)
         except Exception:
             log.exception("%r: the disconnect handler failed", conn)
@@ -544,7 +548,7 @@ class PySocketIOTransport(Transport):
             pending.future.set_result(GONE)
 
     def forget(self, conn: PySocketIOConnection) -> None:
-        conn.connected = False
+        conn.accepted = False
         conn.gone = True
         if self.registry.get(conn.sid) is conn:
             del self.registry[conn.sid]

@@ -89,6 +89,8 @@ class Recorder:
             self.order.append("slow done")
         elif event == "close-me":
             await conn.close()
+        elif event == "boom":
+            raise RuntimeError("boom: " + "x" * 5000)
         if ack_id is not None:
             conn.ack(ack_id, *args)
         self._note()
@@ -105,9 +107,11 @@ async def _hello(request: Any) -> PlainTextResponse:
 
 class Served:
     def __init__(self, transport: NativeTransport, handler: Recorder, port: int,
-                 lifespan: list[str]) -> None:
+                 lifespan: list[str], websocket_calls: set[object]) -> None:
         self.transport = transport
         self.handler = handler
+        self.websocket_calls = websocket_calls
+        """The WebSocket ASGI calls of the server not returned yet."""
         self.url = f"http://127.0.0.1:{port}"
         self.ws_url = f"ws://127.0.0.1:{port}/socket.io/"
         self.lifespan = lifespan
@@ -134,8 +138,22 @@ async def serving(**options: Any) -> AsyncIterator[Served]:
         lifespan.append("shutdown")
 
     other = Starlette(routes=[Route("/hello", _hello)], lifespan=other_lifespan)
+    inner = transport.asgi(other)
+    websocket_calls: set[object] = set()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "websocket":
+            await inner(scope, receive, send)
+            return
+        call = object()
+        websocket_calls.add(call)
+        try:
+            await inner(scope, receive, send)
+        finally:
+            websocket_calls.discard(call)
+
     port = free_port()
-    config = uvicorn.Config(transport.asgi(other), host="127.0.0.1", port=port, ws="websockets-sansio",
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, ws="websockets-sansio",
                             ws_per_message_deflate=False, ws_ping_interval=None, lifespan="on",
                             log_level="warning", timeout_graceful_shutdown=1)
     server = uvicorn.Server(config)
@@ -145,7 +163,7 @@ async def serving(**options: Any) -> AsyncIterator[Served]:
             await asyncio.sleep(0.005)
     await transport.start()
     try:
-        yield Served(transport, handler, port, lifespan)
+        yield Served(transport, handler, port, lifespan, websocket_calls)
     finally:
         await transport.close()
         server.should_exit = True
@@ -522,6 +540,26 @@ async def test_eio_upgrade_probe_noop_then_upgrade() -> None:
         await ws.close()
 
 
+async def test_eio_pending_get_released_only_once_the_probe_is_answered() -> None:
+    """A probe WebSocket that has not sent ``2probe`` yet does not end the GETs (the client
+    would poll in a loop): the pending GET is released with the ``3probe``, and a GET after
+    it is answered ``noop`` at once."""
+    async with serving() as served, served.http() as http:
+        sid = await poll_connected(http)
+        ws = await served.ws(f"EIO=4&transport=websocket&sid={sid}")
+        await served.handler.wait(lambda: served.transport.sessions[sid].probe_send is not None)
+        pending = asyncio.create_task(http.get(query(sid)))
+        await asyncio.sleep(0.3)
+        assert not pending.done()
+        await ws.send("2probe")
+        assert await recv(ws) == "3probe"
+        assert (await asyncio.wait_for(pending, 3)).text == "6"
+        assert (await asyncio.wait_for(http.get(query(sid)), 1)).text == "6"
+        await ws.send("5")
+        await served.handler.wait(lambda: served.handler.conn().transport_name == "websocket")
+        await ws.close()
+
+
 async def test_eio_polling_requests_rejected_after_upgrade() -> None:
     """'ignores HTTP requests with same sid after upgrade': 400."""
     async with serving() as served, served.http() as http:
@@ -811,6 +849,27 @@ async def test_sio_event_with_ack_id_answered_with_ack() -> None:
         assert served.handler.events[0][1:] == ("echo", [1, "2", {"3": [False]}], 456)
 
 
+async def test_sio_event_handler_failure_answers_the_ack_with_an_error(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A handler that raises does not leave the client's ack waiting: it gets an error body;
+    the failure is logged, bounded; the connection goes on."""
+    async with serving() as served:
+        ws, _ = await ws_connected(served)
+        with caplog.at_level(logging.ERROR, logger="echo.transport"):
+            await ws.send('42/ok,7["boom",1]')
+            answer = await recv(ws)
+            await ws.send('42/ok,["boom"]')  # no ack asked: nothing comes back
+            await ws.send('42/ok,8["echo","after"]')
+            assert await recv(ws) == '43/ok,8["after"]'
+        assert answer == '43/ok,7[{"ok":false,"error":{"code":"internal","message":"Internal server error"}}]'
+        failures = [text for text in (record.getMessage() for record in caplog.records)
+                    if "handler.event failed" in text]
+        assert len(failures) == 2
+        assert all("RuntimeError" in text and "test_transport_native.py" in text and len(text) < 1000
+                   for text in failures)
+        assert not any(record.exc_info for record in caplog.records)  # no unbounded traceback
+
+
 async def test_sio_events_handled_in_order_one_at_a_time() -> None:
     """Events are awaited where they are read, in order: a slow one delays the next."""
     async with serving() as served:
@@ -1048,6 +1107,30 @@ async def test_slow_consumer_cut_off_beyond_max_backlog(caplog: pytest.LogCaptur
                    for record in caplog.records)
         assert slow_conn.backlog() == 0 and served.transport.slow_consumers == 1
         assert served.transport.has_members("/ok", "big")
+
+
+async def test_slow_consumer_cut_off_while_stalled_is_closed() -> None:
+    """A client that never reads, cut off while flow control holds its writes (no close frame
+    can reach it), does not stay: its session goes, the server's ASGI call returns within
+    seconds (uvicorn closes the connection), and when it reads at last it finds the
+    connection closed."""
+    async with serving(max_backlog=20, ping_interval=60) as served:
+        slow = await served.ws(max_queue=1, max_size=None)
+        assert str(await recv(slow))[0] == "0"
+        await slow.send('40/ok,{"room":"big"}')
+        assert str(await recv(slow)).startswith("40/ok,")
+        session = served.handler.conn().session  # type: ignore[attr-defined]
+        assert len(served.websocket_calls) == 1
+        for i in range(2000):
+            if served.transport.slow_consumers:
+                break
+            served.transport.write("/ok", "big", Frame.event("/ok", "big", i, "x" * 16384))
+            await asyncio.sleep(0)
+        assert served.transport.slow_consumers == 1
+        await served.handler.wait(lambda: not served.websocket_calls, timeout=5)
+        assert served.handler.disconnects[0][2] == "forced server close"
+        assert session.sid not in served.transport.sessions and session.reader is None
+        assert await closed(slow, timeout=10) == 1006  # the TCP connection ended, no close frame
 
 
 async def _read_all(ws: ClientConnection, count: int) -> list[str | bytes]:

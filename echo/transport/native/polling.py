@@ -69,15 +69,13 @@ async def serve(server: NativeTransport, scope: Scope, receive: Receive, send: S
 async def _get(server: NativeTransport, session: Session, receive: Receive, send: Send,
                cors: Headers) -> None:
     if session.getting:
-        log.info("session %s: a second GET while one is pending, closing", session.sid)
-        session.close(TRANSPORT_ERROR)
-        await handshake.refuse_http(send, handshake.BAD_REQUEST, cors)
+        await _refuse_second(session, "GET while one is pending", send, cors)
         return
     session.getting = True
     try:
         await receive()  # the (empty) request body
         if not session.buffer and not session.closed:
-            if session.probe_send is not None:
+            if session.probe_answered:
                 session.write(packets.NOOP)  # upgrading: end this poll so the client can switch
             else:
                 await _wait(session, receive)
@@ -88,6 +86,13 @@ async def _get(server: NativeTransport, session: Session, receive: Receive, send
         session.getting = False
     if messages:
         await handshake.respond(send, 200, packets.encode_payload(messages).encode(), TEXT, cors)
+
+
+async def _refuse_second(session: Session, what: str, send: Send, cors: Headers) -> None:
+    """A second GET (or POST) at once breaks the order of packets: 400, and the session ends."""
+    log.info("session %s: a second %s, closing", session.sid, what)
+    session.close(TRANSPORT_ERROR)
+    await handshake.refuse_http(send, handshake.BAD_REQUEST, cors)
 
 
 async def _wait(session: Session, receive: Receive) -> None:
@@ -109,9 +114,7 @@ async def _wait(session: Session, receive: Receive) -> None:
 async def _post(server: NativeTransport, session: Session, scope: Scope, receive: Receive, send: Send,
                 cors: Headers) -> None:
     if session.posting:
-        log.info("session %s: a second POST while one is running, closing", session.sid)
-        session.close(TRANSPORT_ERROR)
-        await handshake.refuse_http(send, handshake.BAD_REQUEST, cors)
+        await _refuse_second(session, "POST while one is running", send, cors)
         return
     session.posting = True
     try:

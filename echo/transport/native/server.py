@@ -148,7 +148,7 @@ class NativeTransport(Transport):
             return 0
         wire = frame.wire
         if wire is None:
-            wire = frame.wire = packets.text_message("4" + frame.packet.decode())
+            wire = frame.wire = packets.text_message("4" + frame.text)
         for conn in members:
             conn.writer(wire)
         return len(members)

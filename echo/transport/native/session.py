@@ -11,6 +11,10 @@ the half-run send moves to a task and later messages queue behind it, in order, 
 drains (``backlog``). Past ``max_backlog`` the client is cut off. On long-polling, messages
 wait in the buffer for the client's next GET, which the first of them wakes.
 
+A WebSocket session holds its reader task while it waits for the client (``reader``): the
+end of the session stops that wait, so the ASGI call returns and uvicorn closes the
+connection even when no close frame can get out (a cut-off client that reads nothing).
+
 The Socket.IO layer (:mod:`.sockets`) subclasses this and implements :meth:`on_message`,
 :meth:`on_binary` and :meth:`on_close`.
 """
@@ -51,8 +55,8 @@ class EngineSession:
 
     __slots__ = (
         "awaiting_pong", "buffer", "close_reason", "closed", "drain_task", "getting",
-        "poll_waiter", "posting", "probe_send", "server", "sid", "stalled", "timer", "transport",
-        "ws_send",
+        "poll_waiter", "posting", "probe_answered", "probe_send", "reader", "server", "sid", "stalled",
+        "timer", "transport", "ws_send",
     )
 
     def __init__(self, server: NativeTransport, sid: str, transport: str) -> None:
@@ -71,6 +75,10 @@ class EngineSession:
         self.posting = False
         self.probe_send: Send | None = None
         """The WebSocket being probed for an upgrade (only one at a time)."""
+        self.probe_answered = False
+        """``3probe`` went out: the client is switching, so a GET is answered at once."""
+        self.reader: asyncio.Task[Any] | None = None
+        """The task reading the WebSocket, while it waits for the client's next message."""
         self.timer: asyncio.TimerHandle | None = None
         self.awaiting_pong = False
         self.closed = False
@@ -185,13 +193,21 @@ class EngineSession:
         return messages
 
     def release_poll(self) -> None:
-        """Answer a pending GET with a ``noop``: the client is moving to WebSocket."""
+        """The probe is answered (``3probe``): the client is moving to WebSocket, so the pending
+        GET, and any GET until the switch, gets a ``noop`` (an earlier one would only make the
+        client poll again at once)."""
+        self.probe_answered = True
         if self.poll_waiter is not None and not self.buffer:
             self.write(packets.NOOP)
 
+    def end_probe(self) -> None:
+        """The probe WebSocket is done with (switched to, abandoned or closed)."""
+        self.probe_send = None
+        self.probe_answered = False
+
     def upgrade(self, send: Send) -> None:
         """The probed WebSocket becomes the transport; what waited for a GET goes there."""
-        self.probe_send = None
+        self.end_probe()
         waiting = self.take_buffer()
         if self.poll_waiter is not None:
             self.write(packets.NOOP)  # a GET still pending ends cleanly
@@ -252,7 +268,7 @@ class EngineSession:
             self.timer = None
         if self.probe_send is not None:
             self._send_detached(self.probe_send, {"type": "websocket.close", "code": code})
-            self.probe_send = None
+            self.end_probe()
         if self.ws_send is not None:
             server.forget(self)
             if self.stalled is not None:  # the client does not read: nothing more will get out
@@ -261,6 +277,8 @@ class EngineSession:
                     self.drain_task.cancel()
             else:
                 self._send_detached(self.ws_send, {"type": "websocket.close", "code": code})
+            if self.reader is not None:  # it waits for the client, who may never send again
+                self.reader.cancel()
         else:
             final = packets.NOOP if by_client else packets.CLOSE
             if self.poll_waiter is not None:

@@ -5,14 +5,19 @@ next packet (no task per packet), so a connection's events reach the core in the
 were sent and its handler calls never overlap. ``Handler.disconnect`` runs exactly once per
 accepted connection, whatever ends it; if the session ends while a handler call for it is
 still running, the disconnect waits for that call to return.
+
+A handler call that raises is logged (bounded: the exception may quote what the client sent)
+and, for an event that asked for an ack, the ack is answered with an error body, so the
+client's callback does not wait for nothing.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
+import traceback
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from echo.transport.base import Connection, Refused
 from echo.transport.native import packets
@@ -33,6 +38,18 @@ log = logging.getLogger("echo.transport")
 def new_id() -> str:
     """A random, unguessable id (120 bits), never reused."""
     return secrets.token_urlsafe(15)
+
+
+INTERNAL_ERROR: Final = {"ok": False, "error": {"code": "internal", "message": "Internal server error"}}
+"""The ack of an event whose handler raised (the shape of the core's error bodies)."""
+
+
+def failure(exc: BaseException) -> str:
+    """``exc`` for the log, bounded: its type, its message cut short, where it was raised."""
+    frames = traceback.extract_tb(exc.__traceback__)[-4:]
+    where = " < ".join(f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno} {frame.name}"
+                       for frame in reversed(frames))
+    return f"{type(exc).__name__}({str(exc)[:200]!r}) at {where}"
 
 
 def _discard(message: Message) -> None:
@@ -210,8 +227,10 @@ class Session(EngineSession):
             self.active = conn
             try:
                 await self.server.handler.event(conn, data[0], data[1:], packet.ack_id)
-            except Exception:
-                log.exception("handler.event failed for %s event %r", conn.sid, data[0][:80])
+            except Exception as exc:
+                log.error("handler.event failed for %s event %r: %s", conn.sid, data[0][:80], failure(exc))
+                if packet.ack_id is not None:
+                    conn.ack(packet.ack_id, INTERNAL_ERROR)
             finally:
                 self.active = None
             if self.deferred:
@@ -237,8 +256,8 @@ class Session(EngineSession):
             error = {"message": refused.message}
             if refused.data is not None:
                 error["data"] = refused.data
-        except Exception:
-            log.exception("handler.connect failed for namespace %r", namespace[:80])
+        except Exception as exc:
+            log.error("handler.connect failed for namespace %r: %s", namespace[:80], failure(exc))
             error = {"message": "Internal server error"}
         finally:
             self.active = None
@@ -280,8 +299,8 @@ class Session(EngineSession):
         """Tell the core ``conn`` is gone (it is still in its rooms), then empty its rooms."""
         try:
             await self.server.handler.disconnect(conn, reason)
-        except Exception:
-            log.exception("handler.disconnect failed for %s", conn.sid)
+        except Exception as exc:
+            log.error("handler.disconnect failed for %s: %s", conn.sid, failure(exc))
         finally:
             self.server.drop_rooms(conn)
 

@@ -71,7 +71,7 @@ async def serve(server: NativeTransport, scope: Scope, receive: Receive, send: S
     try:
         await send({"type": "websocket.accept"})
     except Exception:
-        session.probe_send = None
+        session.end_probe()
         return
     if await _probe(session, receive, send):
         await _read(server, session, receive)
@@ -98,7 +98,7 @@ async def _probe(session: Session, receive: Receive, send: Send) -> bool:
     log.info("session %s: upgrade abandoned (expected %r, got %r)", session.sid, step,
              str(message.get("text", message.get("type")))[:80])
     if session.probe_send is send:  # else the session's close already closed it
-        session.probe_send = None
+        session.end_probe()
         try:
             await send({"type": "websocket.close", "code": 1000})
         except Exception:
@@ -107,11 +107,25 @@ async def _probe(session: Session, receive: Receive, send: Send) -> bool:
 
 
 async def _read(server: NativeTransport, session: Session, receive: Receive) -> None:
-    """Hand each message to the session, in order, until the session or the socket ends."""
+    """Hand each message to the session, in order, until the session or the socket ends.
+
+    While it waits for a message the session holds this task (``session.reader``) and its
+    close cancels the wait: returning then ends the ASGI call, and uvicorn closes the
+    connection, also for a client that sends nothing more and cannot be sent a close frame.
+    """
     limit = server.options.max_payload
     quarter = limit // 4  # no text this short can be over the limit in UTF-8
-    while True:
-        message = await receive()
+    task = asyncio.current_task()
+    while not session.closed:
+        session.reader = task
+        try:
+            message = await receive()
+        except asyncio.CancelledError:
+            if task is not None and session.closed and task.uncancel() == 0:
+                return  # the session's close stopped the wait (and only that)
+            raise
+        finally:
+            session.reader = None
         if session.closed:
             return
         kind = message["type"]

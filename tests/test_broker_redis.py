@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 import shutil
 import socket
@@ -20,8 +21,13 @@ import pytest
 import redis as syncredis
 from redis.crc import key_slot
 
+from echo.broker.base import BrokerStats
+from echo.broker.connection import redis_client
+from echo.broker.outbox import Outbox, Outgoing
 from echo.broker.redis import RedisBroker, channel_keys, hash_tag
 from echo.broker.ring import HashRing
+from echo.broker.scripts import LuaScript
+from echo.broker.throttle import ThrottledLog
 from echo.config import Settings
 from echo.core.associations import parse_associations
 from echo.core.store import FileStore, RedisStore
@@ -186,7 +192,7 @@ def frame(channel: str, index: int, body: str = "") -> Frame:
 
 
 def number(packet: bytes) -> int:
-    return int(Frame(packet).decode()[2][0]["n"])
+    return int(Frame(packet=packet).decode()[2][0]["n"])
 
 
 async def until(check: Callable[[], bool], timeout: float = 5, what: str = "condition") -> None:
@@ -324,6 +330,79 @@ async def test_outbox_is_bounded_and_a_burst_opens_few_connections(redis_one: Re
         assert [number(packet) for packet in b.got["room"]] == list(range(10_000))
         assert new_connections <= 17  # the bounded pool (16) and b's subscriber, not thousands
         assert len(await b.broker.presence(APP, "room")) == 2_000
+
+
+async def test_a_presence_storm_is_pipelined_and_read_back(redis_one: RedisServer) -> None:
+    """5,000 presence writes awaited one after another (as the core makes them, one per
+    connection and channel) take a few pipelines on one connection, not a round trip each;
+    the writing node sees its own at once, another node once they are flushed."""
+    prefix = new_prefix()
+    admin = syncredis.Redis(port=redis_one.port)
+    rooms = [f"room-{index}" for index in range(10)]
+    async with Node([redis_one.url], prefix) as a, Node([redis_one.url], prefix) as b:
+        before = admin.info("stats")
+        started = time.perf_counter()
+        for index in range(5_000):
+            await a.broker.presence_add(APP, rooms[index % 10], f"conn-{index}", {"user": index})
+        queued = time.perf_counter() - started
+        assert len(await a.broker.presence(APP, "room-3")) == 500  # its own, sent or not
+        await asyncio.wait_for(a.broker.flush(), 10)
+        elapsed = time.perf_counter() - started
+        after = admin.info("stats")
+        reads = after["total_reads_processed"] - before["total_reads_processed"]
+        connections = (after["total_connections_received"]
+                       - before["total_connections_received"])
+        print(f"\n5,000 presence writes: queued in {queued * 1000:.0f} ms, in Redis after "
+              f"{elapsed * 1000:.0f} ms; {connections} new connection(s), {reads} socket reads")
+        assert connections <= 17
+        assert reads < 500  # one round trip each would be 5,000 reads
+        for room in rooms:
+            assert len(await b.broker.presence(APP, room)) == 500
+        assert (await b.broker.presence(APP, "room-7"))["conn-17"] == {"user": 17}
+        # removals queue behind the additions: an add and its remove never swap
+        for index in range(0, 5_000, 2):
+            await a.broker.presence_remove(APP, rooms[index % 10], f"conn-{index}")
+        await a.broker.presence_add(APP, "room-0", "conn-0", {"user": "back"})
+        assert len(await a.broker.presence(APP, "room-0")) == 1
+        await asyncio.wait_for(a.broker.flush(), 10)
+        assert await b.broker.presence(APP, "room-0") == {"conn-0": {"user": "back"}}
+        assert len(await b.broker.presence(APP, "room-1")) == 500
+        assert set(a.stats.extra) == {"missed_frames", "duplicates_dropped", "presence_failures"}
+        assert a.stats.extra["presence_failures"] == 0
+
+
+async def test_outbox_counts_a_pipeline_an_unexpected_error_stopped(
+        redis_one: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    """A reply the outbox cannot read (here a script that answers 1, not a pair) stops the
+    pipeline: its frames are counted as not sent and the error is logged."""
+    client = redis_client(redis_one.url)
+    stats = BrokerStats()
+    outbox = Outbox(client, "test", LuaScript("return 1"), stats,
+                    ThrottledLog(logging.getLogger("test")))
+    try:
+        for _ in range(5):
+            outbox.put(Outgoing(b"x", b"x:nodes", b"payload"))
+        await asyncio.wait_for(outbox.flush(), 5)
+        assert (stats.publish_failures, stats.published) == (5, 0)
+        assert "failed unexpectedly" in caplog.text
+        outbox.put(Outgoing(b"x", b"x:nodes", b"payload"))  # and it still sends
+        await asyncio.wait_for(outbox.flush(), 5)
+        assert stats.publish_failures == 6
+    finally:
+        await outbox.close()
+        await client.aclose()
+        await client.connection_pool.disconnect()
+
+
+async def test_a_failing_background_task_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    broker = RedisBroker(["redis://127.0.0.1:1/0"], cluster=True)
+
+    async def fails() -> None:
+        raise RuntimeError("boom in the background")
+
+    broker._spawn(fails())
+    await asyncio.sleep(0.05)
+    assert "boom in the background" in caplog.text
 
 
 async def test_lost_receivers_counted_when_a_subscription_drops(redis_one: RedisServer) -> None:
@@ -474,6 +553,7 @@ async def test_cluster_presence_across_nodes_and_a_dead_node(cluster: Cluster) -
             Node(cluster.urls, prefix, cluster=True) as b:
         await a.broker.presence_add(APP, "room", "conn-a", {"user": "a"})
         await b.broker.presence_add(APP, "room", "conn-b", {"user": "b"})
+        await asyncio.gather(a.broker.flush(), b.broker.flush())  # queued: now in Redis
         dead = await asyncio.create_subprocess_exec(
             sys.executable, "-c", DYING_NODE, cluster.urls[0], prefix,
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -494,6 +574,7 @@ async def test_cluster_presence_across_nodes_and_a_dead_node(cluster: Cluster) -
         print(f"\na dead node's presence entry gone after {time.monotonic() - started:.1f}s "
               "(liveness 3 s)")
         await b.broker.presence_remove(APP, "room", "conn-b")
+        await b.broker.flush()
         assert await a.broker.presence(APP, "room") == {"conn-a": {"user": "a"}}
         await b.broker.presence_add(APP, "room", "conn-b2", {"user": "b"})
     # both closed: their entries are removed, not left to expire
@@ -509,6 +590,7 @@ async def main():
     broker = RedisBroker([sys.argv[1]], cluster=True, prefix=sys.argv[2], liveness=3.0)
     await broker.start(lambda app, channel, frame: None)
     await broker.presence_add("chat", "room", "conn-d", {"user": "d"})
+    await broker.flush()
     print("ready", flush=True)
     await asyncio.sleep(60)
 
@@ -576,3 +658,61 @@ async def test_cluster_slot_moved_resubscribes(cluster: Cluster) -> None:
             a.broker.publish(APP, channel, frame(channel, index))
         await until(lambda: len(b.got[channel]) == 11, what="delivery after the move")
         assert [number(p) for p in b.got[channel]] == list(range(11))
+
+
+async def test_cluster_slot_move_under_load_keeps_frames_in_order(cluster: Cluster) -> None:
+    """A node publishes without pause while the channel's slot moves to another primary:
+    frames the old owner refused (MOVED), and those published while the new owner was being
+    found, reach the receiver in publish order: none is dropped as a duplicate, and each
+    frame it did not get is counted as missed. (Runs last: it changes the slot map.)"""
+    prefix = new_prefix()
+    source, target = 0, 1
+    # a reshard of one slot moves the source's lowest one
+    slot = min(start for start, _end, primary, *_ in cluster.client(0).cluster("SLOTS")
+               if int(primary[1]) == cluster.ports[source])
+    channel = next(f"busy-{i}" for i in itertools.count()
+                   if key_slot(name_of(prefix, f"busy-{i}")) == slot)
+    name = name_of(prefix, channel)
+    async with Node(cluster.urls, prefix, cluster=True) as a, \
+            Node(cluster.urls, prefix, cluster=True) as b:
+        await b.broker.subscribe(APP, channel)
+        sent = 0
+        stop = asyncio.Event()
+
+        async def publish() -> None:
+            nonlocal sent
+            while not stop.is_set():
+                for _ in range(5):
+                    a.broker.publish(APP, channel, frame(channel, sent))
+                    sent += 1
+                await asyncio.sleep(0.001)
+
+        publisher = asyncio.create_task(publish())
+        try:
+            await until(lambda: len(b.got[channel]) > 50, what="frames before the move")
+            await asyncio.sleep(0.6)  # the slot map is re-read at most every 0.5 s
+            ids = [cluster.client(i).cluster("MYID").decode() for i in range(3)]
+            await asyncio.to_thread(subprocess.run, [
+                redis_binary("redis-cli"), "--cluster", "reshard",
+                f"127.0.0.1:{cluster.ports[0]}", "--cluster-from", ids[source],
+                "--cluster-to", ids[target], "--cluster-slots", "1", "--cluster-yes"],
+                check=True, capture_output=True, timeout=30)
+            assert cluster.owner_index(name) == target
+            moved_at = sent
+            await until(lambda: number(b.got[channel][-1]) > moved_at + 500, timeout=15,
+                        what="delivery through the new owner")
+        finally:
+            stop.set()
+            await publisher
+        await asyncio.wait_for(a.broker.flush(), 10)
+        await until(lambda: number(b.got[channel][-1]) == sent - 1, what="the last frame")
+        await asyncio.sleep(1)  # a frame re-sent behind newer ones would arrive by now
+        got = [number(packet) for packet in b.got[channel]]
+        missed = b.stats.extra["missed_frames"]
+        print(f"\nslot move under load: {sent} sent, {len(got)} received, {missed} counted "
+              f"missed, {b.stats.extra['duplicates_dropped']} dropped as duplicates, "
+              f"{a.stats.lost_receivers} lost receivers counted by the publisher")
+        assert b.stats.extra["duplicates_dropped"] == 0
+        assert got == sorted(set(got)) and got[0] == 0
+        assert len(got) + missed == sent  # every frame received or counted
+        assert a.stats.publish_failures == 0

@@ -1,38 +1,34 @@
 """Frames on their way to one Redis server: queued without waiting, sent in order, pipelined.
 
-``put`` never waits. One task per server sends what gathered while the previous pipeline
-was in flight, so a burst costs a handful of round trips and one connection, and a node's
-frames reach Redis (and every other node) in the order it published them. The queue is
-bounded: a frame that finds it full is dropped and counted, never silently.
+A :class:`~echo.broker.pipelined.PipelinedQueue` of frames: a node's frames reach Redis (and
+every other node) in the order it published them, a burst costs a handful of round trips on
+one connection, and a frame that finds the queue full is dropped and counted, never silently.
 
 Each frame is published by a script that also counts the nodes registered as serving the
 channel: fewer receivers than that means some node missed it (:mod:`echo.broker.scripts`).
+On a Cluster, frames the server redirected (``MOVED``: their slot moved; ``ASK`` or
+``TRYAGAIN``: it is moving) go back to the broker after each pipeline (``on_settled``),
+which keeps them in order ahead of what the channel publishes next (:mod:`echo.broker.moves`).
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
-from redis.exceptions import MovedError
+from redis.exceptions import AskError, TryAgainError
 
 from echo.broker.base import BrokerStats
+from echo.broker.pipelined import PipelinedQueue
 from echo.broker.scripts import Call, LuaScript, run_pipelined
 from echo.broker.throttle import ThrottledLog
 
-log = logging.getLogger("echo.redis")
-
 MAX_OUTBOX = 10_000
 """Frames waiting for one Redis server beyond which new ones are dropped (and counted)."""
-MAX_BATCH = 2_000
-"""Frames in one pipeline: a long outage's backlog goes out in bounded round trips."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass costs three times as much to make
 class Outgoing:
     name: bytes
     """The channel's Redis channel."""
@@ -41,86 +37,65 @@ class Outgoing:
     payload: bytes
 
 
-class Outbox:
+class Outbox(PipelinedQueue[Outgoing]):
+    limit = MAX_OUTBOX
+
     def __init__(self, client: aioredis.Redis, label: str, script: LuaScript,
                  stats: BrokerStats, warn: ThrottledLog,
-                 on_moved: Callable[[list[Outgoing]], None] | None = None) -> None:
+                 on_settled: Callable[[Outbox, list[Outgoing]], None] | None = None) -> None:
+        super().__init__(label)
         self.client = client
-        self.label = label
         self.script = script
         self.stats = stats
         self.warn = warn
-        self.on_moved = on_moved
-        self._queue: deque[Outgoing] = deque()
-        self._sender: asyncio.Task[None] | None = None
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self.on_settled = on_settled
+        """Called after every pipeline with its redirected frames (often none)."""
+        self.moved: list[Outgoing] = []
 
-    def __len__(self) -> int:
-        return len(self._queue)
+    def refused(self, item: Outgoing) -> None:
+        self.stats.publish_failures += 1
+        self.warn.warning("overflow", 1, "%d frame(s) not sent to other nodes: %d already "
+                          "wait for Redis %s", MAX_OUTBOX, self.label)
 
-    def put(self, item: Outgoing) -> None:
-        if len(self._queue) >= MAX_OUTBOX:
-            self.stats.publish_failures += 1
-            self.warn.warning("overflow", 1, "%d frame(s) not sent to other nodes: %d already "
-                              "wait for Redis %s", MAX_OUTBOX, self.label)
-            return
-        self._queue.append(item)
-        if self._sender is None:
-            self._idle.clear()
-            self._sender = asyncio.get_running_loop().create_task(self._send())
+    def lost(self, batch: list[Outgoing], count: int) -> None:
+        self.stats.publish_failures += count
 
-    async def _send(self) -> None:
-        try:
-            while self._queue:
-                count = min(len(self._queue), MAX_BATCH)
-                batch = [self._queue.popleft() for _ in range(count)]
-                await self._send_batch(batch)
-        finally:
-            self._sender = None
-            self._idle.set()
-
-    async def _send_batch(self, batch: list[Outgoing]) -> None:
+    async def send(self, batch: list[Outgoing]) -> None:
         calls: list[Call] = [(self.script, (item.name, item.registry), (item.payload,))
                              for item in batch]
         try:
             results = await run_pipelined(self.client, calls)
-        except asyncio.CancelledError:
-            self.stats.publish_failures += len(batch)
-            raise
         except Exception as exc:  # Redis down: this node's subscribers already have them
             self.stats.publish_failures += len(batch)
+            self.unsettled = 0
             self.warn.warning("send", len(batch), "%d frame(s) not sent to other nodes "
                               "(Redis %s: %s)", self.label, exc)
             return
-        moved: list[Outgoing] = []
+        stats = self.stats
         for item, result in zip(batch, results, strict=True):
-            if isinstance(result, MovedError) and self.on_moved is not None:
-                moved.append(item)
+            if isinstance(result, AskError | TryAgainError) and self.on_settled is not None:
+                self.moved.append(item)  # handed to on_settled when the pipeline is over
             elif isinstance(result, Exception):
-                self.stats.publish_failures += 1
+                stats.publish_failures += 1
                 self.warn.warning("refused", 1, "%d frame(s) not sent to other nodes "
                                   "(Redis %s refused: %s)", self.label, result)
             else:
-                self.stats.published += 1
                 receivers, serving = int(result[0]), int(result[1])
+                stats.published += 1
                 if serving > receivers:
-                    self.stats.lost_receivers += serving - receivers
+                    stats.lost_receivers += serving - receivers
                     self.warn.warning(
                         "lost", serving - receivers,
                         "%d delivery(ies) to other nodes missed: a node serving %r was "
                         "not subscribed (it is re-subscribing, or died)", item.name[:120])
-        if moved and self.on_moved is not None:
-            self.on_moved(moved)
+            self.unsettled -= 1
 
-    async def flush(self) -> None:
-        """Wait until the queue is sent (the caller bounds the wait)."""
-        await self._idle.wait()
-
-    async def close(self) -> None:
-        """Stop sending; what is still queued is counted as not sent."""
-        if self._sender is not None:
-            self._sender.cancel()
-            await asyncio.gather(self._sender, return_exceptions=True)
-        self.stats.publish_failures += len(self._queue)
-        self._queue.clear()
+    def finished(self) -> None:
+        moved, self.moved = self.moved, []
+        if self.on_settled is None:
+            return
+        try:
+            self.on_settled(self, moved)
+        except Exception:
+            self.stats.publish_failures += len(moved)
+            raise

@@ -16,7 +16,8 @@ through sharded pub/sub (``SPUBLISH``/``SSUBSCRIBE``); a slot that moves is re-r
 **What travels.** ``<node id: 16 bytes><epoch: 4><sequence: 8><Frame.packet>``: the
 receiving node skips its own frames by the prefix and writes the packet as it is. The
 sequence (per publishing node and channel) lets a receiver see frames it missed, and drop a
-frame it already has (a pipeline resent after a connection broke mid-way).
+frame it already has (a pipeline resent after a connection broke mid-way). A channel's
+frames keep their order while its Cluster slot moves (:mod:`echo.broker.moves`).
 
 **Loss is counted, never silent.** ``publish`` delivers locally, then queues for Redis
 (:mod:`echo.broker.outbox`: ordered, pipelined, bounded); a frame that can't be sent counts
@@ -25,13 +26,15 @@ in ``stats.publish_failures``. Each node registers its interest in a channel in
 subscription is confirmed, and again *before* re-subscribing after a reconnect; the publish
 script returns PUBLISH's receiver count and the count of live registrations, and the
 difference goes to ``stats.lost_receivers`` (the publisher's view). The receiver's view is
-``stats.extra["missed_frames"]``: sequence gaps, which also catch what the registry cannot
-see (a restarted Redis lost the registry, and a node had not re-registered yet).
+``missed_frames`` (in ``stats.extra``): sequence gaps, which also catch what the registry
+cannot see (a restarted Redis lost the registry, and a node had not re-registered yet).
 
 **Presence** is a hash per channel (``member -> <node id><info JSON>``) beside a registry of
-the nodes holding entries there; ``presence()`` returns the entries of nodes whose
-registration is live and deletes the rest, so a dead node's entries go within ``liveness``
-(30 s) seconds.
+the nodes holding entries there. This node's writes go through a queue per server
+(:mod:`echo.broker.presence_writes`: pipelined, ordered, bounded), so ``presence_add`` and
+``presence_remove`` return at once; ``presence()`` answers this node's own members from its
+own record and the other live nodes' from Redis, deleting the entries of nodes whose
+registration expired, so a dead node's entries go within ``liveness`` (30 s) seconds.
 """
 
 from __future__ import annotations
@@ -44,23 +47,27 @@ import secrets
 import struct
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 from urllib.parse import quote
 
 import redis.asyncio as aioredis
 from redis.crc import key_slot
-from redis.exceptions import MovedError
+from redis.exceptions import AskError, MovedError, TryAgainError
 
-from echo.broker.base import Broker
+from echo.broker.base import Broker, BrokerStats, Deliver
 from echo.broker.connection import describe, node_url, redis_client
+from echo.broker.moves import SlotMoves
 from echo.broker.outbox import Outbox, Outgoing
+from echo.broker.presence_writes import PresenceWrite, PresenceWrites
 from echo.broker.ring import HashRing
 from echo.broker.scripts import (
     PRESENCE_ADD,
     PRESENCE_BEAT,
+    PRESENCE_PAIRS,
     PRESENCE_READ,
+    PRESENCE_REMOVE,
     PUBLISH,
     REGISTER,
     SPUBLISH,
@@ -82,13 +89,13 @@ log = logging.getLogger("echo.redis")
 T = TypeVar("T")
 
 NODE_ID_BYTES = 16
-HEADER = struct.Struct(">IQ")
-"""After the node id: epoch (a new one when the publisher forgot its sequences), sequence."""
-PREFIX_BYTES = NODE_ID_BYTES + HEADER.size
+HEADER = struct.Struct(">16sIQ")
+"""Node id, epoch (a new one when the publisher forgot its sequences), sequence."""
+PREFIX_BYTES = HEADER.size
 LIVENESS = 30.0
 """Seconds a node's registration (interest, presence) lives without a refresh."""
 MAX_SEQUENCES = 100_000
-"""Channels a publisher keeps a sequence for; beyond, it starts a new epoch."""
+"""Channels a publisher keeps a sequence (and its route) for; beyond, it starts a new epoch."""
 MAX_SENDERS = 256
 """Publishers a receiver tracks per channel; beyond, it forgets them (no gap counted)."""
 TOPOLOGY_INTERVAL = 0.5
@@ -112,11 +119,16 @@ class ChannelKeys(NamedTuple):
     present: bytes
     """Sorted set: nodes holding presence entries in the channel."""
 
+    @classmethod
+    def of(cls, name: bytes) -> ChannelKeys:
+        """The keys of the channel whose Redis channel is ``name``."""
+        return cls(name, name + b":nodes", name + b":presence", name + b":present")
+
 
 @functools.lru_cache(maxsize=65_536)
 def channel_keys(prefix: str, app: str, channel: str) -> ChannelKeys:
     name = f"{prefix}:{{{quote(app, safe='')}:{quote(channel, safe=CHANNEL_SAFE)}}}".encode()
-    return ChannelKeys(name, name + b":nodes", name + b":presence", name + b":present")
+    return ChannelKeys.of(name)
 
 
 def hash_tag(key: bytes) -> bytes:
@@ -127,20 +139,29 @@ def hash_tag(key: bytes) -> bytes:
 
 
 class Shard:
-    """One Redis server this node uses: a bounded command client, an outbox, a subscriber."""
+    """One Redis server this node uses: a bounded command client, an outbox of frames, a
+    queue of presence writes, a subscriber."""
 
     def __init__(self, url: str, broker: RedisBroker) -> None:
         self.url = url
         self.label = describe(url)
         self.client = redis_client(url)
-        self.outbox = Outbox(self.client, self.label, broker.publish_script, broker.stats,
-                             broker.warn, on_moved=broker.moved if broker.cluster else None)
-        self.subscriber = Subscriber(url, self.label, sharded=broker.cluster, stats=broker.stats,
+        stats = broker.stats
+        self.outbox = Outbox(self.client, self.label, broker.publish_script, stats, broker.warn,
+                             on_settled=broker.settled if broker.cluster else None)
+        self.presence = PresenceWrites(self.client, self.label, broker.presence_failed)
+        self.subscriber = Subscriber(url, self.label, sharded=broker.cluster, stats=stats,
                                      warn=broker.warn, on_message=broker.received,
                                      prepare=broker.prepare, on_lost=broker.lost)
 
+    @property
+    def idle(self) -> bool:
+        """Nothing to send and no channel wanted here: the shard may go."""
+        return not (self.outbox.busy or self.presence.busy or self.subscriber.wanted)
+
     async def close(self) -> None:
         await self.outbox.close()
+        await self.presence.close()
         await self.subscriber.close()
         await self.client.aclose()
         await self.client.connection_pool.disconnect()  # a pool given to a client stays open
@@ -150,6 +171,19 @@ class Shard:
 class _Turn:
     lock: asyncio.Lock
     users: int = 0
+
+
+class Publishing:
+    """What ``publish`` keeps per channel, so a frame costs no hashing: the channel's names,
+    its sequence, and its outbox (good while ``version`` is the slot map's)."""
+
+    __slots__ = ("keys", "outbox", "sequence", "version")
+
+    def __init__(self, keys: ChannelKeys) -> None:
+        self.keys = keys
+        self.sequence = 0
+        self.outbox: Outbox | None = None
+        self.version = -1
 
 
 class RedisBroker(Broker):
@@ -169,7 +203,15 @@ class RedisBroker(Broker):
         self.node_id = secrets.token_hex(NODE_ID_BYTES // 2).encode()
         self.publish_script = SPUBLISH if cluster else PUBLISH
         self.warn = ThrottledLog(log)
-        self.stats.extra.update(missed_frames=0, duplicates_dropped=0, presence_failures=0)
+        self.missed_frames = 0
+        """Frames from other nodes known to be missed (gaps in their sequences)."""
+        self.duplicates_dropped = 0
+        """Frames from other nodes dropped because they were delivered already."""
+        self.presence_failures = 0
+        """Presence writes and reads that did not reach Redis."""
+        self._moves = SlotMoves(self._outbox_of, self._stats, self.warn)
+        self._local: Deliver = self._not_started
+        """``deliver`` without the property's check, for the per-frame paths."""
         self._shards: dict[str, Shard] = {}
         self._ring: HashRing[Shard] | None = None
         self._slots: list[Shard | None] = [None] * SLOTS
@@ -179,7 +221,8 @@ class RedisBroker(Broker):
         self._served: dict[bytes, tuple[str, str]] = {}
         self._assigned: dict[bytes, Shard] = {}
         self._seen: dict[bytes, dict[bytes, tuple[int, int]]] = {}
-        self._sequences: dict[bytes, int] = {}
+        self._publishing: dict[str, dict[str, Publishing]] = {}
+        self._publishing_count = 0
         self._epoch = 1
         self._present: dict[ChannelKeys, dict[str, bytes]] = {}
         self._unsynced: set[ChannelKeys] = set()
@@ -187,8 +230,28 @@ class RedisBroker(Broker):
         self._topology_lock = asyncio.Lock()
         self._topology_at = -TOPOLOGY_INTERVAL
         self._topology_known = False
+        self._topology_asked = False  # a re-read is on its way and has not started reading
+        self._repairing = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._maintainer: asyncio.Task[None] | None = None
+
+    @staticmethod
+    def _not_started(app: str, channel: str, frame: Frame) -> None:
+        raise RuntimeError("RedisBroker.start() first")
+
+    @property
+    def stats(self) -> BrokerStats:
+        """The counters; ``extra`` (this backend's own) is filled in as it is read, so the
+        paths that count them pay for a plain attribute only."""
+        stats = self._stats
+        stats.extra.update(missed_frames=self.missed_frames,
+                           duplicates_dropped=self.duplicates_dropped,
+                           presence_failures=self.presence_failures)
+        return stats
+
+    @stats.setter
+    def stats(self, stats: BrokerStats) -> None:
+        self._stats = stats
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RedisBroker:
@@ -202,14 +265,23 @@ class RedisBroker(Broker):
 
     async def start(self, deliver: Callable[[str, str, Frame], None]) -> None:
         await super().start(deliver)
+        self._local = deliver
         if self.cluster and not await self._refresh_topology():
             log.warning("Redis Cluster: no seed node answered (%s); retrying every second",
                         ", ".join(describe(url) for url in self.urls))
         self._maintainer = asyncio.get_running_loop().create_task(self._maintain())
 
     async def flush(self) -> None:
-        for shard in list(self._shards.values()):
-            await shard.outbox.flush()
+        """Wait until frames (including those held while their slot moves) and presence
+        writes have left this node."""
+        while True:
+            for shard in list(self._shards.values()):
+                await shard.outbox.flush()
+                await shard.presence.flush()
+            if not self._moves.held and not any(
+                    shard.outbox.busy or shard.presence.busy for shard in self._shards.values()):
+                return
+            await asyncio.sleep(0.02)
 
     async def close(self) -> None:
         tasks = [task for task in (self._maintainer, *self._tasks) if task is not None]
@@ -222,11 +294,14 @@ class RedisBroker(Broker):
             log.warning("could not remove this node's registrations and presence from Redis "
                         "(%s); they expire within %.0fs", exc or type(exc).__name__,
                         self.liveness)
+        self._moves.close()
         for shard in list(self._shards.values()):
             await shard.close()
 
     async def _leave(self) -> None:
-        """Delete this node's registrations and presence entries."""
+        """Delete this node's registrations and presence entries (after the presence writes
+        still queued, which would otherwise put some back)."""
+        await asyncio.gather(*(shard.presence.flush() for shard in list(self._shards.values())))
         work: dict[Shard, list[tuple[str, tuple[Any, ...]]]] = {}
         for name, shard in self._assigned.items():
             work.setdefault(shard, []).append(("zrem", (name + b":nodes", self.node_id)))
@@ -243,6 +318,10 @@ class RedisBroker(Broker):
                 await pipe.execute(raise_on_error=False)
 
         await asyncio.gather(*(clean(shard, commands) for shard, commands in work.items()))
+
+    def describe(self) -> str:
+        servers = ", ".join(describe(url) for url in self.urls)  # host:port, no credentials
+        return f"redis cluster (seeds {servers})" if self.cluster else f"redis ({servers})"
 
     async def problems(self) -> list[str]:
         found: list[str] = []
@@ -270,6 +349,10 @@ class RedisBroker(Broker):
             return self._ring.get(hash_tag(key))
         return self._slots[key_slot(key)]
 
+    def _outbox_of(self, key: bytes) -> Outbox | None:
+        shard = self._route(key)
+        return shard.outbox if shard is not None else None
+
     def shard_of(self, app: str, channel: str) -> str | None:
         """``host:port`` of the Redis server carrying ``channel`` (for tests and logs)."""
         shard = self._route(channel_keys(self.prefix, app, channel).name)
@@ -287,6 +370,7 @@ class RedisBroker(Broker):
                 return self._topology_known
             await asyncio.sleep(self._topology_at + TOPOLOGY_INTERVAL - time.monotonic())
             self._topology_at = time.monotonic()
+            self._topology_asked = False
             ranges = None
             for url in [*self._shards, *self.urls]:
                 try:
@@ -295,6 +379,7 @@ class RedisBroker(Broker):
                 except Exception as exc:
                     log.debug("CLUSTER SHARDS on %s failed: %s", describe(url), exc)
             if not ranges:
+                self._moves.relocate(shard.outbox for shard in list(self._shards.values()))
                 return False
             slots: list[Shard | None] = [None] * SLOTS
             for owner in ranges:
@@ -305,10 +390,17 @@ class RedisBroker(Broker):
                 slots[owner.start:owner.end + 1] = [shard] * (owner.end - owner.start + 1)
             self._slots = slots
             self._topology_known = True
+            # before any await: queued frames of channels that moved go ahead of new ones
+            self._moves.relocate(shard.outbox for shard in list(self._shards.values()))
         await self._reroute()
         return True
 
     def _refresh_topology_soon(self) -> None:
+        """Re-read the slot map (unless a re-read that has not started reading is queued)."""
+        if self._topology_asked:
+            return
+        self._topology_asked = True
+
         async def refresh() -> None:
             await self._refresh_topology()
 
@@ -332,22 +424,16 @@ class RedisBroker(Broker):
         for url, shard in list(self._shards.items()):
             if shard in owning:
                 await shard.subscriber.resync()
-            elif not shard.subscriber.wanted and not len(shard.outbox):
+            elif shard.idle:
                 del self._shards[url]
                 await shard.close()
 
-    def moved(self, items: list[Outgoing]) -> None:
-        """Frames a server refused with MOVED: find the new owners and send them there."""
-        async def resend() -> None:
-            await self._refresh_topology()
-            for item in items:
-                shard = self._route(item.name)
-                if shard is None:
-                    self.stats.publish_failures += 1
-                else:
-                    shard.outbox.put(item)
-
-        self._spawn(resend())
+    def settled(self, outbox: Outbox, moved: list[Outgoing]) -> None:
+        """A pipeline of frames is over; ``moved`` were redirected (MOVED, ASK, TRYAGAIN:
+        their slot moved or is moving): they wait, with what their channels publish next,
+        until the slot map is re-read (:mod:`echo.broker.moves`)."""
+        if self._moves.settled(outbox, moved):
+            self._refresh_topology_soon()
 
     def lost(self, subscriber: Subscriber, slot: int | None) -> None:
         """The server dropped subscriptions (their slot moved): re-resolve, re-subscribe."""
@@ -355,10 +441,16 @@ class RedisBroker(Broker):
                  slot)
         self._refresh_topology_soon()
 
-    def _spawn(self, work: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(work)
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._reap)
+
+    def _reap(self, task: asyncio.Task[None]) -> None:
+        """A background task ended: an exception it raised is logged, not lost."""
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("a Redis broker task failed: %r", exc, exc_info=exc)
 
     async def _on_owner(self, key: bytes, run: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
         """Run a command on the server owning ``key`` (re-resolved once after MOVED)."""
@@ -464,43 +556,60 @@ class RedisBroker(Broker):
 
     async def prepare(self, subscriber: Subscriber) -> None:
         """Before (re-)subscribing on a server: register every channel wanted there and put
-        back this node's presence entries (a restarted Redis lost both)."""
+        back this node's presence entries (a restarted Redis lost both); the entries go
+        through the presence queue, in order with the writes queued before and after."""
         shard = next((shard for shard in self._shards.values()
                       if shard.subscriber is subscriber), None)
         if shard is None:
             return
-        calls = self._registrations(subscriber.wanted)
         for keys, members in self._present.items():
             if members and self._route(keys.name) is shard:
-                calls.extend((PRESENCE_ADD, (keys.present, keys.presence),
-                              (*self._beat(), member, value))
-                             for member, value in members.items())
-        await self._heartbeat(shard, calls)
+                self._queue_presence(shard, keys, self._presence_adds(keys, members))
+        await self._heartbeat(shard, self._registrations(subscriber.wanted))
 
     # -- frames ----------------------------------------------------------------------------
 
     def publish(self, app: str, channel: str, frame: Frame) -> None:
-        self.deliver(app, channel, frame)
-        keys = channel_keys(self.prefix, app, channel)
-        sequence = self._sequences.get(keys.name, 0) + 1
-        if sequence == 1 and len(self._sequences) >= MAX_SEQUENCES:
-            self._sequences.clear()
-            self._epoch += 1
-        self._sequences[keys.name] = sequence
-        shard = self._route(keys.name)
-        if shard is None:
-            self.stats.publish_failures += 1
+        self._local(app, channel, frame)
+        channels = self._publishing.get(app)
+        state = channels.get(channel) if channels is not None else None
+        if state is None:
+            state = self._publisher(app, channel)
+        if state.version != self._moves.version:
+            self._aim(state)
+        state.sequence += 1
+        keys = state.keys
+        item = Outgoing(keys.name, keys.nodes,
+                        HEADER.pack(self.node_id, self._epoch, state.sequence) + frame.packet)
+        if state.outbox is not None:
+            state.outbox.put(item)
+        elif not self._moves.hold(keys.name, item):
+            self._stats.publish_failures += 1
             self.warn.warning("unrouted", 1, "%d frame(s) not sent to other nodes: no Redis "
                               "Cluster node known for their channel yet")
-            return
-        header = self.node_id + HEADER.pack(self._epoch, sequence)
-        shard.outbox.put(Outgoing(keys.name, keys.nodes, header + frame.packet))
+
+    def _publisher(self, app: str, channel: str) -> Publishing:
+        """A channel's first frame (since this node last forgot its channels, which starts a
+        new epoch: receivers then know the sequences start over)."""
+        if self._publishing_count >= MAX_SEQUENCES:
+            self._publishing.clear()
+            self._publishing_count = 0
+            self._epoch += 1
+        state = Publishing(channel_keys(self.prefix, app, channel))
+        self._publishing.setdefault(app, {})[channel] = state
+        self._publishing_count += 1
+        return state
+
+    def _aim(self, state: Publishing) -> None:
+        """Route a channel's frames for the current slot map (none while it is held)."""
+        name = state.keys.name
+        shard = None if name in self._moves.held else self._route(name)
+        state.outbox = shard.outbox if shard is not None else None
+        state.version = self._moves.version
 
     def received(self, name: bytes, payload: bytes) -> None:
-        """A frame from Redis: write it to this node's subscribers, unless it is this node's
-        own, for a channel no longer served, or one already delivered."""
-        if payload.startswith(self.node_id):
-            return
+        """A frame from Redis: write it to this node's subscribers, unless it is for a
+        channel no longer served, this node's own, or one already delivered."""
         target = self._served.get(name)
         if target is None:
             return
@@ -508,26 +617,27 @@ class RedisBroker(Broker):
             self.warn.warning("malformed", 1, "%d malformed frame(s) ignored on %r",
                               name[:120])
             return
-        sender = payload[:NODE_ID_BYTES]
-        epoch, sequence = HEADER.unpack_from(payload, NODE_ID_BYTES)
+        sender, epoch, sequence = HEADER.unpack_from(payload)
+        if sender == self.node_id:
+            return
         seen = self._seen[name]
         last = seen.get(sender)
         if last is not None and last[0] == epoch:
             if sequence <= last[1]:
-                self.stats.extra["duplicates_dropped"] += 1
+                self.duplicates_dropped += 1
                 return
             if sequence > last[1] + 1:
                 missed = sequence - last[1] - 1
-                self.stats.extra["missed_frames"] += missed
+                self.missed_frames += missed
                 self.warn.warning("missed", missed, "%d frame(s) from another node missed on "
                                   "%r (Redis lost them, or this node was re-subscribing)",
                                   name[:120])
         elif last is None and len(seen) >= MAX_SENDERS:
             seen.clear()
         seen[sender] = (epoch, sequence)
-        self.stats.received += 1
+        self._stats.received += 1
         try:
-            self.deliver(target[0], target[1], Frame(payload[PREFIX_BYTES:]))
+            self._local(target[0], target[1], Frame(packet=payload[PREFIX_BYTES:]))
         except Exception:
             log.exception("delivering a frame from another node on %r failed", name[:120])
 
@@ -535,15 +645,12 @@ class RedisBroker(Broker):
 
     async def presence_add(self, app: str, channel: str, member: str,
                            info: dict[str, Any]) -> None:
+        """Recorded here at once; in Redis through the presence queue (``flush`` waits)."""
         keys = channel_keys(self.prefix, app, channel)
         value = self.node_id + codec.dumps(info).encode()
         self._present.setdefault(keys, {})[member] = value
-        try:
-            await self._on_owner(keys.name, lambda client: run_script(
-                client, PRESENCE_ADD, (keys.present, keys.presence),
-                (*self._beat(), member, value)))
-        except Exception as exc:
-            self._presence_failed(keys, exc)
+        self._write_presence(keys, [(PRESENCE_ADD, (keys.present, keys.presence),
+                                     (*self._beat(), member, value))])
 
     async def presence_remove(self, app: str, channel: str, member: str) -> None:
         keys = channel_keys(self.prefix, app, channel)
@@ -552,51 +659,97 @@ class RedisBroker(Broker):
             return
         if not members:
             del self._present[keys]
-        try:
-            await self._on_owner(keys.name, lambda client: client.hdel(keys.presence, member))
-        except Exception as exc:
-            self._presence_failed(keys, exc)
+        self._write_presence(keys, [(PRESENCE_REMOVE, (keys.presence,), (member,))])
 
-    def _presence_failed(self, keys: ChannelKeys, exc: Exception) -> None:
-        self._unsynced.add(keys)
-        self.stats.extra["presence_failures"] += 1
-        self.warn.warning("presence", 1, "%d presence update(s) not stored in Redis (%s); "
-                          "retried every %.0fs", exc, self.liveness / 3)
+    def _write_presence(self, keys: ChannelKeys, calls: list[Call]) -> None:
+        shard = self._route(keys.name)
+        if shard is None:
+            self.presence_failed([keys.name], ConnectionError(
+                "no Redis Cluster node known for this channel yet"))
+        else:
+            self._queue_presence(shard, keys, calls)
+
+    def _queue_presence(self, shard: Shard, keys: ChannelKeys, calls: list[Call]) -> None:
+        for call in calls:
+            if not shard.presence.put(PresenceWrite(keys.name, call)):
+                return  # refused: counted, and the channel re-synchronised later
+
+    def _presence_adds(self, keys: ChannelKeys, members: Mapping[str, bytes]) -> list[Call]:
+        """PRESENCE_ADD calls writing ``members`` (several per call)."""
+        pairs = [part for member, value in members.items() for part in (member, value)]
+        step = 2 * PRESENCE_PAIRS
+        return [(PRESENCE_ADD, (keys.present, keys.presence), (*self._beat(), *pairs[i:i + step]))
+                for i in range(0, len(pairs), step)]
+
+    def presence_failed(self, names: list[bytes], error: Exception) -> None:
+        """Presence writes that did not reach Redis: counted, and their channels are written
+        again from this node's record (soon after a slot move, else with the next refresh)."""
+        self.presence_failures += len(names)
+        self._unsynced.update(ChannelKeys.of(name) for name in names)
+        self.warn.warning("presence", len(names), "%d presence update(s) not stored in Redis "
+                          "(%s); retried within %.0fs", error, self.liveness / 3)
+        if self.cluster and isinstance(error, AskError | TryAgainError):  # the slot moves
+            self._repair_presence_soon()
+
+    def _repair_presence_soon(self) -> None:
+        if self._repairing:
+            return
+        self._repairing = True
+
+        async def repair() -> None:
+            try:
+                await self._refresh_topology()
+                await self._resync_unsynced()
+            finally:
+                self._repairing = False
+
+        self._spawn(repair())
 
     async def presence(self, app: str, channel: str) -> dict[str, dict[str, Any]]:
         keys = channel_keys(self.prefix, app, channel)
         try:
             flat = await self._on_owner(keys.name, lambda client: run_script(
-                client, PRESENCE_READ, (keys.present, keys.presence), (NODE_ID_BYTES,)))
+                client, PRESENCE_READ, (keys.present, keys.presence),
+                (NODE_ID_BYTES, self.node_id)))
         except Exception as exc:
-            self.stats.extra["presence_failures"] += 1
+            self.presence_failures += 1
             self.warn.warning("presence read", 1, "%d presence read(s) answered with this "
                               "node's members only: Redis unreachable (%s)", exc)
-            return {member: codec.loads(value[NODE_ID_BYTES:])
-                    for member, value in self._present.get(keys, {}).items()}
+            flat = []
         found: dict[str, dict[str, Any]] = {}
         for index in range(0, len(flat) - 1, 2):
             try:
                 found[flat[index].decode()] = codec.loads(flat[index + 1])
             except ValueError:
                 log.warning("ignored a malformed presence entry in %r", keys.presence[:120])
+        # this node's own members: from its record, which is ahead of Redis (queued writes)
+        for member, value in self._present.get(keys, {}).items():
+            found[member] = codec.loads(value[NODE_ID_BYTES:])
         return found
 
     async def _resync_presence(self, keys: ChannelKeys) -> None:
-        """Make Redis hold exactly this node's entries for a channel after failed writes."""
+        """Make Redis hold exactly this node's entries for a channel after failed writes:
+        the removals and writes go through the presence queue, in order with the rest."""
+        stored: dict[Any, Any] = await self._on_owner(
+            keys.name, lambda client: client.hgetall(keys.presence))
+        shard = self._route(keys.name)
+        if shard is None:
+            raise ConnectionError("no Redis Cluster node known for this channel")
         local = self._present.get(keys, {})
+        stale = [bytes(member) for member, value in stored.items()
+                 if bytes(value).startswith(self.node_id)
+                 and bytes(member).decode(errors="replace") not in local]
+        calls: list[Call] = [(PRESENCE_REMOVE, (keys.presence,), stale[i:i + PRESENCE_PAIRS])
+                             for i in range(0, len(stale), PRESENCE_PAIRS)]
+        self._unsynced.discard(keys)  # before queueing: a refused write marks it again
+        self._queue_presence(shard, keys, calls + self._presence_adds(keys, local))
 
-        async def sync(client: aioredis.Redis) -> None:
-            stored: dict[Any, Any] = await client.hgetall(keys.presence)
-            stale = [member for member, value in stored.items()
-                     if bytes(value).startswith(self.node_id) and bytes(member).decode() not in local]
-            if stale:
-                await client.hdel(keys.presence, *stale)
-            for member, value in local.items():
-                await run_script(client, PRESENCE_ADD, (keys.present, keys.presence),
-                                 (*self._beat(), member, value))
-
-        await self._on_owner(keys.name, sync)
+    async def _resync_unsynced(self) -> None:
+        for keys in list(self._unsynced):
+            try:
+                await self._resync_presence(keys)
+            except Exception as exc:
+                log.debug("presence of %r still not in Redis: %s", keys.name[:120], exc)
 
     # -- upkeep ----------------------------------------------------------------------------
 
@@ -633,10 +786,4 @@ class RedisBroker(Broker):
                                   "Redis %s failed (%s)", shard.label, exc)
 
         await asyncio.gather(*(beat(shard, calls) for shard, calls in work.items()))
-        for keys in list(self._unsynced):
-            try:
-                await self._resync_presence(keys)
-            except Exception as exc:
-                log.debug("presence of %r still not in Redis: %s", keys.name[:120], exc)
-            else:
-                self._unsynced.discard(keys)
+        await self._resync_unsynced()

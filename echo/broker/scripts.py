@@ -67,8 +67,8 @@ return 1
 
 PRESENCE_ADD = LuaScript(_NOW + """
 -- KEYS[1]: nodes holding presence entries, KEYS[2]: the presence hash (member -> node..info)
--- ARGV[1]: node id, ARGV[2]: ttl (ms), ARGV[3]: member, ARGV[4]: node id .. info JSON
-redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
+-- ARGV[1]: node id, ARGV[2]: ttl (ms), then pairs: member, node id .. info JSON
+redis.call('HSET', KEYS[2], unpack(ARGV, 3))
 """ + _REGISTER + """
 redis.call('PEXPIRE', KEYS[2], ttl * 2)
 return 1
@@ -76,8 +76,9 @@ return 1
 
 PRESENCE_READ = LuaScript(_NOW + """
 -- KEYS[1]: nodes holding presence entries (score: expiry), KEYS[2]: the presence hash
--- ARGV[1]: length of a node id. Returns {member, info, ...} of live nodes' entries and
--- deletes the entries of nodes that stopped refreshing (they died).
+-- ARGV[1]: length of a node id, ARGV[2]: the reader's node id. Returns {member, info, ...}
+-- of other live nodes' entries (the reader knows its own) and deletes the entries of nodes
+-- that stopped refreshing (they died).
 local live = {}
 for _, node in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')) do
   live[node] = true
@@ -87,7 +88,10 @@ local entries = redis.call('HGETALL', KEYS[2])
 local found, dead = {}, {}
 for i = 1, #entries, 2 do
   local value = entries[i + 1]
-  if live[string.sub(value, 1, width)] then
+  local node = string.sub(value, 1, width)
+  if node == ARGV[2] and live[node] then
+    -- the reader's own entry: it answers from its own record
+  elseif live[node] then
     found[#found + 1] = entries[i]
     found[#found + 1] = string.sub(value, width + 1)
   else
@@ -101,6 +105,13 @@ end
 if #dead > 0 then redis.call('HDEL', KEYS[2], unpack(dead)) end
 return found
 """)
+
+PRESENCE_REMOVE = LuaScript("""
+-- KEYS[1]: a presence hash, ARGV: members to forget
+return redis.call('HDEL', KEYS[1], unpack(ARGV))
+""")
+PRESENCE_PAIRS = 500
+"""Members one PRESENCE_ADD or PRESENCE_REMOVE call carries at most (Lua's unpack limit)."""
 
 Arg = bytes | str | int | float
 Call = tuple[LuaScript, Sequence[bytes], Sequence[Arg]]

@@ -253,7 +253,11 @@ class Subscriber:
             elif pinged_at is not None and now - pinged_at >= IDLE:
                 log.warning("Redis %s: no answer to PING within %.0fs", self.label, IDLE)
                 break
-        await conn.disconnect(nowait=True)  # the listener's read fails: it reconnects
+        try:
+            await conn.disconnect(nowait=True)  # the listener's read fails: it reconnects
+        except Exception as exc:  # its listener gathers this task and would not tell
+            log.warning("Redis %s: closing a silent connection failed (%s)", self.label,
+                        exc or type(exc).__name__)
 
     def _handle(self, reply: list[bytes]) -> None:
         """A subscription's confirmation, or the server dropping one."""

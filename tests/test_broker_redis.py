@@ -453,7 +453,7 @@ async def test_redis_restart_resubscribes_and_counts_what_was_lost(redis_own: Re
         await publish_for(0.3)
         assert b.got["room"]
         redis_own.stop()
-        await publish_for(0.7)
+        await publish_for(2.5)  # well past the client's retry window (~0.7 s): sends must fail
         assert "unreachable" in " ".join(await a.broker.problems())
         redis_own.start()
         await until(lambda: b.stats.reconnects >= 1, timeout=10, what="b re-subscribed")

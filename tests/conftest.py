@@ -233,6 +233,33 @@ async def connect(server: EchoProcess, app: str = TEST_APP, *, token: str | None
     return client
 
 
+NODE_DIR = REPO / "tests" / "node"
+
+
+def missing_node_clients() -> str | None:
+    """Why the Node test clients cannot run here, or None."""
+    if shutil.which("node") is None:
+        return "`node` is not on PATH"
+    for package in ("ekko-realtime-client", "socket.io-client"):
+        if not (NODE_DIR / "node_modules" / package / "package.json").is_file():
+            return f"tests/node/node_modules/{package} is missing"
+    return None
+
+
+def require_node_clients() -> None:
+    """Skip loudly without Node and the npm test clients; under CI=true, fail instead."""
+    missing = missing_node_clients()
+    if missing is None:
+        return
+    reason = (
+        f"NODE CLIENT TESTS NOT RUN: {missing}. Install Node.js 18+ and run "
+        "`npm ci --prefix tests/node` (scripts/test does both checks and the install)."
+    )
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(reason, pytrace=False)
+    pytest.skip(reason)
+
+
 class RedisServer:
     """A private ``redis-server`` on a free port; ``stop``/``start`` keep the port."""
 

@@ -13,9 +13,7 @@ presence event (``withPresence: true``) or the client's own message coming back.
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +22,7 @@ from typing import Any
 import pytest
 
 from echo.core.auth import issue_token
-from tests.conftest import EchoProcess
+from tests.conftest import EchoProcess, require_node_clients
 
 pytestmark = pytest.mark.node
 WIRE_TESTS = True  # every test here runs on both transports (conftest.py)
@@ -35,27 +33,9 @@ RAW = "socketio-client.mjs"
 RUN_TIMEOUT = 15  # seconds per script run; the scripts' own deadline is shorter
 
 
-def _missing_node_clients() -> str | None:
-    if shutil.which("node") is None:
-        return "`node` is not on PATH"
-    for package in ("ekko-realtime-client", "socket.io-client"):
-        if not (NODE_DIR / "node_modules" / package / "package.json").is_file():
-            return f"tests/node/node_modules/{package} is missing"
-    return None
-
-
 @pytest.fixture(scope="module", autouse=True)
 def node_clients() -> None:
-    missing = _missing_node_clients()
-    if missing is None:
-        return
-    reason = (
-        f"NODE CLIENT TESTS NOT RUN: {missing}. Install Node.js 18+ and run "
-        "`npm ci --prefix tests/node` (scripts/test does both checks and the install)."
-    )
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(reason, pytrace=False)
-    pytest.skip(reason)
+    require_node_clients()
 
 
 def uid(prefix: str) -> str:

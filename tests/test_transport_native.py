@@ -13,7 +13,6 @@ import base64
 import contextlib
 import json
 import logging
-import shutil
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -31,7 +30,7 @@ from websockets.asyncio.client import ClientConnection
 
 from echo.transport.base import Connection, Frame, Refused, TransportOptions
 from echo.transport.native.server import NativeTransport
-from tests.conftest import free_port
+from tests.conftest import free_port, require_node_clients
 
 pytestmark = [pytest.mark.anyio, pytest.mark.unit]
 
@@ -1196,10 +1195,10 @@ NODE_CLIENT = Path(__file__).resolve().parent / "node" / "socketio-client.mjs"
 
 
 @pytest.mark.node
-@pytest.mark.skipif(shutil.which("node") is None, reason="needs Node.js")
 @pytest.mark.parametrize("options", [{"transports": ["websocket"]}, {"transports": ["polling"]}, {}],
                          ids=["websocket-only", "polling-only", "polling-then-upgrade"])
 async def test_node_socketio_client(options: dict[str, Any]) -> None:
+    require_node_clients()
     """Node's socket.io-client: connect with auth, acked emits, a room write, and 20 emits in a
     row (over polling: one POST of 20 packets), echoed back in order."""
     async with serving() as served:

@@ -28,6 +28,7 @@ from starlette.routing import Route
 from echo.transport import pysocketio
 from echo.transport.base import Connection, Frame, Refused, TransportOptions
 from echo.transport.pysocketio import PySocketIOTransport
+from tests.conftest import require_node_clients
 
 pytestmark = pytest.mark.anyio  # every test but the Node one is also `unit`
 
@@ -486,16 +487,6 @@ setTimeout(() => process.exit(3), 10000);
 """
 
 
-def js_client_missing() -> str | None:
-    import shutil
-
-    if shutil.which("node") is None:
-        return "`node` is not on PATH"
-    if not (NODE_DIR / "node_modules" / "socket.io-client" / "package.json").is_file():
-        return "tests/node/node_modules/socket.io-client is missing (npm ci --prefix tests/node)"
-    return None
-
-
 async def run_js_client(url: str, token: str, transports: list[str],
                         on_line: Callable[[dict[str, Any]], Any]) -> list[dict[str, Any]]:
     """Run socket.io-client in Node; ``on_line`` sees each line it prints (and may await)."""
@@ -524,9 +515,7 @@ async def run_js_client(url: str, token: str, transports: list[str],
 async def test_socketio_js_client_acks_refusals_and_reconnects_after_close(transports: list[str]) -> None:
     """Node's socket.io-client: a late ack, an event without ack, a refusal's message, and a
     transport close by :meth:`close` that it reconnects from (python's client does not)."""
-    missing = js_client_missing()
-    if missing:
-        pytest.skip(missing)
+    require_node_clients()
     core = Core()
     async with serving(core) as (transport, url):
         refused = await run_js_client(url, "wrong", transports, lambda line: None)

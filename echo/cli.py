@@ -165,7 +165,9 @@ def serve(
     """Run the production server (what a container runs): no dev routes, no file watching.
 
     Configured by echo.toml and ECHO_* variables: ECHO_SECRET (required), ECHO_REDIS_URL
-    (set it to run several nodes as one), ECHO_RUNNER, ECHO_ASSOCIATIONS ...
+    (set it to run several nodes as one; several URLs, comma-separated, spread channels over
+    them; ECHO_REDIS_CLUSTER=true for a Redis Cluster), ECHO_TRANSPORT (native or
+    python-socketio), ECHO_RUNNER, ECHO_ASSOCIATIONS ...
     """
     settings = settings_for(project, dev=False, host=host, port=port, log_level=log_level)
     try:

@@ -129,11 +129,7 @@ class EchoServer:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
             await self.transport.close()  # runs every disconnect: presence "left", status
-            try:  # ... which other nodes must still hear
-                async with asyncio.timeout(2):
-                    await self.broker.flush()
-            except TimeoutError:
-                log.warning("stopping before every frame reached the other nodes")
+            await shutdown.flush_within(self.broker.flush, 2.0)  # ... which others must hear
             await self.broker.close()
             await self.store.close()
             await self.runner.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 from echo.core import protocol
 from echo.core.protocol import ErrorCode
@@ -32,9 +33,14 @@ async def drain(realtime: Realtime, grace: float) -> None:
     for conn in list(transport.connections()):
         conn.emit("error", NOTICE)
     # the notice and the last deliveries: on the sockets, and sent to other nodes
-    for flush, seconds in ((transport.flush, 1.0), (realtime.broker.flush, 2.0)):
-        try:
-            async with asyncio.timeout(seconds):
-                await flush()
-        except TimeoutError:
-            log.warning("shutting down before everything was sent (%s)", flush.__qualname__)
+    await flush_within(transport.flush, 1.0)
+    await flush_within(realtime.broker.flush, 2.0)
+
+
+async def flush_within(flush: Callable[[], Awaitable[None]], seconds: float) -> None:
+    """Wait for ``flush`` at most ``seconds``: a stop is never held up by a stuck peer."""
+    try:
+        async with asyncio.timeout(seconds):
+            await flush()
+    except TimeoutError:
+        log.warning("shutting down before everything was sent (%s)", flush.__qualname__)

@@ -1,8 +1,9 @@
 """The native transport against the Engine.IO v4 and Socket.IO v5 protocol documents.
 
 Each test names the rule it checks (the spec's wording where it has one). The server is the
-real thing: NativeTransport under uvicorn (websockets-sansio, as Echo runs it) on a free
-loopback port, in the test's event loop, with a small Handler; clients are raw HTTP (httpx),
+real thing: NativeTransport under uvicorn on a free loopback port, with Echo's own WebSocket
+protocol (as Echo runs it) and again with uvicorn's websockets-sansio (any ASGI server must
+do), in the test's event loop, with a small Handler; clients are raw HTTP (httpx),
 raw WebSockets (websockets) and python-socketio's AsyncClient.
 """
 
@@ -11,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import contextvars
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ from websockets.asyncio.client import ClientConnection
 
 from echo.transport.base import Connection, Frame, Refused, TransportOptions
 from echo.transport.native.server import NativeTransport
+from echo.transport.websocket_protocol import EchoWebSocketProtocol
 from tests.conftest import free_port, require_node_clients
 
 pytestmark = [pytest.mark.anyio, pytest.mark.unit]
@@ -104,6 +107,18 @@ async def _hello(request: Any) -> PlainTextResponse:
     return PlainTextResponse("hello from the other app")
 
 
+WS_SERVERS: dict[str, Any] = {"echo": EchoWebSocketProtocol, "uvicorn": "websockets-sansio"}
+ws_server: contextvars.ContextVar[str] = contextvars.ContextVar("ws_server", default="echo")
+
+
+@pytest.fixture(autouse=True, params=sorted(WS_SERVERS))
+def websocket_server(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test runs on Echo's WebSocket protocol and on uvicorn's own."""
+    token = ws_server.set(request.param)
+    yield request.param
+    ws_server.reset(token)
+
+
 class Served:
     def __init__(self, transport: NativeTransport, handler: Recorder, port: int,
                  lifespan: list[str], websocket_calls: set[object]) -> None:
@@ -152,7 +167,7 @@ async def serving(**options: Any) -> AsyncIterator[Served]:
             websocket_calls.discard(call)
 
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, ws="websockets-sansio",
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, ws=WS_SERVERS[ws_server.get()],
                             ws_per_message_deflate=False, ws_ping_interval=None, lifespan="on",
                             log_level="warning", timeout_graceful_shutdown=1)
     server = uvicorn.Server(config)

@@ -28,6 +28,7 @@ from starlette.routing import Route
 from echo.transport import pysocketio
 from echo.transport.base import Connection, Frame, Refused, TransportOptions
 from echo.transport.pysocketio import PySocketIOTransport
+from echo.transport.websocket_protocol import EchoWebSocketProtocol
 from tests.conftest import require_node_clients
 
 pytestmark = pytest.mark.anyio  # every test but the Node one is also `unit`
@@ -131,7 +132,7 @@ async def serving(core: Core, **options: Any) -> AsyncIterator[tuple[PySocketIOT
     core.transport = transport
     other = Starlette(routes=[Route("/hello", hello)])
     config = uvicorn.Config(transport.asgi(other), host="127.0.0.1", port=free_port(),
-                            ws="websockets-sansio", ws_per_message_deflate=False, lifespan="on",
+                            ws=EchoWebSocketProtocol, ws_per_message_deflate=False, lifespan="on",
                             log_level="warning", timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)
     serve = asyncio.get_running_loop().create_task(server.serve())

@@ -1,6 +1,7 @@
 """Run an ASGI app under uvicorn with the settings measured to be fastest here.
 
-uvloop + httptools, the sans-I/O websockets implementation, and no per-message deflate: see
+uvloop + httptools, Echo's own WebSocket protocol (:mod:`echo.transport.websocket_protocol`:
+one frame encoding per message for all its recipients) and no per-message deflate: see
 ``shared/notes/performance.md`` (deflate alone cut throughput to 0.34x).
 """
 
@@ -11,6 +12,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import uvicorn
+
+from echo.transport.websocket_protocol import EchoWebSocketProtocol
 
 
 def uvicorn_config(app: Any, host: str, port: int, log_level: str = "info",
@@ -26,7 +29,7 @@ def uvicorn_config(app: Any, host: str, port: int, log_level: str = "info",
         log_level=log_level if log_level in ("debug", "warning", "error", "critical") else "warning",
         loop="auto",
         http="auto",
-        ws="websockets-sansio",
+        ws=EchoWebSocketProtocol,
         ws_per_message_deflate=False,
         ws_max_size=ws_max_size,
         # Engine.IO's heartbeat already checks every connection; uvicorn's own WebSocket

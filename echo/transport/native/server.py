@@ -22,6 +22,7 @@ from echo.transport.native.handshake import Cors, Receive, Scope, Send
 from echo.transport.native.packets import Message
 from echo.transport.native.session import TRANSPORT_CLOSE, EngineSession
 from echo.transport.native.sockets import NativeConnection, Session, new_id
+from echo.transport.websocket_protocol import EchoWebSocketProtocol
 
 log = logging.getLogger("echo.transport")
 
@@ -76,12 +77,14 @@ class NativeTransport(Transport):
             self._loop = asyncio.get_running_loop()
         return self._loop
 
-    def new_session(self, transport: str, send: Send | None = None) -> Session:
+    def new_session(self, transport: str, send: Send | None = None,
+                    direct: EchoWebSocketProtocol | None = None) -> Session:
         session = Session(self, new_id(), transport)
         self.sessions[session.sid] = session
         if send is not None:
             session.transport = "websocket"
             session.ws_send = send
+            session.ws_direct = direct
             session.write(self.open_message(session.sid, []))
         session.start()
         return session

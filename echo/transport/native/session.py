@@ -5,10 +5,12 @@ object with ``__slots__`` and a single timer handle: the next PING, then the PON
 then the next PING. Nothing sleeps per session; the deadline is exact (``call_later``), and
 only a PONG moves it (the spec: the client has ``pingTimeout`` to answer the PING).
 
-Writes never wait. On a WebSocket, the message is handed to uvicorn's ``send`` stepped by
-hand (:mod:`.sending`): it finishes at once unless flow control paused the connection; then
-the half-run send moves to a task and later messages queue behind it, in order, until it
-drains (``backlog``). Past ``max_backlog`` the client is cut off. On long-polling, messages
+Writes never wait. On a WebSocket served by Echo's own protocol
+(:mod:`echo.transport.websocket_protocol`), the message's frame is written straight to the
+connection, encoded once for all recipients. Under another ASGI server the message goes to
+its ``send``, stepped by hand (:mod:`.sending`). Either finishes at once unless flow control
+paused the connection; then later messages queue, in order, behind a task that waits for it
+to drain (``backlog``). Past ``max_backlog`` the client is cut off. On long-polling, messages
 wait in the buffer for the client's next GET, which the first of them wakes.
 
 A WebSocket session holds its reader task while it waits for the client (``reader``): the
@@ -29,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from echo.transport.native import packets, sending
 from echo.transport.native.packets import Message
+from echo.transport.websocket_protocol import EchoWebSocketProtocol
 
 if TYPE_CHECKING:
     from echo.transport.native.server import NativeTransport
@@ -56,7 +59,7 @@ class EngineSession:
     __slots__ = (
         "awaiting_pong", "buffer", "close_reason", "closed", "drain_task", "getting",
         "poll_waiter", "posting", "probe_answered", "probe_send", "reader", "server", "sid", "stalled",
-        "timer", "transport", "ws_send",
+        "timer", "transport", "ws_direct", "ws_send",
     )
 
     def __init__(self, server: NativeTransport, sid: str, transport: str) -> None:
@@ -65,6 +68,9 @@ class EngineSession:
         self.transport = transport
         """``polling`` or ``websocket``: where messages go now."""
         self.ws_send: Send | None = None
+        self.ws_direct: EchoWebSocketProtocol | None = None
+        """The connection itself, when the server is Echo's own (:mod:`..websocket_protocol`):
+        messages are written to it directly, one frame encoding shared by all recipients."""
         self.stalled: deque[Message] | None = None
         """Messages queued behind a send that had to wait (None: nothing is waiting)."""
         self.drain_task: asyncio.Task[None] | None = None
@@ -110,6 +116,20 @@ class EngineSession:
 
     def write(self, message: Message) -> None:
         """Send ``message`` after everything sent before it; never waits."""
+        direct = self.ws_direct
+        if direct is not None and self.stalled is None and not self.closed:
+            # the hot path under Echo's own WebSocket server: one per recipient of a room write
+            try:
+                if direct.write(message):
+                    return
+            except OSError as exc:
+                self._send_failed(exc)
+                return
+            self.stalled = deque((message,))
+            self.drain_task = task = self.server.loop.create_task(self._drain_direct(direct))
+            self.server.drains.add(task)
+            task.add_done_callback(self.server.drains.discard)
+            return
         send = self.ws_send
         if send is not None and self.stalled is None and not self.closed:
             # the hot path: one per recipient of every room write
@@ -176,6 +196,22 @@ class EngineSession:
                 self.stalled = None
                 self.drain_task = None
 
+    async def _drain_direct(self, direct: EchoWebSocketProtocol) -> None:
+        """Write what queued while flow control paused the connection, in order, as it allows."""
+        queue = self.stalled
+        assert queue is not None
+        try:
+            while queue:
+                await direct.writable()
+                while queue and direct.write(queue[0]):
+                    queue.popleft()
+        except Exception as exc:
+            self._send_failed(exc)
+        finally:
+            if self.stalled is queue:
+                self.stalled = None
+                self.drain_task = None
+
     def backlog(self) -> int:
         """Messages accepted and not yet handed to the socket (or to a GET)."""
         if self.ws_send is None:
@@ -205,7 +241,7 @@ class EngineSession:
         self.probe_send = None
         self.probe_answered = False
 
-    def upgrade(self, send: Send) -> None:
+    def upgrade(self, send: Send, direct: EchoWebSocketProtocol | None) -> None:
         """The probed WebSocket becomes the transport; what waited for a GET goes there."""
         self.end_probe()
         waiting = self.take_buffer()
@@ -213,6 +249,7 @@ class EngineSession:
             self.write(packets.NOOP)  # a GET still pending ends cleanly
         self.transport = "websocket"
         self.ws_send = send
+        self.ws_direct = direct
         self.write_all(waiting)
 
     # --- incoming ------------------------------------------------------------------------

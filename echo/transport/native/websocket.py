@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Final
 from echo.transport.native import handshake, packets
 from echo.transport.native.handshake import Receive, Scope, Send
 from echo.transport.native.session import TRANSPORT_CLOSE, TRANSPORT_ERROR
+from echo.transport.websocket_protocol import EXTENSION, EchoWebSocketProtocol
 
 if TYPE_CHECKING:
     from echo.transport.native.server import NativeTransport
@@ -53,7 +54,7 @@ async def serve(server: NativeTransport, scope: Scope, receive: Receive, send: S
             await send({"type": "websocket.accept"})
         except Exception:
             return
-        await _read(server, server.new_session("websocket", send), receive)
+        await _read(server, server.new_session("websocket", send, _direct(scope)), receive)
         return
     session = server.sessions.get(sid)
     if session is None or session.closed:
@@ -73,11 +74,11 @@ async def serve(server: NativeTransport, scope: Scope, receive: Receive, send: S
     except Exception:
         session.end_probe()
         return
-    if await _probe(session, receive, send):
+    if await _probe(session, receive, send, scope):
         await _read(server, session, receive)
 
 
-async def _probe(session: Session, receive: Receive, send: Send) -> bool:
+async def _probe(session: Session, receive: Receive, send: Send, scope: Scope) -> bool:
     """``2probe`` → ``3probe`` (and a ``noop`` for the pending GET) → ``5``: then switch."""
     step = "2probe"
     try:
@@ -93,7 +94,7 @@ async def _probe(session: Session, receive: Receive, send: Send) -> bool:
     except Exception:  # the probe socket went away
         message = {"type": "error"}
     if message.get("text") == step == "5" and not session.closed and not session.posting:
-        session.upgrade(send)
+        session.upgrade(send, _direct(scope))
         return True
     log.info("session %s: upgrade abandoned (expected %r, got %r)", session.sid, step,
              str(message.get("text", message.get("type")))[:80])
@@ -145,6 +146,13 @@ async def _read(server: NativeTransport, session: Session, receive: Receive) -> 
         elif kind == "websocket.disconnect":
             session.close(TRANSPORT_CLOSE)
             return
+
+
+def _direct(scope: Scope) -> EchoWebSocketProtocol | None:
+    """The connection, when Echo's own WebSocket server runs it (written to directly)."""
+    extension = (scope.get("extensions") or {}).get(EXTENSION)
+    connection = extension.get("connection") if isinstance(extension, dict) else None
+    return connection if isinstance(connection, EchoWebSocketProtocol) else None
 
 
 async def _refuse(scope: Scope, send: Send, refusal: handshake.Refusal) -> None:

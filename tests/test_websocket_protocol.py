@@ -235,6 +235,13 @@ async def test_direct_write_encodes_a_message_once_for_every_recipient() -> None
         assert all(conn.write(message) for conn in connections)
         assert message[FRAME] == encode_frame({"text": "to all"}) == b"\x81\x06to all"
         assert [await c.recv() for c in clients] == ["to all"] * 3
+        # what one pass of the loop writes to a connection leaves in one write, in order
+        first, second = ({"type": "websocket.send", "text": t} for t in ("one", "two"))
+        assert connections[0].write(first) and connections[0].write(second)
+        assert connections[0].gathered == [b"\x81\x03one", b"\x81\x03two"]
+        await asyncio.sleep(0)
+        assert connections[0].gathered is None
+        assert [await clients[0].recv(), await clients[0].recv()] == ["one", "two"]
         for client in clients:
             await client.close()
 

@@ -9,11 +9,20 @@ the publishing node's own subscribers at once, other nodes' through the backend.
 ``memory`` (:mod:`echo.broker.memory`) is one node; ``redis`` (:mod:`echo.broker.redis`)
 is any number of nodes on one Redis, several Redis servers (channels spread by consistent
 hashing) or a Redis Cluster (sharded pub/sub).
+
+History (:meth:`Broker.publish_history`, :meth:`Broker.history`): a channel with a history
+policy gets positions, an ``offset`` counting up by one per message in one order for the
+whole cluster and an ``epoch`` naming the stream's life, assigned where that order is
+decided (in process, or by one Redis script that also stores and publishes the message), and
+its last messages are kept for recovery. Idempotency keys
+(:meth:`Broker.claim_idempotency`) make a retried publish a no-op cluster-wide.
 """
 
 from __future__ import annotations
 
 import abc
+import asyncio
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,8 +50,51 @@ class BrokerStats:
     extra: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class HistoryPolicy:
+    """How much of a channel is kept: ``size`` messages, each for ``ttl`` seconds; the
+    stream's position (offset, epoch) outlives its last message by ``meta_ttl`` seconds."""
+
+    size: int
+    ttl: float
+    meta_ttl: float
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where a stream is: the offset of its newest message (0: none yet) and its epoch."""
+
+    offset: int
+    epoch: str
+    fresh: bool = False
+    """The stream (and its epoch) began with this write: earlier data, if any, was lost."""
+
+
+@dataclass(slots=True)
+class HistoryRead:
+    """Messages read from a stream, as delivered (each frame carries its ``offset``)."""
+
+    position: Position
+    frames: list[Frame]
+    expired: bool = False
+    """Some messages in the range asked for were older than the policy's ``ttl`` (left out)."""
+
+
+def new_epoch() -> str:
+    return secrets.token_hex(4)
+
+
+def positioned(head: str, offset: int, epoch: str) -> str:
+    """A history message's packet: ``head`` is everything up to its offset's digits
+    (``2/app,["message",{...,"offset":``). The Redis script builds the same text."""
+    return f'{head}{offset},"epoch":"{epoch}"}}]'
+
+
 class Broker(abc.ABC):
     name: str
+    remote = False
+    """Its history and idempotency calls wait for another server (a publish then goes on
+    in a task, so one connection's publishes don't queue behind those round trips)."""
 
     def __init__(self) -> None:
         self.stats = BrokerStats()
@@ -85,6 +137,39 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     async def presence(self, app: str, channel: str) -> dict[str, dict[str, Any]]:
         """Who is present in ``channel`` on every live node: ``{member: info}``."""
+
+    @abc.abstractmethod
+    def publish_history(self, app: str, channel: str, head: str,
+                        policy: HistoryPolicy) -> asyncio.Future[Position]:
+        """Give the message the channel's next offset, keep it, deliver it everywhere.
+
+        ``head`` is the message's packet up to the offset (:func:`positioned` completes it).
+        One atomic step: no node can die between numbering, storing and publishing. Every
+        node's subscribers, this node's included, get channel messages in offset order. The
+        future says where it went; it fails if the message reached no one.
+        """
+
+    @abc.abstractmethod
+    async def history(self, app: str, channel: str, policy: HistoryPolicy, *,
+                      since: int | None = None, limit: int = 100,
+                      reverse: bool = False) -> HistoryRead:
+        """Kept messages with an offset above ``since`` (oldest first, or newest first with
+        ``reverse``), at most ``limit``, and the stream's position (begun if it had none)."""
+
+    @abc.abstractmethod
+    async def claim_idempotency(self, app: str, channel: str, key: str,
+                                window: float) -> dict[str, Any] | None:
+        """None: ``key`` is new on this channel for ``window`` seconds, and now taken. Else
+        what :meth:`settle_idempotency` recorded for it (``{}`` while the first is running)."""
+
+    @abc.abstractmethod
+    async def settle_idempotency(self, app: str, channel: str, key: str,
+                                 ack: dict[str, Any] | None, window: float) -> None:
+        """Record the first publish's ``ack`` for its key; None frees the key (it failed)."""
+
+    def history_entries(self) -> int | None:
+        """Messages kept in history, when this process holds them (else None: in Redis)."""
+        return None
 
     def describe(self) -> str:
         """What this broker is, for a log line (never a credential)."""

@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 
 from echo.broker.base import BrokerStats
-from echo.broker.outbox import MAX_OUTBOX, Outbox, Outgoing
+from echo.broker.outbox import MAX_OUTBOX, Outbox, Outgoing, fail
 from echo.broker.throttle import ThrottledLog
 
 
@@ -58,6 +58,7 @@ class SlotMoves:
         if hold is None:
             return False
         if len(hold.items) >= MAX_OUTBOX:
+            fail(item, "too many frames wait for the channel's new Redis Cluster node")
             self._failed(1, "%d frame(s) not sent to other nodes: their channel's slot is "
                             "moving and too many wait for the new owner")
         else:
@@ -120,7 +121,10 @@ class SlotMoves:
 
     def _send(self, items: Iterable[Outgoing], outbox: Outbox | None) -> None:
         if outbox is None:
-            count = sum(1 for _ in items)
+            count = 0
+            for item in items:
+                fail(item, "no Redis Cluster node known for the channel")
+                count += 1
             if count:
                 self._failed(count, "%d frame(s) not sent to other nodes: no Redis Cluster "
                                     "node known for their channel")
@@ -134,7 +138,11 @@ class SlotMoves:
 
     def close(self) -> None:
         """What is still held will not be sent: count it."""
-        count = sum(len(hold.items) for hold in self.held.values())
+        count = 0
+        for hold in self.held.values():
+            for item in hold.items:
+                fail(item, "the broker closed")
+                count += 1
         self.held.clear()
         if count:
             self.stats.publish_failures += count

@@ -56,10 +56,18 @@ import redis.asyncio as aioredis
 from redis.crc import key_slot
 from redis.exceptions import AskError, MovedError, TryAgainError
 
-from echo.broker.base import Broker, BrokerStats, Deliver
+from echo.broker.base import (
+    Broker,
+    BrokerStats,
+    Deliver,
+    HistoryPolicy,
+    HistoryRead,
+    Position,
+    new_epoch,
+)
 from echo.broker.connection import describe, node_url, redis_client
 from echo.broker.moves import SlotMoves
-from echo.broker.outbox import Outbox, Outgoing
+from echo.broker.outbox import HistoryWrite, Outbox, Outgoing
 from echo.broker.presence_writes import PresenceWrite, PresenceWrites
 from echo.broker.ring import HashRing
 from echo.broker.scripts import (
@@ -69,8 +77,11 @@ from echo.broker.scripts import (
     PRESENCE_READ,
     PRESENCE_REMOVE,
     PUBLISH,
+    PUBLISH_HISTORY,
+    READ_HISTORY,
     REGISTER,
     SPUBLISH,
+    SPUBLISH_HISTORY,
     Call,
     run_pipelined,
     run_script,
@@ -91,6 +102,9 @@ T = TypeVar("T")
 NODE_ID_BYTES = 16
 HEADER = struct.Struct(">16sIQ")
 """Node id, epoch (a new one when the publisher forgot its sequences), sequence."""
+HISTORY_FLAG = 0x8000_0000
+"""Set in the header's epoch for a history message: its offset follows the header (digits,
+then ``|``) and every serving node delivers it, the publisher's own included."""
 PREFIX_BYTES = HEADER.size
 LIVENESS = 30.0
 """Seconds a node's registration (interest, presence) lives without a refresh."""
@@ -118,11 +132,20 @@ class ChannelKeys(NamedTuple):
     """Hash: member -> node id + info JSON."""
     present: bytes
     """Sorted set: nodes holding presence entries in the channel."""
+    history: bytes
+    """Stream: the channel's kept messages (entry id ``0-<offset>``)."""
+    position: bytes
+    """Hash: the history stream's epoch (``e``) and last offset (``o``)."""
 
     @classmethod
     def of(cls, name: bytes) -> ChannelKeys:
         """The keys of the channel whose Redis channel is ``name``."""
-        return cls(name, name + b":nodes", name + b":presence", name + b":present")
+        return cls(name, name + b":nodes", name + b":presence", name + b":present",
+                   name + b":history", name + b":position")
+
+    def idempotency(self, key: str) -> bytes:
+        """String: what the first publish with ``key`` was answered."""
+        return self.name + b":idem:" + quote(key, safe="").encode()
 
 
 @functools.lru_cache(maxsize=65_536)
@@ -148,7 +171,8 @@ class Shard:
         self.client = redis_client(url)
         stats = broker.stats
         self.outbox = Outbox(self.client, self.label, broker.publish_script, stats, broker.warn,
-                             on_settled=broker.settled if broker.cluster else None)
+                             on_settled=broker.settled if broker.cluster else None,
+                             history_script=broker.history_script)
         self.presence = PresenceWrites(self.client, self.label, broker.presence_failed)
         self.subscriber = Subscriber(url, self.label, sharded=broker.cluster, stats=stats,
                                      warn=broker.warn, on_message=broker.received,
@@ -188,6 +212,7 @@ class Publishing:
 
 class RedisBroker(Broker):
     name = "redis"
+    remote = True
 
     def __init__(self, urls: list[str], *, cluster: bool = False, prefix: str = "echo",
                  liveness: float = LIVENESS) -> None:
@@ -202,6 +227,11 @@ class RedisBroker(Broker):
         self.liveness = liveness
         self.node_id = secrets.token_hex(NODE_ID_BYTES // 2).encode()
         self.publish_script = SPUBLISH if cluster else PUBLISH
+        self.history_script = SPUBLISH_HISTORY if cluster else PUBLISH_HISTORY
+        self.history_gaps = 0
+        """History messages from Redis missing in a channel's offsets (pub/sub lost them)."""
+        self._offsets: dict[bytes, int] = {}
+        """The last offset delivered here per history channel (gap counting)."""
         self.warn = ThrottledLog(log)
         self.missed_frames = 0
         """Frames from other nodes known to be missed (gaps in their sequences)."""
@@ -246,7 +276,8 @@ class RedisBroker(Broker):
         stats = self._stats
         stats.extra.update(missed_frames=self.missed_frames,
                            duplicates_dropped=self.duplicates_dropped,
-                           presence_failures=self.presence_failures)
+                           presence_failures=self.presence_failures,
+                           history_gaps=self.history_gaps)
         return stats
 
     @stats.setter
@@ -512,6 +543,7 @@ class RedisBroker(Broker):
             if self._served.pop(name, None) is None:
                 return
             self._seen.pop(name, None)
+            self._offsets.pop(name, None)
             shard = self._assigned.pop(name, None)
             if shard is None:
                 return
@@ -579,14 +611,92 @@ class RedisBroker(Broker):
             self._aim(state)
         state.sequence += 1
         keys = state.keys
-        item = Outgoing(keys.name, keys.nodes,
-                        HEADER.pack(self.node_id, self._epoch, state.sequence) + frame.packet)
+        self._send(state, Outgoing(keys.name, keys.nodes,
+                                   HEADER.pack(self.node_id, self._epoch, state.sequence)
+                                   + frame.packet))
+
+    def _send(self, state: Publishing, item: Outgoing) -> None:
         if state.outbox is not None:
             state.outbox.put(item)
-        elif not self._moves.hold(keys.name, item):
+        elif not self._moves.hold(item.name, item):
             self._stats.publish_failures += 1
+            if item.history is not None:
+                item.history.done.set_exception(ConnectionError(
+                    "no Redis Cluster node known for this channel yet"))
             self.warn.warning("unrouted", 1, "%d frame(s) not sent to other nodes: no Redis "
                               "Cluster node known for their channel yet")
+
+    def publish_history(self, app: str, channel: str, head: str,
+                        policy: HistoryPolicy) -> asyncio.Future[Position]:
+        """Through the channel's outbox, in order with its other frames; the script numbers,
+        keeps and publishes it, and this node's subscribers get it back from Redis like
+        every other node's, so all of them see one order."""
+        state = self._publishing.get(app, {}).get(channel) or self._publisher(app, channel)
+        if state.version != self._moves.version:
+            self._aim(state)
+        state.sequence += 1
+        keys = state.keys
+        done: asyncio.Future[Position] = asyncio.get_running_loop().create_future()
+        write = HistoryWrite(keys.history, keys.position, (
+            head.encode(), policy.size, max(1, round(policy.ttl * 1000)),
+            max(1, round(max(policy.meta_ttl, policy.ttl) * 1000)), new_epoch()), done)
+        header = HEADER.pack(self.node_id, self._epoch | HISTORY_FLAG, state.sequence)
+        self._send(state, Outgoing(keys.name, keys.nodes, header, history=write))
+        return done
+
+    async def history(self, app: str, channel: str, policy: HistoryPolicy, *,
+                      since: int | None = None, limit: int = 100,
+                      reverse: bool = False) -> HistoryRead:
+        keys = channel_keys(self.prefix, app, channel)
+        meta_ttl = max(1, round(max(policy.meta_ttl, policy.ttl) * 1000))
+        epoch, top, now, fresh, entries = await self._on_owner(keys.name, lambda client: run_script(
+            client, READ_HISTORY, (keys.history, keys.position),
+            (-1 if since is None else since, limit, 1 if reverse else 0, new_epoch(), meta_ttl)))
+        oldest = int(now) - policy.ttl * 1000
+        frames: list[Frame] = []
+        expired = False
+        for entry_id, fields in entries:
+            values = dict(zip(fields[::2], fields[1::2], strict=True))
+            if int(values.get(b"t", 0)) < oldest:
+                expired = True
+                continue
+            offset = int(bytes(entry_id).split(b"-", 1)[1])
+            frames.append(Frame(packet=bytes(values[b"f"]), offset=offset))
+        return HistoryRead(Position(int(top), bytes(epoch).decode(), bool(int(fresh))), frames,
+                           expired=expired)
+
+    async def claim_idempotency(self, app: str, channel: str, key: str,
+                                window: float) -> dict[str, Any] | None:
+        name = channel_keys(self.prefix, app, channel)
+        redis_key = name.idempotency(key)
+        ttl = max(1, round(window * 1000))
+
+        async def claim(client: aioredis.Redis) -> Any:
+            async with client.pipeline(transaction=True) as pipe:
+                pipe.set(redis_key, b"", nx=True, px=ttl)
+                pipe.get(redis_key)
+                return await pipe.execute()
+
+        taken, value = await self._on_owner(name.name, claim)
+        if taken:
+            return None
+        if not value:
+            return {}
+        try:
+            known = codec.loads(value)
+        except ValueError:
+            return {}
+        return known if isinstance(known, dict) else {}
+
+    async def settle_idempotency(self, app: str, channel: str, key: str,
+                                 ack: dict[str, Any] | None, window: float) -> None:
+        name = channel_keys(self.prefix, app, channel)
+        redis_key = name.idempotency(key)
+        if ack is None:
+            await self._on_owner(name.name, lambda client: client.delete(redis_key))
+        else:
+            await self._on_owner(name.name, lambda client: client.set(
+                redis_key, codec.dumps(ack), xx=True, px=max(1, round(window * 1000))))
 
     def _publisher(self, app: str, channel: str) -> Publishing:
         """A channel's first frame (since this node last forgot its channels, which starts a
@@ -618,8 +728,19 @@ class RedisBroker(Broker):
                               name[:120])
             return
         sender, epoch, sequence = HEADER.unpack_from(payload)
-        if sender == self.node_id:
-            return
+        offset = None
+        start = PREFIX_BYTES
+        if epoch & HISTORY_FLAG:
+            bar = payload.find(b"|", PREFIX_BYTES, PREFIX_BYTES + 21)
+            try:
+                offset = int(payload[PREFIX_BYTES:bar])
+            except ValueError:
+                self.warn.warning("malformed", 1, "%d malformed frame(s) ignored on %r", name[:120])
+                return
+            start = bar + 1
+            self._count_gap(name, offset)
+        elif sender == self.node_id:
+            return  # delivered here when it was published
         seen = self._seen[name]
         last = seen.get(sender)
         if last is not None and last[0] == epoch:
@@ -637,9 +758,19 @@ class RedisBroker(Broker):
         seen[sender] = (epoch, sequence)
         self._stats.received += 1
         try:
-            self._local(target[0], target[1], Frame(packet=payload[PREFIX_BYTES:]))
+            self._local(target[0], target[1], Frame(packet=payload[start:], offset=offset))
         except Exception:
             log.exception("delivering a frame from another node on %r failed", name[:120])
+
+    def _count_gap(self, name: bytes, offset: int) -> None:
+        last = self._offsets.get(name)
+        if last is not None and offset > last + 1:
+            missed = offset - last - 1
+            self.history_gaps += missed
+            self.warn.warning("history gap", missed, "%d history message(s) missed from Redis on "
+                              "%r (clients recover them from the stream)", name[:120])
+        if last is None or offset > last or offset == 1:
+            self._offsets[name] = offset
 
     # -- presence --------------------------------------------------------------------------
 

@@ -42,13 +42,16 @@ class Frame:
     so a message is framed once, not once per recipient.
     """
 
-    __slots__ = ("_packet", "_text", "wire")
+    __slots__ = ("_packet", "_text", "offset", "wire")
 
-    def __init__(self, *, packet: bytes | None = None, text: str | None = None) -> None:
+    def __init__(self, *, packet: bytes | None = None, text: str | None = None,
+                 offset: int | None = None) -> None:
         if packet is None and text is None:
             raise TypeError("Frame needs packet= (bytes) or text= (str)")
         self._packet = packet
         self._text = text
+        self.offset = offset
+        """A history channel's message: its position in the channel (else None)."""
         self.wire: Any = None
 
     @property
@@ -120,6 +123,10 @@ class Connection(abc.ABC):
     @abc.abstractmethod
     def emit(self, event: str, *args: Any) -> None:
         """Send one event to this connection only, in order with everything else sent to it."""
+
+    @abc.abstractmethod
+    def write(self, frame: Frame) -> None:
+        """Send a prepared frame to this connection only (a recovered message), in order."""
 
     @abc.abstractmethod
     def ack(self, ack_id: int, *args: Any) -> None:

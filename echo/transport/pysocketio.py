@@ -201,6 +201,14 @@ class PySocketIOConnection(Connection):
                                  namespace=self.namespace)
         self.transport.enqueue(send, (self,))
 
+    def write(self, frame: Frame) -> None:
+        if self.gone:
+            return
+        decoded = self.transport.decoded(frame)
+        send = functools.partial(self.transport.sio.emit, decoded.event, decoded.args, to=self.sid,
+                                 namespace=self.namespace)
+        self.transport.enqueue(send, (self,))
+
     def ack(self, ack_id: int, *args: Any) -> None:
         pending = self.pending.pop(ack_id, None)
         if pending is None:  # answered already, never asked, or the connection left
@@ -337,14 +345,19 @@ class PySocketIOTransport(Transport):
         members = self.members.get((namespace, room))
         if not members:
             return 0
-        decoded = frame.wire
-        if not isinstance(decoded, Decoded):
-            _, event, args = frame.decode()
-            decoded = frame.wire = Decoded(event, tuple(args))
+        decoded = self.decoded(frame)
         send = functools.partial(self.sio.emit, decoded.event, decoded.args, room=ROOM_PREFIX + room,
                                  namespace=namespace)
         self.enqueue(send, tuple(members))
         return len(members)
+
+    @staticmethod
+    def decoded(frame: Frame) -> Decoded:
+        decoded = frame.wire
+        if not isinstance(decoded, Decoded):
+            _, event, args = frame.decode()
+            decoded = frame.wire = Decoded(event, tuple(args))
+        return decoded
 
     def enqueue(self, run: Callable[[], Awaitable[Any]],
                 targets: tuple[PySocketIOConnection, ...]) -> None:

@@ -19,7 +19,7 @@ import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
-from echo.transport.base import Connection, Refused
+from echo.transport.base import Connection, Frame, Refused
 from echo.transport.native import packets
 from echo.transport.native.packets import Message, Packet, PacketError
 from echo.transport.native.session import (
@@ -111,6 +111,12 @@ class NativeConnection(Connection):
     def emit(self, event: str, *args: Any) -> None:
         for message in packets.encode(packets.EVENT, self.namespace, [event, *args]):
             self.writer(message)
+
+    def write(self, frame: Frame) -> None:
+        wire = frame.wire
+        if wire is None:
+            wire = frame.wire = packets.text_message("4" + frame.text)
+        self.writer(wire)
 
     def ack(self, ack_id: int, *args: Any) -> None:
         for message in packets.encode(packets.ACK, self.namespace, list(args), ack_id):

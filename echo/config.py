@@ -64,6 +64,15 @@ class Settings:
     ping_timeout: float = 20.0
     connect_timeout: float = 45.0
     redis_cluster: bool = False
+    history_size: int = 100
+    """Messages a history channel keeps when its rule gives no ``size``."""
+    history_ttl: float = 600.0
+    """Seconds a history message is kept when its rule gives no ``ttl``."""
+    history_meta_ttl: float = 86_400.0
+    """Seconds a stream's position (offset, epoch) outlives its last message: a client away
+    longer is told ``recovered: false`` (a new epoch), never given a silent gap."""
+    idempotency_window: float = 120.0
+    """Seconds an ``idempotencyKey`` makes a retried publish on its channel a no-op."""
 
     def path(self, relative: Path) -> Path:
         """Resolve a project-relative path setting."""
@@ -204,6 +213,12 @@ def _convert(key: str, name: str, raw: Any) -> Any:
             return _to_float(name, raw, 0.01, 3600.0)
         case "connect_timeout":
             return _to_float(name, raw, 0.01, 3600.0)
+        case "history_size":
+            return to_int(name, raw, 1, 10_000)
+        case "history_ttl" | "history_meta_ttl":
+            return _to_float(name, raw, 1.0, 30 * 24 * 3600.0)
+        case "idempotency_window":
+            return _to_float(name, raw, 1.0, 24 * 3600.0)
         case "function_timeout":
             return _to_float(name, raw, 0.0, 900.0)
         case "functions_dir" | "apps_dir" | "associations":

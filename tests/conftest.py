@@ -55,6 +55,11 @@ TEST_ASSOCIATIONS: dict[str, Any] = {
                 {"channelName": "serial:*", "functionNames": ["serial"]},
                 {"channelName": "room:*", "functionNames": ["demo-backwards"]},
                 {"channelName": "room:exact", "functionNames": ["demo-robot"]},
+                {"channelName": "hist:*", "history": {"size": 1000}},
+                {"channelName": "hist-small", "history": {"size": 5}},
+                {"channelName": "hist-angry", "functionNames": ["demo-angry"], "history": True},
+                {"channelName": "hist-filtered", "functionNames": ["demo-filter-shouting"],
+                 "history": True},
             ]
         },
     }

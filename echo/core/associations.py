@@ -9,7 +9,10 @@ Ekko's format, kept as is::
 A channel name is matched exactly; a name containing ``*``, ``?`` or ``[`` is a glob pattern
 (``fnmatch`` rules). An exact entry wins over patterns; among patterns the first listed wins.
 An entry may add ``"ordered": false`` (Echo's extra): its messages are delivered as soon as
-their chain finishes instead of in publish order.
+their chain finishes instead of in publish order, and ``"history": true`` or
+``"history": {"size": 100, "ttl": 600}`` (Echo's extra): its last ``size`` messages, as
+delivered, are kept for ``ttl`` seconds for recovery and history reads (settings give what is
+left out).
 """
 
 from __future__ import annotations
@@ -33,12 +36,26 @@ class AssociationsError(ValueError):
         self.problem = problem
 
 
+MAX_HISTORY_SIZE = 10_000
+MAX_HISTORY_TTL = 30 * 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class HistorySpec:
+    """A channel's history as the document asks for it (None: the settings' default)."""
+
+    size: int | None = None
+    ttl: float | None = None
+
+
 @dataclass(frozen=True)
 class Rule:
-    """What applies to a channel: its function chain, and whether delivery keeps order."""
+    """What applies to a channel: its function chain, whether delivery keeps order, and
+    whether its messages are kept (history)."""
 
     functions: tuple[str, ...] = ()
     ordered: bool = True
+    history: HistorySpec | None = None
 
 
 NO_RULE = Rule()
@@ -98,6 +115,26 @@ def _expect(value: Any, kind: type, path: str, described: str) -> Any:
     return value
 
 
+def _history(value: Any, path: str) -> HistorySpec | None:
+    if value is False or value is None:
+        return None
+    if value is True:
+        return HistorySpec()
+    _expect(value, dict, path, 'true, false or an object like {"size": 100, "ttl": 600}')
+    unknown = set(value) - {"size", "ttl"}
+    if unknown:
+        raise AssociationsError(f"{path}.{sorted(unknown)[0]}", "unknown key (expected size, ttl)")
+    size, ttl = value.get("size"), value.get("ttl")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int)
+                             or not 1 <= size <= MAX_HISTORY_SIZE):
+        raise AssociationsError(f"{path}.size",
+                                f"must be a whole number of messages, 1 to {MAX_HISTORY_SIZE}")
+    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float)
+                            or not 1 <= ttl <= MAX_HISTORY_TTL):
+        raise AssociationsError(f"{path}.ttl", f"must be seconds, 1 to {MAX_HISTORY_TTL:.0f}")
+    return HistorySpec(size, None if ttl is None else float(ttl))
+
+
 def parse_associations(data: Any) -> Associations:
     """Validate a decoded JSON document; raise AssociationsError naming the bad path."""
     _expect(data, dict, "", "a JSON object with an 'applications' key")
@@ -138,10 +175,11 @@ def parse_associations(data: Any) -> Associations:
             ordered = entry.get("ordered", True)
             if not isinstance(ordered, bool):
                 raise AssociationsError(f"{entry_path}.ordered", "must be true or false")
-            unknown = set(entry) - {"channelName", "functionNames", "ordered"}
+            unknown = set(entry) - {"channelName", "functionNames", "ordered", "history"}
             if unknown:
                 raise AssociationsError(f"{entry_path}.{sorted(unknown)[0]}", "unknown key")
-            rule = Rule(tuple(names), ordered)
+            history = _history(entry.get("history", False), f"{entry_path}.history")
+            rule = Rule(tuple(names), ordered, history)
             if _GLOB_CHARS.search(name):
                 if any(p == name for p, _ in patterns):
                     raise AssociationsError(f"{entry_path}.channelName", f"{name!r} listed twice")

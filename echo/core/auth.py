@@ -21,7 +21,7 @@ import jwt
 
 ALGORITHM = "HS256"
 LEEWAY_SECONDS = 5
-OPERATIONS = frozenset({"subscribe", "publish", "presence"})
+OPERATIONS = frozenset({"subscribe", "publish", "presence", "history"})
 MANAGEMENT_APP = "*"
 
 

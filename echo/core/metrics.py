@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 if TYPE_CHECKING:
     from echo.broker.base import Broker
@@ -65,6 +65,25 @@ FUNCTION_ERRORS = Counter(
 )
 ASSOCIATIONS_VERSION = Gauge("echo_associations_version", "Version of the associations in force")
 RATE_LIMITED = Counter("echo_publish_rate_limited_total", "Publishes refused by the rate limit")
+HISTORY_APPENDED = PlainCounter(
+    "echo_history_appended", "Messages kept in a history channel's stream", "app"
+)
+RECOVERIES = Counter(
+    "echo_recoveries_total",
+    "Subscriptions that asked to recover from a position, by result (recovered or not)",
+    ["result"],
+)
+RECOVERED_MESSAGES = Counter(
+    "echo_recovered_messages_total", "Missed messages delivered by recoveries"
+)
+EPOCHS_STARTED = Counter(
+    "echo_history_epochs_total",
+    "History streams that started a new epoch (new, or their data was lost)",
+)
+DUPLICATES_SUPPRESSED = Counter(
+    "echo_idempotent_duplicates_total",
+    "Publishes answered with an earlier publish's ack (same idempotencyKey), not delivered",
+)
 
 
 class _NodeCollector:
@@ -76,7 +95,7 @@ class _NodeCollector:
         self.broker: Broker | None = None
         REGISTRY.register(self)
 
-    def collect(self) -> Iterator[CounterMetricFamily]:
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         if self.broker is not None:
             stats = self.broker.stats
             for name, value, documentation in (
@@ -93,6 +112,11 @@ class _NodeCollector:
             for key, value in list(stats.extra.items()):  # the backend's own counters
                 yield CounterMetricFamily(f"echo_broker_{key}", f"Broker counter {key}",
                                           value=value)
+            entries = self.broker.history_entries()
+            if entries is not None:  # kept in this process (memory broker): known here
+                yield GaugeMetricFamily("echo_history_entries",
+                                        "Messages kept in history streams on this node",
+                                        value=entries)
         if self.transport is not None:
             yield CounterMetricFamily(
                 "echo_slow_consumers_disconnected",

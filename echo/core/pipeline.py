@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from echo.broker.base import Position
 from echo.core import metrics
 from echo.core.associations import Associations, Rule
 from echo.core.functions import FunctionCatalog, FunctionConfigError, FunctionSpec
@@ -51,6 +52,8 @@ class Envelope:
     ts: int
     uuid: str | None
     message: Any
+    position: asyncio.Future[Position] | None = None
+    """A history channel's message: where the broker put it (set by the delivery)."""
 
 
 @dataclass(slots=True)

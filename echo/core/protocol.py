@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -50,16 +50,38 @@ class ProtocolError(Exception):
         self.details = details
 
 
+MAX_IDEMPOTENCY_KEY = 200
+MAX_HISTORY_LIMIT = 1000
+
+
+@dataclass(frozen=True)
+class Since:
+    """Where a client left a history channel: the last offset it has, in which epoch."""
+
+    offset: int
+    epoch: str
+
+
 @dataclass(frozen=True)
 class SubscribeRequest:
     channels: tuple[str, ...]
     with_presence: bool
+    since: dict[str, Since] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class PublishRequest:
     channel: str
     message: Any
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True)
+class HistoryRequest:
+    channel: str
+    limit: int
+    since: int | None
+    reverse: bool
 
 
 def check_channel(name: Any, field: str = "channel") -> str:
@@ -99,7 +121,47 @@ def parse_subscribe(data: Any) -> SubscribeRequest:
     with_presence = data.get("withPresence", False)
     if not isinstance(with_presence, bool):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "subscribe.withPresence must be true or false")
-    return SubscribeRequest(channels=_channels(data, "subscribe"), with_presence=with_presence)
+    channels = _channels(data, "subscribe")
+    return SubscribeRequest(channels=channels, with_presence=with_presence,
+                            since=_since(data.get("since"), channels))
+
+
+def _since(value: Any, channels: tuple[str, ...]) -> dict[str, Since]:
+    if value is None:
+        return {}
+    example = '{"news": {"offset": 41, "epoch": "..."}}'
+    if not isinstance(value, dict):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"subscribe.since must be an object like {example}")
+    since: dict[str, Since] = {}
+    for channel, position in value.items():
+        where = f"subscribe.since[{str(channel)[:80]!r}]"
+        if channel not in channels:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{where}: not one of subscribe.channels")
+        if not isinstance(position, dict):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{where} must be an object like {example}")
+        offset, epoch = position.get("offset"), position.get("epoch")
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{where}.offset must be a whole number >= 0")
+        if not isinstance(epoch, str) or len(epoch) > 64:
+            raise ProtocolError(ErrorCode.BAD_REQUEST,
+                                f"{where}.epoch must be a string (the one Echo sent)")
+        since[channel] = Since(offset, epoch)
+    return since
+
+
+def parse_history(data: Any) -> HistoryRequest:
+    data = _object(data, "history", '{"channel": "news", "limit": 50}')
+    channel = check_channel(data.get("channel"), "history.channel")
+    limit = data.get("limit", 100)
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_HISTORY_LIMIT:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"history.limit must be 1 to {MAX_HISTORY_LIMIT}")
+    since = data.get("since")
+    if since is not None and (isinstance(since, bool) or not isinstance(since, int) or since < 0):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "history.since must be an offset (a whole number >= 0)")
+    reverse = data.get("reverse", False)
+    if not isinstance(reverse, bool):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "history.reverse must be true or false")
+    return HistoryRequest(channel, limit, since, reverse)
 
 
 def parse_unsubscribe(data: Any) -> tuple[str, ...]:
@@ -122,7 +184,11 @@ def parse_publish(data: Any, max_message_bytes: int) -> PublishRequest:
         raise ProtocolError(ErrorCode.TOO_LARGE,
             f"publish.message is {size} bytes encoded; the limit is {max_message_bytes}",
         )
-    return PublishRequest(channel=channel, message=message)
+    key = data.get("idempotencyKey")
+    if key is not None and (not isinstance(key, str) or not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "publish.idempotencyKey must be a string of "
+                            f"1 to {MAX_IDEMPOTENCY_KEY} characters")
+    return PublishRequest(channel=channel, message=message, idempotency_key=key)
 
 
 def presence_room(channel: str) -> str:

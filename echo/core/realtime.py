@@ -12,15 +12,16 @@ nodes, and this node subscribes to a channel only while it has subscribers to it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from echo.broker.base import Broker
+from echo.broker.base import Broker, HistoryPolicy, Position
 from echo.config import Settings
 from echo.core import metrics, protocol
-from echo.core.associations import Rule
+from echo.core.associations import HistorySpec, Rule
 from echo.core.auth import AuthError, Claims, verify_token
 from echo.core.limits import ConnectionCounts, TokenBucket
 from echo.core.pipeline import Envelope, Overloaded, Pipeline
@@ -47,17 +48,26 @@ class Client:
 
 class Rooms:
     """Joins and leaves rooms on the transport, keeping this node's broker subscriptions in
-    step: subscribed while a room has a local member, and a join answered only once the
-    node receives the channel's frames from every node."""
+    step: subscribed while a room has a local member (or a connection held for recovery),
+    and a join answered only once the node receives the channel's frames from every node.
+
+    A held connection (:meth:`hold`) is not in its room yet: what the room is sent meanwhile
+    is kept for it, so a recovery can write the missed messages first, then these, in order.
+    """
 
     def __init__(self, transport: Transport, broker: Broker) -> None:
         self.transport = transport
         self.broker = broker
         self._subscribing: dict[tuple[str, str], asyncio.Future[None]] = {}
+        self.holding: dict[tuple[str, str], dict[Connection, list[Frame]]] = {}
+        """Per (app, room): the connections held for recovery, and the frames kept for each."""
 
     async def join(self, conn: Connection, room: str) -> None:
+        await self._subscribed(conn, room, first=self.transport.join(conn, room))
+
+    async def _subscribed(self, conn: Connection, room: str, *, first: bool) -> None:
         key = (conn.app, room)
-        if self.transport.join(conn, room):
+        if first:
             done = self._subscribing[key] = asyncio.get_running_loop().create_future()
             try:
                 await self.broker.subscribe(conn.app, room)
@@ -68,9 +78,56 @@ class Rooms:
         elif (pending := self._subscribing.get(key)) is not None:
             await asyncio.shield(pending)
 
+    async def hold(self, conn: Connection, room: str) -> None:
+        """Receive the room's frames for ``conn`` without writing them (see :meth:`release`)."""
+        holders = self.holding.setdefault((conn.app, room), {})
+        first = not holders and not self.transport.has_members(conn.namespace, room)
+        holders[conn] = []
+        await self._subscribed(conn, room, first=first)
+
+    def release(self, conn: Connection, room: str, before: list[Frame], after: int) -> int:
+        """Write ``before``, then what was kept for ``conn`` with an offset above ``after``,
+        then join it to the room: in one step, so nothing is missed or doubled in between.
+        Returns how many frames were written (0 if it left meanwhile)."""
+        holders = self.holding.get((conn.app, room))
+        kept = holders.pop(conn, None) if holders is not None else None
+        if holders is not None and not holders:
+            del self.holding[(conn.app, room)]
+        if kept is None or not conn.connected:
+            return 0
+        written = 0
+        for frame in before:
+            conn.write(frame)
+            written += 1
+        for frame in kept:
+            if frame.offset is None or frame.offset > after:
+                conn.write(frame)
+                written += 1
+        self.transport.join(conn, room)
+        return written
+
+    def keep(self, app: str, room: str, frame: Frame) -> None:
+        holders = self.holding.get((app, room))
+        if holders:
+            for kept in holders.values():
+                kept.append(frame)
+
     async def leave(self, conn: Connection, room: str) -> None:
-        if room in conn.rooms and self.transport.leave(conn, room):
+        key = (conn.app, room)
+        holders = self.holding.get(key)
+        if holders is not None and conn in holders:
+            del holders[conn]
+            if not holders:
+                del self.holding[key]
+            if not holders and not self.transport.has_members(conn.namespace, room):
+                await self.broker.unsubscribe(conn.app, room)
+            return
+        if room in conn.rooms and self.transport.leave(conn, room) and not self.holding.get(key):
             await self.broker.unsubscribe(conn.app, room)
+
+    def held_rooms(self, conn: Connection) -> list[str]:
+        return [room for (app, room), holders in self.holding.items()
+                if app == conn.app and conn in holders]
 
 
 @dataclass(slots=True)
@@ -102,6 +159,7 @@ class Realtime:
         self.pipeline = make_pipeline(self)
         self._transport: Transport | None = None
         self._rooms: Rooms | None = None
+        self._policies: dict[HistorySpec, HistoryPolicy] = {}
 
     def attach(self, transport: Transport) -> None:
         """The transport this node serves on (it is built with this handler)."""
@@ -131,12 +189,36 @@ class Realtime:
             "ts": envelope.ts,
         }
         metrics.MESSAGES_DELIVERED.inc(envelope.app)
-        self.broker.publish(envelope.app, envelope.channel,
-                            Frame.event("/" + envelope.app, "message", payload))
+        policy = self.history_policy(self.pipeline.rule(envelope.app, envelope.channel))
+        if policy is None:
+            self.broker.publish(envelope.app, envelope.channel,
+                                Frame.event("/" + envelope.app, "message", payload))
+            return
+        # the broker numbers it: the packet up to the offset, which it completes
+        head = Frame.event("/" + envelope.app, "message", payload).text[:-2] + ',"offset":'
+        envelope.position = self.broker.publish_history(envelope.app, envelope.channel, head,
+                                                        policy)
+        metrics.HISTORY_APPENDED.inc(envelope.app)
+
+    def history_policy(self, rule: Rule) -> HistoryPolicy | None:
+        """A rule's history with the settings' defaults filled in (None: not kept)."""
+        spec = rule.history
+        if spec is None:
+            return None
+        settings = self.settings
+        policy = self._policies.get(spec)
+        if policy is None:
+            policy = self._policies[spec] = HistoryPolicy(
+                size=spec.size or settings.history_size,
+                ttl=spec.ttl or settings.history_ttl,
+                meta_ttl=settings.history_meta_ttl)
+        return policy
 
     def write_local(self, app: str, room: str, frame: Frame) -> None:
         """The broker's delivery: a frame for a room of this node."""
         self.transport.write("/" + app, room, frame)
+        if self.rooms.holding:  # connections being recovered get it after what they missed
+            self.rooms.keep(app, room, frame)
 
     def status(self, app: str, event: str, *, local: bool = False, **details: Any) -> None:
         """Tell the app's admin sockets what happened (``local``: on this node only)."""
@@ -203,7 +285,7 @@ class Realtime:
         conn.state = None
         self.connections.remove(client.app)
         metrics.labelled(metrics.CONNECTIONS, client.app).dec()
-        for room in list(conn.rooms):
+        for room in [*conn.rooms, *self.rooms.held_rooms(conn)]:
             await self.rooms.leave(conn, room)
 
     async def disconnect(self, conn: Connection, reason: str) -> None:
@@ -226,7 +308,7 @@ class Realtime:
         if handler is None:
             error = ProtocolError(
                 ErrorCode.UNKNOWN_EVENT,
-                f"unknown event {event[:60]!r}; expected subscribe, unsubscribe or publish",
+                f"unknown event {event[:60]!r}; expected subscribe, unsubscribe, publish or history",
             )
             self._answer(request, self._refusal(request, error))
             return
@@ -303,10 +385,28 @@ class Realtime:
                 f"this would make {total} channels on one connection; the limit is "
                 f"{self.settings.max_channels_per_connection}",
             )
+        positions: dict[str, dict[str, Any]] = {}
+        recovered: dict[str, bool] = {}
         for channel in subscription.channels:
             if not conn.connected:  # it left while an earlier channel was being joined
                 break
-            await self.rooms.join(conn, channel)
+            policy = None if channel == ADMIN_CHANNEL else self.history_policy(
+                self.pipeline.rule(client.app, channel))
+            since = subscription.since.get(channel)
+            if policy is not None and since is not None and channel in conn.rooms:
+                # already live on this connection: nothing was missed, nothing is sent again
+                position = await self._position(client.app, channel, policy)
+                recovered[channel] = position is not None and position.epoch == since.epoch
+            elif policy is not None and since is not None:
+                recovered[channel], position = await self._recover(conn, channel, since, policy)
+            else:
+                if since is not None:
+                    recovered[channel] = False  # nothing is kept for it: nothing to recover
+                await self.rooms.join(conn, channel)
+                position = await self._position(client.app, channel, policy) if policy else None
+            if position is not None:
+                positions[channel] = {"offset": position.offset, "epoch": position.epoch}
+                self._new_epoch(client.app, channel, position)
             if subscription.with_presence:
                 await self.rooms.join(conn, protocol.presence_room(channel))
             if channel not in client.channels:
@@ -316,7 +416,50 @@ class Realtime:
                                                    {"uuid": client.uuid})
                     self._presence(client, channel, "joined")
         self.status(client.app, "subscribe", uuid=client.uuid, channels=list(subscription.channels))
-        return protocol.ok(channels=list(subscription.channels))
+        return protocol.ok(channels=list(subscription.channels),
+                           **({"positions": positions} if positions else {}),
+                           **({"recovered": recovered} if subscription.since else {}))
+
+    def _new_epoch(self, app: str, channel: str, position: Position) -> None:
+        """Tell the app's admins when a stream started a new life (its data was lost, or it
+        is new): positions from before it cannot be recovered."""
+        if position.fresh:
+            metrics.EPOCHS_STARTED.inc()
+            self.status(app, "history_epoch", channel=channel, epoch=position.epoch,
+                        offset=position.offset)
+
+    async def _position(self, app: str, channel: str, policy: HistoryPolicy) -> Position | None:
+        """Where a history channel is now (after the join: nothing after it is missed)."""
+        try:
+            return (await self.broker.history(app, channel, policy, limit=1, reverse=True)).position
+        except Exception as exc:
+            log.warning("%s/%s: history position unavailable: %s", app[:80], channel, exc)
+            return None
+
+    async def _recover(self, conn: Connection, channel: str, since: protocol.Since,
+                       policy: HistoryPolicy) -> tuple[bool, Position | None]:
+        """Join ``channel`` from ``since``: what was missed first, in order, then live, with
+        no gap and no duplicate; False when that cannot be promised (the epoch changed, or
+        messages were trimmed or expired): the client then reloads its state."""
+        await self.rooms.hold(conn, channel)
+        try:
+            read = await self.broker.history(conn.app, channel, policy, since=since.offset,
+                                             limit=policy.size + 1)
+        except Exception as exc:
+            log.warning("%s/%s: recovery unavailable (%s): joining live", conn.app[:80], channel, exc)
+            self.rooms.release(conn, channel, [], -1)
+            metrics.labelled(metrics.RECOVERIES, "not_recovered").inc()
+            return False, None
+        position, frames = read.position, read.frames
+        missed = position.offset - since.offset
+        complete = (position.epoch == since.epoch and not read.expired and missed >= 0
+                    and len(frames) == missed
+                    and (not frames or frames[0].offset == since.offset + 1))
+        self.rooms.release(conn, channel, frames if complete else [], position.offset)
+        metrics.labelled(metrics.RECOVERIES, "recovered" if complete else "not_recovered").inc()
+        if complete:
+            metrics.RECOVERED_MESSAGES.inc(len(frames))
+        return complete, position
 
     async def _unsubscribe(self, request: Request, data: Any) -> dict[str, Any]:
         conn, client = request.conn, request.client
@@ -355,7 +498,8 @@ class Realtime:
                 )
         metrics.MESSAGES_PUBLISHED.inc(client.app)
         rule = self.pipeline.rule(client.app, publish.channel)
-        if self.pipeline.may_wait(client.app, publish.channel, rule):
+        if self.pipeline.may_wait(client.app, publish.channel, rule) or (self.broker.remote and (
+                rule.history is not None or publish.idempotency_key is not None)):
             # functions to run, or a predecessor still in flight: don't hold up this
             # connection's other events; publish order is kept by the pipeline's sequence
             return self._answer_later(self._deliver_publish(client, publish, rule), request)
@@ -363,6 +507,33 @@ class Realtime:
 
     async def _deliver_publish(self, client: Client, request: protocol.PublishRequest,
                                rule: Rule) -> Any:
+        key = request.idempotency_key
+        if key is None:
+            return await self._publish_once(client, request, rule)
+        window = self.settings.idempotency_window
+        try:
+            earlier = await self.broker.claim_idempotency(client.app, request.channel, key, window)
+        except Exception as exc:
+            raise ProtocolError(ErrorCode.UNAVAILABLE, "not published: the idempotency key could "
+                                f"not be checked ({type(exc).__name__}); retry") from None
+        if earlier is not None:
+            metrics.DUPLICATES_SUPPRESSED.inc()
+            return protocol.ok(**{**earlier, "duplicate": True})
+        try:
+            reply = await self._publish_once(client, request, rule)
+        except BaseException:  # not published: a retry with the same key may go ahead
+            with contextlib.suppress(Exception):
+                await self.broker.settle_idempotency(client.app, request.channel, key, None, window)
+            raise
+        try:
+            await self.broker.settle_idempotency(
+                client.app, request.channel, key, {k: v for k, v in reply.items() if k != "ok"}, window)
+        except Exception as exc:
+            log.warning("%s/%s: idempotency key not recorded: %s", client.app[:80], request.channel, exc)
+        return reply
+
+    async def _publish_once(self, client: Client, request: protocol.PublishRequest,
+                            rule: Rule) -> Any:
         try:
             outcome = await self.pipeline.publish(
                 client.app, request.channel, request.message, client.uuid, rule
@@ -378,17 +549,50 @@ class Realtime:
                 kind=outcome.error.kind,
                 id=envelope.id,
             )
+        where: dict[str, Any] = {}
+        if envelope.position is not None:
+            try:
+                position = await envelope.position
+            except Exception as exc:
+                raise ProtocolError(ErrorCode.UNAVAILABLE,
+                                    f"not delivered: the history stream could not be written ({exc})",
+                                    id=envelope.id) from None
+            where = {"offset": position.offset, "epoch": position.epoch}
+            self._new_epoch(client.app, request.channel, position)
         return protocol.ok(
             id=envelope.id,
             seq=envelope.seq,
             ts=envelope.ts,
             delivered=outcome.delivered,
+            **where,
             **({"filteredBy": outcome.filtered_by} if outcome.filtered_by else {}),
             **({"droppedBy": outcome.dropped_by} if outcome.dropped_by else {}),
         )
+
+    async def _history(self, request: Request, data: Any) -> dict[str, Any]:
+        client = request.client
+        ask = protocol.parse_history(data)
+        if not client.claims.may("history", ask.channel) or ask.channel == ADMIN_CHANNEL:
+            raise ProtocolError(ErrorCode.FORBIDDEN,
+                                f"this token may not read the history of {ask.channel!r}")
+        policy = self.history_policy(self.pipeline.rule(client.app, ask.channel))
+        if policy is None:
+            raise ProtocolError(ErrorCode.BAD_REQUEST,
+                                f"channel {ask.channel!r} keeps no history: give its rule in "
+                                'associations "history": true')
+        try:
+            read = await self.broker.history(client.app, ask.channel, policy, since=ask.since,
+                                             limit=ask.limit, reverse=ask.reverse)
+        except Exception as exc:
+            raise ProtocolError(ErrorCode.UNAVAILABLE,
+                                f"history unavailable ({type(exc).__name__}); retry") from None
+        return protocol.ok(channel=ask.channel,
+                           publications=[frame.decode()[2][0] for frame in read.frames],
+                           offset=read.position.offset, epoch=read.position.epoch)
 
     _handlers: dict[str, Handling] = {
         "subscribe": _subscribe,
         "unsubscribe": _unsubscribe,
         "publish": _publish,
+        "history": _history,
     }

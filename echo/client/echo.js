@@ -12,6 +12,13 @@
  * After a lost connection it reconnects by itself and joins its channels again; `state`
  * listeners hear "connecting", "connected", "disconnected" and "error".
  *
+ * On channels that keep history (associations: `"history": true`) every message carries
+ * `offset` and `epoch`; the client remembers the last one per channel and, on reconnect,
+ * asks for what it missed: those messages arrive first, in order, once. The "connected"
+ * state after a reconnect says `recovered: {channel: true|false}`; false means messages
+ * may be missing (too old, or the server lost its history): reload that channel's state
+ * from your own backend (or `history()`).
+ *
  * Two ways to load it, one file:
  * - from the server: every Echo server serves this file at /client/echo.js, and the
  *   socket.io-client build it imports (`./socket.io.esm.min.js`) next to it;
@@ -56,6 +63,9 @@ export class Echo {
     this.uuid = uuid || randomUUID();
     /** @type {Map<string, boolean>} subscribed channel -> withPresence; replayed on reconnect */
     this.channels = new Map();
+    /** @type {Map<string, {offset: number, epoch: string}>} the last position seen per
+     *  history channel: where a reconnect recovers from */
+    this.positions = new Map();
     /** The last connection state: "connecting", "connected", "disconnected" or "error". */
     this.state = "connecting";
     this._listeners = new Set();
@@ -69,10 +79,13 @@ export class Echo {
     this._retryTimer = null;
     socket.on("connect", async () => {
       this._refusals = 0;
-      // after a reconnect, "connected" means back in our channels too
-      if (this._connectedBefore) await this._resubscribe();
+      // after a reconnect, "connected" means back in our channels (and caught up) too
+      const recovered = this._connectedBefore ? await this._resubscribe() : null;
       this._connectedBefore = true;
-      if (socket.connected) this._emit("state", { state: "connected" });
+      if (socket.connected) {
+        this._emit("state", recovered && Object.keys(recovered).length
+          ? { state: "connected", recovered } : { state: "connected" });
+      }
     });
     socket.on("disconnect", (reason) => this._emit("state", { state: "disconnected", reason }));
     socket.on("connect_error", (err) => {
@@ -85,7 +98,11 @@ export class Echo {
       this._emit("state", { state: "error", message: err.message, retrying });
     });
     socket.io.on("reconnect_attempt", () => this._emit("state", { state: "connecting" }));
-    for (const event of ["message", "status", "presence", "error"]) {
+    socket.on("message", (message) => {
+      this._saw(message?.channel, message);
+      this._emit("message", message);
+    });
+    for (const event of ["status", "presence", "error"]) {
       socket.on(event, (payload) => this._emit(event, payload));
     }
     // after the constructor returns, so a listener added right away still hears it
@@ -117,6 +134,7 @@ export class Echo {
   async subscribe({ channels, withPresence = false }) {
     const reply = await this._request("subscribe", { channels, withPresence });
     for (const channel of channels) this.channels.set(channel, withPresence);
+    this._sawPositions(reply);
     return reply;
   }
 
@@ -126,18 +144,41 @@ export class Echo {
    * @returns {Promise<{ok: true, channels: string[]}>}
    */
   async unsubscribe({ channels }) {
-    for (const channel of channels) this.channels.delete(channel);
+    for (const channel of channels) {
+      this.channels.delete(channel);
+      this.positions.delete(channel);
+    }
     return this._request("unsubscribe", { channels });
   }
 
   /**
    * Sends a message through the channel's functions to its subscribers.
-   * @param {{channel: string, message: any}} request
+   * `idempotencyKey` makes a retry safe: the same key on the same channel within the
+   * server's window (120 s) is answered with the first ack plus `duplicate: true` and is
+   * not delivered again.
+   * @param {{channel: string, message: any, idempotencyKey?: string}} request
    * @returns {Promise<{ok: true, id: string, seq: number, ts: number, delivered: boolean,
-   *   filteredBy?: string}>} `delivered: false` when a filter function dropped it.
+   *   filteredBy?: string, offset?: number, epoch?: string, duplicate?: true}>}
+   *   `delivered: false` when a filter function dropped it; `offset`/`epoch` on history channels.
    */
-  publish({ channel, message }) {
-    return this._request("publish", { channel, message });
+  publish({ channel, message, idempotencyKey }) {
+    return this._request("publish", idempotencyKey === undefined
+      ? { channel, message } : { channel, message, idempotencyKey });
+  }
+
+  /**
+   * Reads a history channel's kept messages (as they were delivered), oldest first, or
+   * newest first with `reverse`; `since` an offset: only those after it.
+   * @param {{channel: string, limit?: number, since?: number, reverse?: boolean}} request
+   * @returns {Promise<{ok: true, channel: string, publications: object[], offset: number,
+   *   epoch: string}>} `offset`/`epoch`: the channel's position now.
+   */
+  history({ channel, limit, since, reverse }) {
+    const request = { channel };
+    if (limit !== undefined) request.limit = limit;
+    if (since !== undefined) request.since = since;
+    if (reverse !== undefined) request.reverse = reverse;
+    return this._request("history", request);
   }
 
   /** Closes the connection for good; no more reconnects. */
@@ -174,17 +215,54 @@ export class Echo {
     }, delay);
   }
 
-    /** After a reconnect the server has forgotten our rooms: join them again. */
-  _resubscribe() {
+  /** Remembers a history channel's position from a message (the later one wins). */
+  _saw(channel, { offset, epoch } = {}) {
+    if (typeof channel !== "string" || !Number.isInteger(offset) || typeof epoch !== "string") return;
+    if (!this.channels.has(channel)) return;
+    const known = this.positions.get(channel);
+    if (!known || known.epoch !== epoch || known.offset < offset) this.positions.set(channel, { offset, epoch });
+  }
+
+  /** Remembers the positions a subscribe ack gives (the channels' positions when joined). */
+  _sawPositions(reply) {
+    for (const [channel, position] of Object.entries(reply?.positions ?? {})) {
+      const known = this.positions.get(channel);
+      const stale = known && known.epoch === position.epoch && known.offset > position.offset;
+      if (!stale) this.positions.set(channel, position);
+    }
+  }
+
+  /**
+   * After a reconnect the server has forgotten our rooms: join them again, from the last
+   * positions seen, so what was published meanwhile arrives first. Resolves with
+   * `{channel: recovered}` for the channels that had a position.
+   */
+  async _resubscribe() {
     const requests = [];
+    const recovered = {};
     for (const withPresence of [false, true]) {
       const channels = [...this.channels].filter(([, p]) => p === withPresence).map(([c]) => c);
       for (let i = 0; i < channels.length; i += 100) { // the server takes 100 names per request
-        requests.push(this._request("subscribe", { channels: channels.slice(i, i + 100), withPresence })
+        const batch = channels.slice(i, i + 100);
+        const since = {};
+        for (const channel of batch) {
+          if (this.positions.has(channel)) since[channel] = this.positions.get(channel);
+        }
+        const request = Object.keys(since).length
+          ? { channels: batch, withPresence, since } : { channels: batch, withPresence };
+        requests.push(this._request("subscribe", request)
+          .then((reply) => {
+            for (const channel of Object.keys(reply.recovered ?? {})) {
+              if (!reply.recovered[channel]) this.positions.delete(channel); // live from now
+            }
+            this._sawPositions(reply);
+            Object.assign(recovered, reply.recovered ?? {});
+          })
           .catch((err) => this._emit("error", { code: err.code, message: `re-subscribe failed: ${err.message}` })));
       }
     }
-    return Promise.all(requests);
+    await Promise.all(requests);
+    return recovered;
   }
 
   _emit(event, payload) {

@@ -231,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     elif result["echo_source_after"]["echo_sha256"] != result["echo_source"]["echo_sha256"]:
         console.print("[bold yellow]WARNING: echo/ changed during the run; Echo's rows mix versions[/]")
     result["ratios"] = report.ratios(result["runs"], scenarios, result["all_runs"])
+    result["history_costs"] = report.history_costs(result["runs"], scenarios)
     args.out.mkdir(parents=True, exist_ok=True)
     partial = bool(args.only) or not set(TARGETS) <= set(targets) or any(
         v is not None for v in (args.measure, args.warmup, args.rounds))

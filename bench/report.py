@@ -360,10 +360,52 @@ def _scale_table(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def history_costs(rows: list[dict[str, Any]], scenarios: list[Scenario]) -> list[dict[str, Any]]:
+    """Each history scenario ÷ the same shape with history off, same target, same run."""
+    by = {(r["scenario"], r["target"]): r for r in rows if r.get("deliveries_per_s")}
+    out = []
+    for scenario in scenarios:
+        if not scenario.history_of:
+            continue
+        for (name, target), row in by.items():
+            plain = by.get((scenario.history_of, target))
+            if name != scenario.name or plain is None:
+                continue
+            out.append({"scenario": name, "target": target, "plain": scenario.history_of,
+                        "us_per_delivery": row.get("server_us_per_delivery"),
+                        "plain_us_per_delivery": plain.get("server_us_per_delivery"),
+                        **{k: _ratio(row.get(k), plain.get(k)) for k in RATIO_KEYS}})
+    return out
+
+
+def _history_table(result: dict[str, Any]) -> list[str]:
+    entries = result.get("history_costs") or []
+    if not entries:
+        return []
+    lines = [
+        "",
+        "## History on ÷ off",
+        "",
+        "The same shape on channels that keep history (`h:*`: 100 messages, 600 s; the memory "
+        "broker on one node, Redis Streams on two) ÷ the plain run, same target, same run. "
+        "Goal: µs/delivery at most 1.2 times.",
+        "",
+        "| scenario | server | µs/deliv on | off | µs/deliv ÷off | deliveries/s ÷off | p99 ÷off |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for e in entries:
+        lines.append(
+            f"| {e['scenario']} | {short_label(e['target'])} | {_fmt(e['us_per_delivery'], 2)} | "
+            f"{_fmt(e['plain_us_per_delivery'], 2)} | {_fmt(e.get('server_us_per_delivery'), 2)} | "
+            f"{_fmt(e.get('deliveries_per_s'), 2)} | {_fmt(e.get('p99_ms'), 2)} |")
+    return lines
+
+
 def markdown(result: dict[str, Any]) -> str:
     source, after = result.get("echo_source", {}), result.get("echo_source_after", {})
     lines = _intro(result) + _runs_table(result)
-    lines += _before_after_table(result) + _baselines_table(result) + _scale_table(result)
+    lines += _before_after_table(result) + _baselines_table(result) + _history_table(result)
+    lines += _scale_table(result)
     if after and after.get("echo_sha256") != source.get("echo_sha256"):
         lines[2:2] = ["**Warning: echo/ changed while this run was going on "
                       f"({source.get('echo_sha256')} → {after.get('echo_sha256')}): Echo rows "

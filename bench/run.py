@@ -25,6 +25,7 @@ from bench.servers import (
     cpu_seconds,
     family,
     make_server,
+    ref_of,
     rss_mb,
     safe_name,
     token,
@@ -220,7 +221,8 @@ def measure(scenario: Scenario, target: str, servers: list[Server], redis: Redis
 def run_scenario(scenario: Scenario, targets: list[str], workdir: Path,
                  progress: Callable[[str, str], None]) -> list[dict[str, Any]]:
     """Fresh servers for every target of the scenario, then each target measured in turn."""
-    wanted = [t for t in targets if family(t) in scenario.targets]
+    wanted = [t for t in targets if family(t) in scenario.targets
+              and not (scenario.history_of and ref_of(t))]  # an Echo before history: no rule
     # one Redis per target: a target's nodes never hear another target's traffic (an idle
     # server of another target would otherwise decode it all, and load the machine)
     redis: dict[str, Redis] = {}

@@ -40,6 +40,7 @@ class Scenario:
     quiet_nodes: tuple[int, ...] = ()  # nodes serving no published channel
     over_redis: bool = False  # on Redis even with one node (the 1-node point of a scale-out series)
     group: str | None = None  # scenarios reported together (the scale-out series)
+    history_of: str | None = None  # the same shape with history off (Echo being built only)
 
     @property
     def needs_redis(self) -> bool:
@@ -162,6 +163,14 @@ def _middleware(measure: float, warmup: float, which: tuple[str, ...]) -> list[S
     return out
 
 
+def with_history(plain: Scenario) -> Scenario:
+    """``plain`` on channels that keep history (``h:``): what history costs per delivery."""
+    channels = tuple(("h:" + name, subs, pubs, both) for name, subs, pubs, both in plain.channels)
+    return replace(plain, name=plain.name + "-hist", title=plain.title + ", history on",
+                   channels=channels, targets=("echo",), compare_to=plain.name,
+                   history_of=plain.name, idle=0, idle_name=None)
+
+
 def quick() -> list[Scenario]:
     """Under 2 minutes on 2 cores: the core shapes, short windows, no 10k-connection runs."""
     measure, warmup = 2.5, 0.5
@@ -169,6 +178,7 @@ def quick() -> list[Scenario]:
     # the 1,000 subscribers held idle for a second before they are published to
     scenarios[1] = replace(scenarios[1], idle=1, idle_name="idle-1000")
     scenarios += _middleware(measure, warmup, ("fanout",))[:1]
+    scenarios.append(with_history(scenarios[0]))
     return scenarios
 
 
@@ -194,6 +204,8 @@ def full() -> list[Scenario]:
                 idle_name=s.idle_name and f"redis2-{s.idle_name}")
         for s in scale
     ]
+    scenarios += [with_history(s) for s in scenarios
+                  if s.name in ("fanout-100", "rooms-20x10", "redis2-fanout-100", "redis2-rooms-20x10")]
     scenarios += scale_series(measure, warmup)
     # best of 2 where a round is cheap: the machine is shared, so one unlucky window is likely
     return [replace(s, rounds=2) if s.connections <= 2000 else s for s in scenarios]

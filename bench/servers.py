@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import signal
@@ -205,6 +206,13 @@ class Server:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
 
+    def kill(self) -> None:
+        """SIGKILL the whole process tree (a node that dies); ``start`` runs it again."""
+        if self.process is not None and self.alive():
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self.interrupted = False
+
     def log(self) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
         return text[-3000:]
@@ -218,10 +226,20 @@ def echoctl() -> str:
     return found
 
 
-def make_project(root: Path) -> Path:
+HISTORY_RULE = {"channelName": "h:*", "functionNames": [], "history": {"size": 100, "ttl": 600}}
+"""Channels ``h:...`` keep history (Echo's default size and ttl) for the history scenarios;
+only in the project of the Echo being built: an Echo before history refuses the key."""
+
+
+def make_project(root: Path, history: bool = True, name: str = "project") -> Path:
     """A throw-away copy of bench/project, so a run writes nothing into the repository."""
-    project = root / "project"
+    project = root / name
     shutil.copytree(PROJECT, project, ignore=shutil.ignore_patterns("__pycache__"))
+    if history:
+        associations = project / "associations.json"
+        data = json.loads(associations.read_text())
+        data["applications"][APP]["channels"].append(HISTORY_RULE)
+        associations.write_text(json.dumps(data, indent=2))
     return project
 
 
@@ -255,9 +273,10 @@ def make_server(target: str, workdir: Path, redis_url: str | None = None, index:
     env = {**os.environ, "ECHO_SECRET": SECRET}
     log_path = workdir / f"{safe_name(target)}-{index}-{port}.log"
     if family(target) == "echo":
-        project = workdir / "project"
+        history = ref_of(target) is None  # an Echo before history knows no "history" key
+        project = workdir / ("project" if history else "project-before")
         if not project.exists():
-            make_project(workdir)
+            make_project(workdir, history=history, name=project.name)
         env.update(
             ECHO_HOST="127.0.0.1",
             ECHO_LOG_LEVEL="warning",

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import uuid as uuids
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -283,13 +283,6 @@ async def test_a_killed_client_recovers_everything_published_while_it_was_gone(
 
 
 @pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_project(tmp_path_factory.mktemp("history-nodes"))
 
@@ -299,8 +292,8 @@ def node(project: Path, redis: RedisServer) -> EchoProcess:
 
 
 @pytest.fixture
-async def nodes(project: Path, redis: RedisServer) -> AsyncIterator[list[EchoProcess]]:
-    started = [node(project, redis), node(project, redis)]
+async def nodes(project: Path, redis_server: RedisServer) -> AsyncIterator[list[EchoProcess]]:
+    started = [node(project, redis_server), node(project, redis_server)]
     yield started
     for server in started:
         server.stop()

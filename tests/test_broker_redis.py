@@ -717,3 +717,38 @@ async def test_cluster_slot_move_under_load_keeps_frames_in_order(cluster: Clust
         assert got == sorted(set(got)) and got[0] == 0
         assert len(got) + missed == sent  # every frame received or counted
         assert a.stats.publish_failures == 0
+
+
+async def test_a_replayed_history_script_keeps_and_numbers_the_message_once(
+        redis_one: RedisServer) -> None:
+    """A client library that re-sends a pipeline whose reply was lost runs the script again:
+    the stream still holds the message once, and the replay answers with its offset."""
+    from echo.broker.scripts import PUBLISH_HISTORY, READ_HISTORY, run_script
+
+    client = redis_client(redis_one.url)
+    keys = channel_keys("replay", "app", "chan")
+    try:
+        def args(sequence: int) -> tuple[Any, ...]:
+            head = b"H" * 20 + sequence.to_bytes(8, "big")
+            return (head, b'42/app,["message",{"offset":', 100, 60_000, 60_000, "epoch-1",
+                    head[:20].hex(), sequence)
+
+        call_keys = (keys.name, keys.nodes, keys.history, keys.position)
+        first = await run_script(client, PUBLISH_HISTORY, call_keys, args(1))
+        second = await run_script(client, PUBLISH_HISTORY, call_keys, args(2))
+        replayed = await run_script(client, PUBLISH_HISTORY, call_keys, args(2))
+        older = await run_script(client, PUBLISH_HISTORY, call_keys, args(1))
+        assert [int(r[2]) for r in (first, second, replayed, older)] == [1, 2, 2, -1]
+        read = await run_script(client, READ_HISTORY, (keys.history, keys.position),
+                                (-1, 10, 0, "unused", 60_000, 60_000))
+        assert [bytes(entry[0]) for entry in read[4]] == [b"0-1", b"0-2"]
+        assert int(read[1]) == 2
+        # entries older than the ttl are skipped in the script: a read of N gets N live ones
+        await asyncio.sleep(0.05)
+        for sequence in (3, 4):
+            await run_script(client, PUBLISH_HISTORY, call_keys, args(sequence))
+        fresh = await run_script(client, READ_HISTORY, (keys.history, keys.position),
+                                 (-1, 2, 0, "unused", 60_000, 40))
+        assert [bytes(entry[0]) for entry in fresh[4]] == [b"0-3", b"0-4"] and int(fresh[5]) == 1
+    finally:
+        await client.aclose()

@@ -236,6 +236,21 @@ async def test_admins_hear_new_epochs_and_metrics_count_recoveries_and_duplicate
     assert value("echo_history_entries") >= 1
 
 
+async def test_a_retry_while_the_first_publish_runs_waits_for_its_ack(
+        echo_server: EchoProcess, clients: list[Client]) -> None:
+    client = await connect(echo_server)
+    clients.append(client)
+    await client.call("subscribe", {"channels": ["slow"]})
+    request = {"channel": "slow", "message": {"delay": 0.5}, "idempotencyKey": "while-running"}
+    first, again = await asyncio.gather(client.call("publish", request),
+                                        client.call("publish", request))
+    assert first["ok"] and again["ok"] and again["duplicate"] is True
+    assert again["id"] == first["id"]
+    await client.wait_for("message")
+    await asyncio.sleep(0.3)
+    assert len(client.messages) == 1
+
+
 # --- a client process that is killed (its TCP connection dropped, no goodbye) ---------------
 
 CLIENT = """
@@ -381,3 +396,38 @@ async def test_idempotency_holds_across_nodes(nodes: list[EchoProcess], clients:
     await sub.wait_for("message")
     await asyncio.sleep(0.3)
     assert len(sub.messages) == 1
+
+
+@pytest.mark.redis
+async def test_recovering_while_another_node_publishes_misses_and_doubles_nothing(
+        nodes: list[EchoProcess], clients: list[Client]) -> None:
+    """Frames numbered before the history read may still be on their way from Redis when the
+    recovered connection goes live: each reaches it once."""
+    channel = channel_name()
+    pub = await connect(nodes[1])
+    clients.append(pub)
+    publishing = asyncio.create_task(publish_all(pub, channel, 150))
+    readers = []
+    for _ in range(10):
+        await asyncio.sleep(0.05)
+        reader = await connect(nodes[0])
+        clients.append(reader)
+        ack = await reader.call("subscribe", {"channels": [channel],
+                                              "since": {channel: {"offset": 0, "epoch": "x"}}})
+        # a wrong epoch: not recovered, live from the position the ack names
+        top = ack["positions"][channel]["offset"]
+        again = await connect(nodes[0])
+        clients.append(again)
+        recovered = await again.call("subscribe", {"channels": [channel], "since": {
+            channel: {"offset": max(0, top - 5), "epoch": ack["positions"][channel]["epoch"]}}})
+        assert recovered["recovered"] == {channel: True}
+        readers.append((reader, top, again, max(0, top - 5)))
+    await publishing
+    for reader, top, again, since in readers:
+        await reader.wait_for("message", 150 - top)
+        await again.wait_for("message", 150 - since)
+    await asyncio.sleep(0.5)
+    for reader, top, again, since in readers:
+        assert [m["offset"] for m in reader.messages] == list(range(top + 1, 151))
+        assert [m["offset"] for m in again.messages] == list(range(since + 1, 151))
+

@@ -70,6 +70,9 @@ class MemoryBroker(Broker):
             stream.entries = deque(stream.entries, maxlen=policy.size)
         self._streams.move_to_end(key)
         stream.touched = now
+        entries, oldest = stream.entries, now - policy.ttl
+        while entries and entries[0][1] < oldest:  # expired: free it (offsets stay as they are)
+            entries.popleft()
         return stream, fresh
 
     def publish_history(self, app: str, channel: str, head: str,

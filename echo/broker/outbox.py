@@ -116,9 +116,13 @@ class Outbox(PipelinedQueue[Outgoing]):
                 receivers, serving = int(result[0]), int(result[1])
                 if item.history is not None and not item.history.done.done():
                     epoch = result[3]
-                    item.history.done.set_result(Position(
-                        int(result[2]), epoch.decode() if isinstance(epoch, bytes) else str(epoch),
-                        bool(int(result[4]))))
+                    if int(result[2]) < 0:
+                        fail(item, "its history write was replayed after a lost reply; it was "
+                                   "kept once, at an offset no longer known")
+                    else:
+                        item.history.done.set_result(Position(
+                            int(result[2]), epoch.decode() if isinstance(epoch, bytes) else str(epoch),
+                            bool(int(result[4]))))
                 stats.published += 1
                 if serving > receivers:
                     stats.lost_receivers += serving - receivers

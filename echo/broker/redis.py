@@ -102,6 +102,9 @@ T = TypeVar("T")
 NODE_ID_BYTES = 16
 HEADER = struct.Struct(">16sIQ")
 """Node id, epoch (a new one when the publisher forgot its sequences), sequence."""
+PENDING_CLAIM_SECONDS = 30.0
+"""How long an idempotency key stays claimed by a publish that has not settled it (a node
+that died mid-publish frees it then, not after the whole window)."""
 HISTORY_FLAG = 0x8000_0000
 """Set in the header's epoch for a history message: its offset follows the header (digits,
 then ``|``) and every serving node delivers it, the publisher's own included."""
@@ -637,10 +640,11 @@ class RedisBroker(Broker):
         state.sequence += 1
         keys = state.keys
         done: asyncio.Future[Position] = asyncio.get_running_loop().create_future()
+        header = HEADER.pack(self.node_id, self._epoch | HISTORY_FLAG, state.sequence)
         write = HistoryWrite(keys.history, keys.position, (
             head.encode(), policy.size, max(1, round(policy.ttl * 1000)),
-            max(1, round(max(policy.meta_ttl, policy.ttl) * 1000)), new_epoch()), done)
-        header = HEADER.pack(self.node_id, self._epoch | HISTORY_FLAG, state.sequence)
+            max(1, round(max(policy.meta_ttl, policy.ttl) * 1000)), new_epoch(),
+            header[:20].hex(), state.sequence), done)
         self._send(state, Outgoing(keys.name, keys.nodes, header, history=write))
         return done
 
@@ -649,39 +653,37 @@ class RedisBroker(Broker):
                       reverse: bool = False) -> HistoryRead:
         keys = channel_keys(self.prefix, app, channel)
         meta_ttl = max(1, round(max(policy.meta_ttl, policy.ttl) * 1000))
-        epoch, top, now, fresh, entries = await self._on_owner(keys.name, lambda client: run_script(
-            client, READ_HISTORY, (keys.history, keys.position),
-            (-1 if since is None else since, limit, 1 if reverse else 0, new_epoch(), meta_ttl)))
-        oldest = int(now) - policy.ttl * 1000
+        epoch, top, _, fresh, entries, expired = await self._on_owner(
+            keys.name, lambda client: run_script(
+                client, READ_HISTORY, (keys.history, keys.position),
+                (-1 if since is None else since, limit, 1 if reverse else 0, new_epoch(),
+                 meta_ttl, max(1, round(policy.ttl * 1000)))))
         frames: list[Frame] = []
-        expired = False
         for entry_id, fields in entries:
             values = dict(zip(fields[::2], fields[1::2], strict=True))
-            if int(values.get(b"t", 0)) < oldest:
-                expired = True
-                continue
             offset = int(bytes(entry_id).split(b"-", 1)[1])
             frames.append(Frame(packet=bytes(values[b"f"]), offset=offset))
         return HistoryRead(Position(int(top), bytes(epoch).decode(), bool(int(fresh))), frames,
-                           expired=expired)
+                           expired=bool(int(expired)))
 
     async def claim_idempotency(self, app: str, channel: str, key: str,
                                 window: float) -> dict[str, Any] | None:
         name = channel_keys(self.prefix, app, channel)
         redis_key = name.idempotency(key)
-        ttl = max(1, round(window * 1000))
+        ttl = max(1, round(min(window, PENDING_CLAIM_SECONDS) * 1000))
+        mine = b"~" + secrets.token_hex(8).encode()  # a replayed SET NX still finds it ours
 
         async def claim(client: aioredis.Redis) -> Any:
             async with client.pipeline(transaction=True) as pipe:
-                pipe.set(redis_key, b"", nx=True, px=ttl)
+                pipe.set(redis_key, mine, nx=True, px=ttl)
                 pipe.get(redis_key)
                 return await pipe.execute()
 
-        taken, value = await self._on_owner(name.name, claim)
-        if taken:
+        _, value = await self._on_owner(name.name, claim)
+        if value == mine:
             return None
-        if not value:
-            return {}
+        if not value or bytes(value).startswith(b"~"):
+            return {}  # another publish with this key is still running
         try:
             known = codec.loads(value)
         except ValueError:

@@ -41,9 +41,13 @@ _PUBLISH_HISTORY = _NOW.join(("""
 -- KEYS[4]: its position (hash: e = epoch, o = last offset)
 -- ARGV[1]: the frame header, ARGV[2]: the packet up to the offset's digits, ARGV[3]: messages
 -- kept, ARGV[4]: how long they are kept (ms), ARGV[5]: how long the position is kept (ms),
--- ARGV[6]: the epoch to begin with if the stream has none.
--- Numbers, keeps, trims and publishes the message in one step: no hole, no duplicate.
--- Returns {receivers, nodes serving, offset, epoch, 1 if the stream began now}.
+-- ARGV[6]: the epoch to begin with if the stream has none, ARGV[7]: the publishing node
+-- (its id and epoch, hex), ARGV[8]: the frame's sequence from that node.
+-- Numbers, keeps, trims and publishes the message in one step: no hole, no duplicate. A
+-- replay (a client library re-sending a pipeline whose replies were lost) is not applied
+-- again: the position remembers each node's last sequence and the offset it got.
+-- Returns {receivers, nodes serving, offset, epoch, 1 if the stream began now}; offset -1:
+-- a replay of an earlier frame than the last applied, whose offset is no longer known.
 """, """
 local epoch = redis.call('HGET', KEYS[4], 'e')
 local fresh = 0
@@ -52,8 +56,20 @@ if not epoch then
   fresh = 1
   redis.call('DEL', KEYS[3])
   redis.call('HSET', KEYS[4], 'e', epoch, 'o', 0)
+else
+  local last = redis.call('HGET', KEYS[4], ARGV[7])
+  if last then
+    local space = string.find(last, ' ')
+    local sequence = tonumber(string.sub(last, 1, space - 1))
+    if sequence >= tonumber(ARGV[8]) then
+      local applied = -1
+      if sequence == tonumber(ARGV[8]) then applied = tonumber(string.sub(last, space + 1)) end
+      return {0, redis.call('ZCOUNT', KEYS[2], now, '+inf'), applied, epoch, 0}
+    end
+  end
 end
 local offset = redis.call('HINCRBY', KEYS[4], 'o', 1)
+redis.call('HSET', KEYS[4], ARGV[7], ARGV[8] .. ' ' .. offset)
 local packet = ARGV[2] .. offset .. ',"epoch":"' .. epoch .. '"}]'
 redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[3], '0-' .. offset, 'f', packet, 't', now)
 redis.call('PEXPIRE', KEYS[3], ARGV[4])
@@ -65,8 +81,11 @@ return {receivers, redis.call('ZCOUNT', KEYS[2], now, '+inf'), offset, epoch, fr
 HISTORY_READ = _NOW + """
 -- KEYS[1]: a history stream, KEYS[2]: its position. ARGV[1]: read offsets above this (-1:
 -- all), ARGV[2]: at most this many, ARGV[3]: '1' newest first, ARGV[4]: the epoch to begin
--- with if the stream has none, ARGV[5]: how long a begun position is kept (ms).
--- Returns {epoch, last offset, now (ms), 1 if the stream began now, entries}.
+-- with if the stream has none, ARGV[5]: how long a begun position is kept (ms), ARGV[6]:
+-- how long messages are kept (ms). Expired entries (older than that, not yet trimmed) are
+-- skipped here, so a read of N returns N live ones when there are.
+-- Returns {epoch, last offset, now (ms), 1 if the stream began now, entries, 1 if any
+-- wanted entry had expired}.
 local epoch = redis.call('HGET', KEYS[2], 'e')
 local fresh = 0
 if not epoch then
@@ -79,13 +98,33 @@ end
 local top = redis.call('HGET', KEYS[2], 'o')
 local low = '-'
 if tonumber(ARGV[1]) >= 0 then low = '(0-' .. ARGV[1] end
-local entries
-if ARGV[3] == '1' then
-  entries = redis.call('XREVRANGE', KEYS[1], '+', low, 'COUNT', ARGV[2])
-else
-  entries = redis.call('XRANGE', KEYS[1], low, '+', 'COUNT', ARGV[2])
+local oldest = now - tonumber(ARGV[6])
+local limit = tonumber(ARGV[2])
+local entries = {}
+local expired = 0
+local function live(entry)  -- entry[2] = {'f', packet, 't', ms}
+  if tonumber(entry[2][4]) < oldest then
+    expired = 1
+    return false
+  end
+  return true
 end
-return {epoch, top, now, fresh, entries}
+if ARGV[3] == '1' then  -- newest first: the expired ones are at the end
+  for _, entry in ipairs(redis.call('XREVRANGE', KEYS[1], '+', low, 'COUNT', limit)) do
+    if live(entry) then table.insert(entries, entry) end
+  end
+else  -- oldest first: skip past the expired ones at the start
+  while #entries < limit do
+    local wanted = limit - #entries
+    local batch = redis.call('XRANGE', KEYS[1], low, '+', 'COUNT', wanted)
+    for _, entry in ipairs(batch) do
+      if live(entry) then table.insert(entries, entry) end
+    end
+    if #batch < wanted then break end
+    low = '(' .. batch[#batch][1]
+  end
+end
+return {epoch, top, now, fresh, entries, expired}
 """
 
 

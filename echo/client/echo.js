@@ -99,8 +99,7 @@ export class Echo {
     });
     socket.io.on("reconnect_attempt", () => this._emit("state", { state: "connecting" }));
     socket.on("message", (message) => {
-      this._saw(message?.channel, message);
-      this._emit("message", message);
+      if (this._saw(message?.channel, message)) this._emit("message", message);
     });
     for (const event of ["status", "presence", "error"]) {
       socket.on(event, (payload) => this._emit(event, payload));
@@ -132,8 +131,15 @@ export class Echo {
    * @returns {Promise<{ok: true, channels: string[]}>}
    */
   async subscribe({ channels, withPresence = false }) {
-    const reply = await this._request("subscribe", { channels, withPresence });
-    for (const channel of channels) this.channels.set(channel, withPresence);
+    const added = channels.filter((channel) => !this.channels.has(channel));
+    for (const channel of channels) this.channels.set(channel, withPresence); // positions count from now
+    let reply;
+    try {
+      reply = await this._request("subscribe", { channels, withPresence });
+    } catch (err) {
+      for (const channel of added) this.channels.delete(channel);
+      throw err;
+    }
     this._sawPositions(reply);
     return reply;
   }
@@ -215,12 +221,17 @@ export class Echo {
     }, delay);
   }
 
-  /** Remembers a history channel's position from a message (the later one wins). */
+  /**
+   * Remembers a history channel's position from a message (the later one wins); false for
+   * a message already seen (same epoch, offset not above the last one), which is dropped.
+   */
   _saw(channel, { offset, epoch } = {}) {
-    if (typeof channel !== "string" || !Number.isInteger(offset) || typeof epoch !== "string") return;
-    if (!this.channels.has(channel)) return;
+    if (typeof channel !== "string" || !Number.isInteger(offset) || typeof epoch !== "string") return true;
+    if (!this.channels.has(channel)) return true;
     const known = this.positions.get(channel);
-    if (!known || known.epoch !== epoch || known.offset < offset) this.positions.set(channel, { offset, epoch });
+    if (known && known.epoch === epoch && known.offset >= offset) return false;
+    this.positions.set(channel, { offset, epoch });
+    return true;
   }
 
   /** Remembers the positions a subscribe ack gives (the channels' positions when joined). */
@@ -253,7 +264,10 @@ export class Echo {
         requests.push(this._request("subscribe", request)
           .then((reply) => {
             for (const channel of Object.keys(reply.recovered ?? {})) {
-              if (!reply.recovered[channel]) this.positions.delete(channel); // live from now
+              // not recovered: live from the ack's position, unless a newer one came meanwhile
+              if (!reply.recovered[channel] && this.positions.get(channel) === since[channel]) {
+                this.positions.delete(channel);
+              }
             }
             this._sawPositions(reply);
             Object.assign(recovered, reply.recovered ?? {});

@@ -52,6 +52,8 @@ class ProtocolError(Exception):
 
 MAX_IDEMPOTENCY_KEY = 200
 MAX_HISTORY_LIMIT = 1000
+MAX_OFFSET = 2**53 - 1
+"""The largest offset a client may name: exact in JavaScript, and in Redis and Lua."""
 
 
 @dataclass(frozen=True)
@@ -140,8 +142,9 @@ def _since(value: Any, channels: tuple[str, ...]) -> dict[str, Since]:
         if not isinstance(position, dict):
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"{where} must be an object like {example}")
         offset, epoch = position.get("offset"), position.get("epoch")
-        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{where}.offset must be a whole number >= 0")
+        if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= MAX_OFFSET:
+            raise ProtocolError(ErrorCode.BAD_REQUEST,
+                                f"{where}.offset must be a whole number from 0 to {MAX_OFFSET}")
         if not isinstance(epoch, str) or len(epoch) > 64:
             raise ProtocolError(ErrorCode.BAD_REQUEST,
                                 f"{where}.epoch must be a string (the one Echo sent)")
@@ -156,8 +159,10 @@ def parse_history(data: Any) -> HistoryRequest:
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_HISTORY_LIMIT:
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"history.limit must be 1 to {MAX_HISTORY_LIMIT}")
     since = data.get("since")
-    if since is not None and (isinstance(since, bool) or not isinstance(since, int) or since < 0):
-        raise ProtocolError(ErrorCode.BAD_REQUEST, "history.since must be an offset (a whole number >= 0)")
+    if since is not None and (isinstance(since, bool) or not isinstance(since, int)
+                              or not 0 <= since <= MAX_OFFSET):
+        raise ProtocolError(ErrorCode.BAD_REQUEST,
+                            f"history.since must be an offset (a whole number from 0 to {MAX_OFFSET})")
     reverse = data.get("reverse", False)
     if not isinstance(reverse, bool):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "history.reverse must be true or false")

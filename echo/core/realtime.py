@@ -32,6 +32,8 @@ from echo.transport.base import Connection, Frame, Refused, Transport
 log = logging.getLogger("echo.realtime")
 
 MAX_UUID_LENGTH = 200
+IN_FLIGHT_WAIT = 5.0
+"""Seconds a publish waits for an earlier one with the same idempotencyKey to settle."""
 
 
 @dataclass(slots=True)
@@ -44,6 +46,20 @@ class Client:
     claims: Claims
     channels: set[str] = field(default_factory=set)
     bucket: TokenBucket | None = None
+
+
+FENCE_SECONDS = 0.5
+"""How long a recovered connection waits, at most, for frames numbered before its history
+read that are still on their way from the backend (see :meth:`Rooms.release`)."""
+
+
+@dataclass(slots=True)
+class Held:
+    """A connection being recovered on one room: the frames kept for it while its history is
+    read, then (``fence``) the offset at or below which arriving frames are already written."""
+
+    kept: list[Frame] = field(default_factory=list)
+    fence: int | None = None
 
 
 class Rooms:
@@ -59,8 +75,9 @@ class Rooms:
         self.transport = transport
         self.broker = broker
         self._subscribing: dict[tuple[str, str], asyncio.Future[None]] = {}
-        self.holding: dict[tuple[str, str], dict[Connection, list[Frame]]] = {}
-        """Per (app, room): the connections held for recovery, and the frames kept for each."""
+        self.holding: dict[tuple[str, str], dict[Connection, Held]] = {}
+        """Per (app, room): the connections held for recovery, and what is kept for each."""
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def join(self, conn: Connection, room: str) -> None:
         await self._subscribed(conn, room, first=self.transport.join(conn, room))
@@ -82,35 +99,78 @@ class Rooms:
         """Receive the room's frames for ``conn`` without writing them (see :meth:`release`)."""
         holders = self.holding.setdefault((conn.app, room), {})
         first = not holders and not self.transport.has_members(conn.namespace, room)
-        holders[conn] = []
-        await self._subscribed(conn, room, first=first)
+        holders[conn] = Held()
+        try:
+            await self._subscribed(conn, room, first=first)
+        except BaseException:
+            await self.leave(conn, room)
+            raise
 
-    def release(self, conn: Connection, room: str, before: list[Frame], after: int) -> int:
+    async def release(self, conn: Connection, room: str, before: list[Frame], after: int) -> int:
         """Write ``before``, then what was kept for ``conn`` with an offset above ``after``,
-        then join it to the room: in one step, so nothing is missed or doubled in between.
+        then let the room's frames through: nothing is missed or doubled in between.
+
+        Across nodes a frame numbered at or below ``after`` may still be on its way from
+        the backend when the history was read; so the connection stays fenced (frames at
+        or below ``after`` dropped, later ones written) until the first later frame arrives
+        or :data:`FENCE_SECONDS` pass, and only then joins the room.
         Returns how many frames were written (0 if it left meanwhile)."""
-        holders = self.holding.get((conn.app, room))
-        kept = holders.pop(conn, None) if holders is not None else None
-        if holders is not None and not holders:
-            del self.holding[(conn.app, room)]
-        if kept is None or not conn.connected:
+        key = (conn.app, room)
+        holders = self.holding.get(key)
+        held = holders.get(conn) if holders is not None else None
+        if held is None or held.fence is not None:
+            return 0
+        if not conn.connected:
+            await self.leave(conn, room)
             return 0
         written = 0
         for frame in before:
             conn.write(frame)
             written += 1
-        for frame in kept:
+        held.fence = after
+        for frame in held.kept:
             if frame.offset is None or frame.offset > after:
                 conn.write(frame)
                 written += 1
-        self.transport.join(conn, room)
+                if frame.offset is not None:
+                    held.fence = None
+        held.kept = []
+        if held.fence is None or not self.broker.remote:
+            self._join_held(key, conn)
+        else:
+            asyncio.get_running_loop().call_later(FENCE_SECONDS, self._end_fence, key, conn, held)
         return written
 
+    def _join_held(self, key: tuple[str, str], conn: Connection) -> None:
+        holders = self.holding[key]
+        del holders[conn]
+        if not holders:
+            del self.holding[key]
+        self.transport.join(conn, key[1])
+
+    def _end_fence(self, key: tuple[str, str], conn: Connection, held: Held) -> None:
+        holders = self.holding.get(key)
+        if holders is None or holders.get(conn) is not held:
+            return  # it left, or joined at a later frame
+        if conn.connected:
+            self._join_held(key, conn)
+        else:
+            task = asyncio.get_running_loop().create_task(self.leave(conn, key[1]))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
     def keep(self, app: str, room: str, frame: Frame) -> None:
-        holders = self.holding.get((app, room))
-        if holders:
-            for kept in holders.values():
-                kept.append(frame)
+        key = (app, room)
+        holders = self.holding.get(key)
+        if not holders:
+            return
+        for conn, held in list(holders.items()):
+            if held.fence is None:
+                held.kept.append(frame)
+            elif frame.offset is None or frame.offset > held.fence:
+                conn.write(frame)
+                if frame.offset is not None:  # a later one: nothing older can follow it
+                    self._join_held(key, conn)
 
     async def leave(self, conn: Connection, room: str) -> None:
         key = (conn.app, room)
@@ -447,7 +507,7 @@ class Realtime:
                                              limit=policy.size + 1)
         except Exception as exc:
             log.warning("%s/%s: recovery unavailable (%s): joining live", conn.app[:80], channel, exc)
-            self.rooms.release(conn, channel, [], -1)
+            await self.rooms.release(conn, channel, [], -1)
             metrics.labelled(metrics.RECOVERIES, "not_recovered").inc()
             return False, None
         position, frames = read.position, read.frames
@@ -455,7 +515,7 @@ class Realtime:
         complete = (position.epoch == since.epoch and not read.expired and missed >= 0
                     and len(frames) == missed
                     and (not frames or frames[0].offset == since.offset + 1))
-        self.rooms.release(conn, channel, frames if complete else [], position.offset)
+        await self.rooms.release(conn, channel, frames if complete else [], position.offset)
         metrics.labelled(metrics.RECOVERIES, "recovered" if complete else "not_recovered").inc()
         if complete:
             metrics.RECOVERED_MESSAGES.inc(len(frames))
@@ -511,11 +571,22 @@ class Realtime:
         if key is None:
             return await self._publish_once(client, request, rule)
         window = self.settings.idempotency_window
-        try:
-            earlier = await self.broker.claim_idempotency(client.app, request.channel, key, window)
-        except Exception as exc:
-            raise ProtocolError(ErrorCode.UNAVAILABLE, "not published: the idempotency key could "
-                                f"not be checked ({type(exc).__name__}); retry") from None
+        deadline = asyncio.get_running_loop().time() + IN_FLIGHT_WAIT
+        while True:
+            try:
+                earlier = await self.broker.claim_idempotency(client.app, request.channel, key,
+                                                              window)
+            except Exception as exc:
+                raise ProtocolError(ErrorCode.UNAVAILABLE, "not published: the idempotency key "
+                                    f"could not be checked ({type(exc).__name__}); retry") from None
+            if earlier != {}:
+                break
+            # the first publish with this key is still running: its ack is the answer (or, if
+            # it fails, this one goes ahead)
+            if asyncio.get_running_loop().time() >= deadline:
+                raise ProtocolError(ErrorCode.UNAVAILABLE, "not published: a publish with this "
+                                    "idempotencyKey is still in flight; retry")
+            await asyncio.sleep(0.05)
         if earlier is not None:
             metrics.DUPLICATES_SUPPRESSED.inc()
             return protocol.ok(**{**earlier, "duplicate": True})
@@ -575,6 +646,12 @@ class Realtime:
         if not client.claims.may("history", ask.channel) or ask.channel == ADMIN_CHANNEL:
             raise ProtocolError(ErrorCode.FORBIDDEN,
                                 f"this token may not read the history of {ask.channel!r}")
+        if client.bucket is not None and (wait := client.bucket.take()):
+            # a read can be 1,000 messages: it shares the publish budget of the connection
+            retry_ms = max(1, round(wait * 1000))
+            metrics.RATE_LIMITED.inc()
+            raise ProtocolError(ErrorCode.RATE_LIMITED, f"over {self.settings.publish_rate:g} "
+                                f"requests/s; retry in {retry_ms} ms", retryAfterMs=retry_ms)
         policy = self.history_policy(self.pipeline.rule(client.app, ask.channel))
         if policy is None:
             raise ProtocolError(ErrorCode.BAD_REQUEST,

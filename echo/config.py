@@ -58,6 +58,10 @@ class Settings:
     max_connections_per_app: int = 10_000
     publish_rate: float = 50.0
     publish_burst: int = 100
+    backend_publish_rate: float = 2000.0
+    """Per app and node for the HTTP server API, and per admin-token connection: an app's
+    backend publishes for many users, so the browser-sized limit does not fit it."""
+    backend_publish_burst: int = 4000
     max_queued_packets: int = 1000
     transport: str = "native"
     ping_interval: float = 25.0
@@ -194,9 +198,9 @@ def _convert(key: str, name: str, raw: Any) -> Any:
             return to_int(name, raw, 1, 100_000)
         case "max_connections_per_app":
             return to_int(name, raw, 1, 10_000_000)
-        case "publish_burst":
+        case "publish_burst" | "backend_publish_burst":
             return to_int(name, raw, 1, 1_000_000)
-        case "publish_rate":  # 0 turns the limit off
+        case "publish_rate" | "backend_publish_rate":  # 0 turns the limit off
             if raw in (0, "0", 0.0):
                 return 0.0
             return _to_float(name, raw, 0.0, 1_000_000.0)

@@ -28,6 +28,7 @@ from echo.core.functions import FunctionCatalog
 from echo.core.pipeline import Pipeline
 from echo.core.realtime import Realtime
 from echo.core.runners import Runner, RunnerSet, load_runner_class
+from echo.core.server_api import ServerApi
 from echo.core.store import AssociationsStore, FileStore, RedisStore
 from echo.transport.base import Transport, TransportOptions, load_transport
 
@@ -99,7 +100,7 @@ class EchoServer:
         self.realtime.attach(self.transport)
         metrics.watch(self.transport, self.broker)
         starlette = Starlette(
-            routes=[*http.routes(self), *routes],
+            routes=[*http.routes(self), *ServerApi(self).routes(), *routes],
             middleware=[
                 Middleware(
                     CORSMiddleware,

@@ -327,8 +327,7 @@ class Realtime:
         if not isinstance(uuid, str) or not uuid or len(uuid) > MAX_UUID_LENGTH:
             uuid = conn.sid
         client = Client(app=app, uuid=uuid, admin=claims.admin, claims=claims)
-        if self.settings.publish_rate > 0:
-            client.bucket = TokenBucket(self.settings.publish_rate, self.settings.publish_burst)
+        client.bucket = self.publish_bucket(backend=claims.admin)
         conn.state = client
         self.connections.add(app)
         metrics.labelled(metrics.CONNECTIONS, app).inc()
@@ -480,6 +479,14 @@ class Realtime:
                            **({"positions": positions} if positions else {}),
                            **({"recovered": recovered} if subscription.since else {}))
 
+    def publish_bucket(self, *, backend: bool) -> TokenBucket | None:
+        """The publish rate limit of a browser connection, or of an app's backend (admin
+        tokens, the HTTP server API); None when the setting is 0 (no limit)."""
+        settings = self.settings
+        rate, burst = ((settings.backend_publish_rate, settings.backend_publish_burst) if backend
+                       else (settings.publish_rate, settings.publish_burst))
+        return TokenBucket(rate, burst) if rate > 0 else None
+
     def _new_epoch(self, app: str, channel: str, position: Position) -> None:
         """Tell the app's admins when a stream started a new life (its data was lost, or it
         is new): positions from before it cannot be recovered."""
@@ -552,8 +559,8 @@ class Realtime:
                 metrics.RATE_LIMITED.inc()
                 raise ProtocolError(
                     ErrorCode.RATE_LIMITED,
-                    f"over {self.settings.publish_rate:g} publishes/s (burst "
-                    f"{self.settings.publish_burst}); retry in {retry_ms} ms",
+                    f"over {client.bucket.rate:g} publishes/s (burst "
+                    f"{client.bucket.burst}); retry in {retry_ms} ms",
                     retryAfterMs=retry_ms,
                 )
         metrics.MESSAGES_PUBLISHED.inc(client.app)
@@ -562,19 +569,23 @@ class Realtime:
                 rule.history is not None or publish.idempotency_key is not None)):
             # functions to run, or a predecessor still in flight: don't hold up this
             # connection's other events; publish order is kept by the pipeline's sequence
-            return self._answer_later(self._deliver_publish(client, publish, rule), request)
-        return await self._deliver_publish(client, publish, rule)
+            return self._answer_later(self.publish_as(client.app, client.uuid, publish, rule),
+                                      request)
+        return await self.publish_as(client.app, client.uuid, publish, rule)
 
-    async def _deliver_publish(self, client: Client, request: protocol.PublishRequest,
-                               rule: Rule) -> Any:
+    async def publish_as(self, app: str, uuid: str, request: protocol.PublishRequest,
+                         rule: Rule | None = None) -> dict[str, Any]:
+        """Publish through the channel's functions and answer with the ack (or raise a
+        ProtocolError): the socket ``publish`` and the HTTP server API share it."""
+        rule = rule if rule is not None else self.pipeline.rule(app, request.channel)
         key = request.idempotency_key
         if key is None:
-            return await self._publish_once(client, request, rule)
+            return await self._publish_once(app, uuid, request, rule)
         window = self.settings.idempotency_window
         deadline = asyncio.get_running_loop().time() + IN_FLIGHT_WAIT
         while True:
             try:
-                earlier = await self.broker.claim_idempotency(client.app, request.channel, key,
+                earlier = await self.broker.claim_idempotency(app, request.channel, key,
                                                               window)
             except Exception as exc:
                 raise ProtocolError(ErrorCode.UNAVAILABLE, "not published: the idempotency key "
@@ -591,23 +602,23 @@ class Realtime:
             metrics.DUPLICATES_SUPPRESSED.inc()
             return protocol.ok(**{**earlier, "duplicate": True})
         try:
-            reply = await self._publish_once(client, request, rule)
+            reply = await self._publish_once(app, uuid, request, rule)
         except BaseException:  # not published: a retry with the same key may go ahead
             with contextlib.suppress(Exception):
-                await self.broker.settle_idempotency(client.app, request.channel, key, None, window)
+                await self.broker.settle_idempotency(app, request.channel, key, None, window)
             raise
         try:
             await self.broker.settle_idempotency(
-                client.app, request.channel, key, {k: v for k, v in reply.items() if k != "ok"}, window)
+                app, request.channel, key, {k: v for k, v in reply.items() if k != "ok"}, window)
         except Exception as exc:
-            log.warning("%s/%s: idempotency key not recorded: %s", client.app[:80], request.channel, exc)
+            log.warning("%s/%s: idempotency key not recorded: %s", app[:80], request.channel, exc)
         return reply
 
-    async def _publish_once(self, client: Client, request: protocol.PublishRequest,
-                            rule: Rule) -> Any:
+    async def _publish_once(self, app: str, uuid: str, request: protocol.PublishRequest,
+                            rule: Rule) -> dict[str, Any]:
         try:
             outcome = await self.pipeline.publish(
-                client.app, request.channel, request.message, client.uuid, rule
+                app, request.channel, request.message, uuid, rule
             )
         except Overloaded as exc:
             raise ProtocolError(ErrorCode.OVERLOADED, str(exc)) from None
@@ -629,7 +640,7 @@ class Realtime:
                                     f"not delivered: the history stream could not be written ({exc})",
                                     id=envelope.id) from None
             where = {"offset": position.offset, "epoch": position.epoch}
-            self._new_epoch(client.app, request.channel, position)
+            self._new_epoch(app, request.channel, position)
         return protocol.ok(
             id=envelope.id,
             seq=envelope.seq,
@@ -650,19 +661,24 @@ class Realtime:
             # a read can be 1,000 messages: it shares the publish budget of the connection
             retry_ms = max(1, round(wait * 1000))
             metrics.RATE_LIMITED.inc()
-            raise ProtocolError(ErrorCode.RATE_LIMITED, f"over {self.settings.publish_rate:g} "
+            raise ProtocolError(ErrorCode.RATE_LIMITED, f"over {client.bucket.rate:g} "
                                 f"requests/s; retry in {retry_ms} ms", retryAfterMs=retry_ms)
-        policy = self.history_policy(self.pipeline.rule(client.app, ask.channel))
+        return await self.read_history(client.app, ask)
+
+    async def read_history(self, app: str, ask: protocol.HistoryRequest) -> dict[str, Any]:
+        """A history channel's kept messages, as delivered (socket ``history`` and HTTP)."""
+        policy = self.history_policy(self.pipeline.rule(app, ask.channel))
         if policy is None:
             raise ProtocolError(ErrorCode.BAD_REQUEST,
                                 f"channel {ask.channel!r} keeps no history: give its rule in "
                                 'associations "history": true')
         try:
-            read = await self.broker.history(client.app, ask.channel, policy, since=ask.since,
+            read = await self.broker.history(app, ask.channel, policy, since=ask.since,
                                              limit=ask.limit, reverse=ask.reverse)
         except Exception as exc:
             raise ProtocolError(ErrorCode.UNAVAILABLE,
                                 f"history unavailable ({type(exc).__name__}); retry") from None
+        self._new_epoch(app, ask.channel, read.position)
         return protocol.ok(channel=ask.channel,
                            publications=[frame.decode()[2][0] for frame in read.frames],
                            offset=read.position.offset, epoch=read.position.epoch)

@@ -1,0 +1,208 @@
+"""The HTTP server API: how an app's own backend talks to Echo without holding a socket.
+
+Every route is under ``/api/{app}/``, JSON in and out, answered like a socket ack
+(``{ok: true, ...}`` or ``{ok: false, error: {code, message}}``), and needs
+``Authorization: Bearer`` with that app's admin token or a management token: user tokens
+and other apps' tokens are refused. Publishes go through the channel's functions like any
+other, with the backend's own rate limit (``backend_publish_rate`` per app and node).
+``/api/openapi.json`` describes it all.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from echo.core import metrics, protocol
+from echo.core.auth import AuthError, verify_token
+from echo.core.limits import TokenBucket
+from echo.core.openapi import document
+from echo.core.protocol import ADMIN_CHANNEL, ErrorCode, ProtocolError
+
+if TYPE_CHECKING:
+    from echo.core.app import EchoServer
+
+MAX_BODY_BYTES = 1024 * 1024
+MAX_BROADCAST_CHANNELS = 100
+BACKEND_UUID = "server"
+"""The ``uuid`` a server-API publish carries when the request names none."""
+
+STATUS = {
+    ErrorCode.BAD_REQUEST: 400, ErrorCode.BAD_CHANNEL: 400, ErrorCode.TOO_LARGE: 413,
+    ErrorCode.FORBIDDEN: 403, ErrorCode.UNAUTHORIZED: 401, ErrorCode.FUNCTION_ERROR: 502,
+    ErrorCode.OVERLOADED: 503, ErrorCode.RATE_LIMITED: 429, ErrorCode.LIMIT: 400,
+    ErrorCode.SERVER_SHUTDOWN: 503, ErrorCode.UNAVAILABLE: 503, ErrorCode.INTERNAL: 500,
+}
+
+Endpoint = Callable[["ServerApi", Request, str], Awaitable[dict[str, Any]]]
+
+
+class ServerApi:
+    """The routes, bound to one server; a backend's rate limit per app on this node."""
+
+    def __init__(self, server: EchoServer) -> None:
+        self.server = server
+        self.buckets: dict[str, TokenBucket | None] = {}
+
+    def routes(self) -> list[Route]:
+        def route(path: str, endpoint: Endpoint, method: str) -> Route:
+            async def handle(request: Request) -> JSONResponse:
+                return await self._answer(request, endpoint)
+            return Route(path, handle, methods=[method])
+
+        async def openapi(request: Request) -> JSONResponse:
+            return JSONResponse(document())
+
+        return [
+            Route("/api/openapi.json", openapi, methods=["GET"]),
+            route("/api/{app}/publish", ServerApi.publish, "POST"),
+            route("/api/{app}/broadcast", ServerApi.broadcast, "POST"),
+            route("/api/{app}/presence", ServerApi.presence, "GET"),
+            route("/api/{app}/history", ServerApi.history, "GET"),
+        ]
+
+    async def _answer(self, request: Request, endpoint: Endpoint) -> JSONResponse:
+        app = request.path_params["app"]
+        try:
+            self._authorise(request, app)
+            body = await endpoint(self, request, app)
+        except ProtocolError as exc:
+            return JSONResponse(protocol.error(exc.code, exc.message, **exc.details),
+                                status_code=STATUS.get(exc.code, 400))
+        return JSONResponse(body)
+
+    def _authorise(self, request: Request, app: str) -> None:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ProtocolError(ErrorCode.UNAUTHORIZED, "send the app's admin token: "
+                                f"Authorization: Bearer <jwt> (`echoctl jwt {app[:80]} --admin`)")
+        settings = self.server.settings
+        try:
+            claims = verify_token(settings.secrets_for(app), token.strip(), app=app)
+        except AuthError as app_refusal:
+            try:
+                claims = verify_token(settings.management_secrets(), token.strip())
+            except AuthError:
+                raise ProtocolError(ErrorCode.UNAUTHORIZED, str(app_refusal)) from None
+            if not claims.manage:
+                raise ProtocolError(ErrorCode.UNAUTHORIZED, str(app_refusal)) from None
+            return
+        if not claims.admin:
+            raise ProtocolError(ErrorCode.FORBIDDEN, "a user token may not use the server API: "
+                                "send the app's admin token (or a management token)")
+
+    async def _body(self, request: Request) -> dict[str, Any]:
+        raw = b""
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > MAX_BODY_BYTES:
+                raise ProtocolError(ErrorCode.TOO_LARGE, f"the body is over {MAX_BODY_BYTES} bytes")
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"the body is not JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "the body must be a JSON object")
+        return data
+
+    def _take(self, app: str) -> None:
+        if app not in self.buckets:
+            self.buckets[app] = self.server.realtime.publish_bucket(backend=True)
+        bucket = self.buckets[app]
+        if bucket is not None and (wait := bucket.take()):
+            retry_ms = max(1, round(wait * 1000))
+            metrics.RATE_LIMITED.inc()
+            raise ProtocolError(ErrorCode.RATE_LIMITED, f"over {bucket.rate:g} publishes/s for "
+                                f"app {app[:80]!r} on this node (backend_publish_rate); retry in "
+                                f"{retry_ms} ms", retryAfterMs=retry_ms)
+
+    def _publisher(self, data: dict[str, Any]) -> str:
+        uuid = data.get("uuid", BACKEND_UUID)
+        if not isinstance(uuid, str) or not 1 <= len(uuid) <= 200:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "uuid must be a string of 1-200 characters")
+        return uuid
+
+    async def publish(self, request: Request, app: str) -> dict[str, Any]:
+        data = await self._body(request)
+        uuid = self._publisher(data)
+        fields = {k: v for k, v in data.items() if k != "uuid"}
+        publish = protocol.parse_publish(fields, self.server.settings.max_message_bytes)
+        self._take(app)
+        self._refuse_draining()
+        metrics.MESSAGES_PUBLISHED.inc(app)
+        return await self.server.realtime.publish_as(app, uuid, publish)
+
+    async def broadcast(self, request: Request, app: str) -> dict[str, Any]:
+        data = await self._body(request)
+        uuid = self._publisher(data)
+        channels = data.get("channels")
+        if (not isinstance(channels, list) or not channels
+                or len(channels) > MAX_BROADCAST_CHANNELS):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "channels must be a list of 1 to "
+                                f"{MAX_BROADCAST_CHANNELS} channel names")
+        if len(set(map(str, channels))) != len(channels):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "channels names a channel twice")
+        if "message" not in data:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "broadcast.message is missing")
+        limit = self.server.settings.max_message_bytes
+        requests = [protocol.parse_publish({"channel": channel, "message": data["message"]}, limit)
+                    for channel in channels]  # every name checked before anything is sent
+        self._refuse_draining()
+        results: dict[str, Any] = {}
+        for publish in requests:
+            try:
+                self._take(app)
+                metrics.MESSAGES_PUBLISHED.inc(app)
+                results[publish.channel] = await self.server.realtime.publish_as(app, uuid, publish)
+            except ProtocolError as exc:
+                results[publish.channel] = protocol.error(exc.code, exc.message, **exc.details)
+        return protocol.ok(results=results)
+
+    async def presence(self, request: Request, app: str) -> dict[str, Any]:
+        channel = protocol.check_channel(request.query_params.get("channel"), "channel")
+        if channel == ADMIN_CHANNEL:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "the admin channel has no presence")
+        try:
+            members = await self.server.broker.presence(app, channel)
+        except Exception as exc:
+            raise ProtocolError(ErrorCode.UNAVAILABLE,
+                                f"presence unavailable ({type(exc).__name__}); retry") from None
+        clients = sorted(({"connection": sid, **info} for sid, info in members.items()),
+                         key=lambda c: (str(c.get("uuid")), c["connection"]))
+        return protocol.ok(channel=channel, count=len(clients), clients=clients)
+
+    async def history(self, request: Request, app: str) -> dict[str, Any]:
+        query: dict[str, Any] = {"channel": request.query_params.get("channel")}
+        for name in ("limit", "since"):
+            if (value := request.query_params.get(name)) is not None:
+                query[name] = _whole(value, name)
+        if (reverse := request.query_params.get("reverse")) is not None:
+            if reverse not in ("true", "false", "1", "0"):
+                raise ProtocolError(ErrorCode.BAD_REQUEST, "reverse must be true or false")
+            query["reverse"] = reverse in ("true", "1")
+        ask = protocol.parse_history(query)
+        reply = await self.server.realtime.read_history(app, ask)
+        epoch = request.query_params.get("epoch")
+        if epoch is not None and ask.since is not None and not ask.reverse:
+            # as a recovery would: are the messages after `since` all there, from its epoch?
+            first = [p.get("offset") for p in reply["publications"][:1]]
+            reply["recovered"] = reply["epoch"] == epoch and ask.since <= reply["offset"] and (
+                reply["offset"] == ask.since or first == [ask.since + 1])
+        return reply
+
+    def _refuse_draining(self) -> None:
+        if self.server.realtime.draining:
+            raise ProtocolError(ErrorCode.SERVER_SHUTDOWN,
+                                "this node is shutting down; send it to another node")
+
+
+def _whole(value: str, name: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"{name} must be a whole number") from None

@@ -1,0 +1,193 @@
+"""The HTTP server API (``/api/{app}/...``): an app's backend publishes, broadcasts and reads
+presence and history over HTTP, against a real ``echoctl dev`` and, for presence across
+nodes, two ``echoctl serve`` nodes on a private Redis; subscribers are real Socket.IO clients.
+The OpenAPI document is checked with openapi-spec-validator and the answers against it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid as uuids
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jsonschema
+import pytest
+from openapi_spec_validator import validate
+
+from tests.conftest import TEST_APP, Client, EchoProcess, RedisServer, connect, make_project
+
+pytestmark = pytest.mark.anyio
+
+
+def api(server: EchoProcess, token: str | None = None) -> httpx.AsyncClient:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.AsyncClient(base_url=f"{server.url}/api/{TEST_APP}", headers=headers,
+                             trust_env=False, timeout=10)
+
+
+def admin(server: EchoProcess) -> httpx.AsyncClient:
+    return api(server, server.token(admin=True))
+
+
+async def schema_of(server: EchoProcess, name: str) -> dict[str, Any]:
+    async with httpx.AsyncClient(trust_env=False) as http:
+        spec = (await http.get(server.url + "/api/openapi.json")).json()
+    return {**spec["components"]["schemas"][name], "components": spec["components"]}
+
+
+async def test_the_openapi_document_is_valid(echo_server: EchoProcess) -> None:
+    async with httpx.AsyncClient(trust_env=False) as http:
+        reply = await http.get(echo_server.url + "/api/openapi.json")
+    assert reply.status_code == 200
+    spec = reply.json()
+    validate(spec)  # raises on an invalid OpenAPI 3.1 document
+    assert {"/api/{app}/publish", "/api/{app}/broadcast", "/api/{app}/presence",
+            "/api/{app}/history"} <= set(spec["paths"])
+
+
+async def test_only_the_apps_admin_or_a_management_token_may_call_it(echo_server: EchoProcess) -> None:
+    body = {"channel": "plain", "message": "hi"}
+    cases = [
+        (None, 401, "unauthorized"),
+        ("not-a-jwt", 401, "unauthorized"),
+        (echo_server.token(), 403, "forbidden"),                      # a user token
+        (echo_server.token("chat-demo", admin=True), 401, "unauthorized"),  # another app's
+    ]
+    for token, status, code in cases:
+        async with api(echo_server, token) as http:
+            reply = await http.post("/publish", json=body)
+        assert (reply.status_code, reply.json()["error"]["code"]) == (status, code), token
+        assert reply.json()["ok"] is False
+    for token in (echo_server.token(admin=True), echo_server.management_token()):
+        async with api(echo_server, token) as http:
+            assert (await http.post("/publish", json=body)).json()["ok"] is True
+
+
+async def test_a_backend_publish_runs_the_functions_and_reaches_subscribers(
+        echo_server: EchoProcess, clients: list[Client]) -> None:
+    sub = await connect(echo_server)
+    clients.append(sub)
+    await sub.call("subscribe", {"channels": ["angry", "filtered"]})
+    published = await schema_of(echo_server, "Published")
+    async with admin(echo_server) as http:
+        reply = await http.post("/publish", json={"channel": "angry", "message": {"text": "calm"},
+                                                  "uuid": "order-service"})
+        assert reply.status_code == 200
+        ack = reply.json()
+        jsonschema.validate(ack, published)
+        assert ack["delivered"] is True
+        filtered = (await http.post("/publish", json={"channel": "filtered",
+                                                      "message": {"text": "LOUD!!"}})).json()
+        jsonschema.validate(filtered, published)
+        assert filtered["delivered"] is False and filtered["filteredBy"]
+        bad = await http.post("/publish", json={"channel": "no spaces", "message": 1})
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_channel"
+        broken = await http.post("/publish", content=b"{not json")
+        assert broken.status_code == 400 and "JSON" in broken.json()["error"]["message"]
+    got = await sub.wait_for("message")
+    assert got[0]["message"] == {"text": "CALM!!!"} and got[0]["uuid"] == "order-service"
+    assert got[0]["id"] == ack["id"]
+    await asyncio.sleep(0.2)
+    assert len(sub.messages) == 1
+
+
+async def test_broadcast_publishes_on_every_channel_or_on_none(
+        echo_server: EchoProcess, clients: list[Client]) -> None:
+    sub = await connect(echo_server)
+    clients.append(sub)
+    await sub.call("subscribe", {"channels": ["plain", "room:a"]})
+    async with admin(echo_server) as http:
+        refused = await http.post("/broadcast", json={"channels": ["plain", "bad name"],
+                                                      "message": "x"})
+        assert refused.status_code == 400
+        reply = (await http.post("/broadcast", json={"channels": ["plain", "room:a"],
+                                                     "message": "hello"})).json()
+    assert reply["ok"] and set(reply["results"]) == {"plain", "room:a"}
+    assert all(r["ok"] for r in reply["results"].values())
+    got = await sub.wait_for("message", 2)
+    assert sorted((m["channel"], m["message"]) for m in got) == [("plain", "hello"),
+                                                                  ("room:a", "olleh")]
+
+
+async def test_a_backend_is_not_held_to_the_browser_rate_limit(
+        echo_server: EchoProcess, clients: list[Client]) -> None:
+    async with admin(echo_server) as http:
+        replies = await asyncio.gather(*(http.post("/publish", json={"channel": "plain",
+                                                                    "message": i})
+                                         for i in range(300)))
+    assert [r.status_code for r in replies] == [200] * 300  # the browser limit is 100 at once
+    backend = await connect(echo_server, admin=True)
+    clients.append(backend)
+    acks = await asyncio.gather(*(backend.call("publish", {"channel": "plain", "message": i})
+                                  for i in range(300)))
+    assert all(a["ok"] for a in acks)
+
+
+async def test_history_over_http_says_whether_nothing_is_missing(
+        echo_server: EchoProcess, clients: list[Client]) -> None:
+    channel = "hist:" + uuids.uuid4().hex[:8]
+    async with admin(echo_server) as http:
+        acks = [(await http.post("/publish", json={"channel": channel, "message": n})).json()
+                for n in range(5)]
+        epoch = acks[0]["epoch"]
+        read = (await http.get("/history", params={"channel": channel, "since": 2,
+                                                   "epoch": epoch})).json()
+        assert [p["message"] for p in read["publications"]] == [2, 3, 4]
+        assert read["recovered"] is True and read["offset"] == 5
+        wrong = (await http.get("/history", params={"channel": channel, "since": 2,
+                                                    "epoch": "another"})).json()
+        assert wrong["recovered"] is False
+        newest = (await http.get("/history", params={"channel": channel, "limit": 2,
+                                                     "reverse": "true"})).json()
+        assert [p["offset"] for p in newest["publications"]] == [5, 4]
+        plain = await http.get("/history", params={"channel": "plain"})
+        assert plain.status_code == 400 and "keeps no history" in plain.json()["error"]["message"]
+        bad = await http.get("/history", params={"channel": channel, "limit": "many"})
+        assert bad.status_code == 400 and "limit" in bad.json()["error"]["message"]
+
+
+async def test_presence_lists_who_is_subscribed_now(echo_server: EchoProcess,
+                                                    clients: list[Client]) -> None:
+    channel = "room:" + uuids.uuid4().hex[:8]
+    for name in ("ada", "bob"):
+        client = await connect(echo_server, uuid=name)
+        clients.append(client)
+        await client.call("subscribe", {"channels": [channel]})
+    async with admin(echo_server) as http:
+        reply = (await http.get("/presence", params={"channel": channel})).json()
+        empty = (await http.get("/presence", params={"channel": channel + "-none"})).json()
+    assert reply["count"] == 2 and [c["uuid"] for c in reply["clients"]] == ["ada", "bob"]
+    assert empty == {"ok": True, "channel": channel + "-none", "count": 0, "clients": []}
+
+
+@pytest.fixture
+async def nodes(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[list[EchoProcess]]:
+    project = make_project(tmp_path)
+    started = [EchoProcess(project, env={"ECHO_REDIS_URL": redis_server.url}, command="serve").start()
+               for _ in range(2)]
+    yield started
+    for server in started:
+        server.stop()
+
+
+@pytest.mark.redis
+async def test_presence_and_publish_across_nodes(nodes: list[EchoProcess],
+                                                 clients: list[Client]) -> None:
+    channel = "room:" + uuids.uuid4().hex[:8]
+    sub = await connect(nodes[0], uuid="on-node-a")
+    clients.append(sub)
+    await sub.call("subscribe", {"channels": [channel]})
+    async with admin(nodes[1]) as http:
+        for _ in range(50):  # presence writes reach Redis through a queue: shortly
+            reply = (await http.get("/presence", params={"channel": channel})).json()
+            if reply["count"]:
+                break
+            await asyncio.sleep(0.1)
+        assert [c["uuid"] for c in reply["clients"]] == ["on-node-a"]
+        ack = (await http.post("/publish", json={"channel": channel, "message": "hi"})).json()
+    assert ack["ok"]
+    got = await sub.wait_for("message")
+    assert got[0]["message"] == "ih"  # room:* runs demo-backwards

@@ -210,6 +210,10 @@ def jwt(
         typer.Option("--cap", help="Limit the user token: PATTERN=op,op (subscribe, publish, "
                                    "presence); repeatable.", metavar="PATTERN=OPS"),
     ] = None,
+    uuid: Annotated[
+        str | None, typer.Option("--uuid", help="The user the user token is for (its connections "
+                                                "must say this uuid; user:UUID opens to it).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     ttl: Annotated[int | None, typer.Option(help="Expire after this many seconds.")] = None,
     target: Annotated[
@@ -249,7 +253,10 @@ def jwt(
             Capabilities.parse(capabilities)
         except AuthError as exc:
             fail(str(exc))
-    user_token = issue_token(secret, app_name, admin=False, ttl=ttl, capabilities=capabilities)
+    if uuid is not None and not 1 <= len(uuid) <= 200:
+        fail("--uuid must be 1-200 characters")
+    user_token = issue_token(secret, app_name, admin=False, ttl=ttl, capabilities=capabilities,
+                             uuid=uuid)
     admin_token = issue_token(secret, app_name, admin=True, ttl=ttl)
     if as_json:
         body = {"endpoint": endpoint, "appName": app_name, "adminJwt": admin_token}

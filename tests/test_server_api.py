@@ -191,3 +191,61 @@ async def test_presence_and_publish_across_nodes(nodes: list[EchoProcess],
     assert ack["ok"]
     got = await sub.wait_for("message")
     assert got[0]["message"] == "ih"  # room:* runs demo-backwards
+
+
+# --- user identity and personal channels -------------------------------------------------
+
+
+async def test_a_token_with_a_uuid_fixes_who_the_connection_is(
+        echo_server: EchoProcess, clients: list[Client]) -> None:
+    from tests.test_bad_input import refused
+
+    reason = await refused(echo_server, TEST_APP, {"jwt": echo_server.token(uuid="ada"),
+                                                   "uuid": "mallory"})
+    assert "does not match the token" in reason
+    ada = await connect(echo_server, token=echo_server.token(uuid="ada"))  # no uuid sent
+    clients.append(ada)
+    await ada.call("subscribe", {"channels": ["plain"]})
+    await ada.call("publish", {"channel": "plain", "message": "me"})
+    got = await ada.wait_for("message")
+    assert got[0]["uuid"] == "ada"
+
+
+async def test_a_personal_channel_opens_only_to_its_user_and_reaches_all_their_connections(
+        echo_server: EchoProcess, clients: list[Client]) -> None:
+    user = "u-" + uuids.uuid4().hex[:8]
+    phone = await connect(echo_server, token=echo_server.token(uuid=user))
+    laptop = await connect(echo_server, token=echo_server.token(uuid=user), uuid=user)
+    other = await connect(echo_server, token=echo_server.token(uuid="someone-else"))
+    anonymous = await connect(echo_server)
+    clients.extend([phone, laptop, other, anonymous])
+    for mine in (phone, laptop):
+        assert (await mine.call("subscribe", {"channels": [f"user:{user}"]}))["ok"]
+    for stranger in (other, anonymous):
+        refusal = await stranger.call("subscribe", {"channels": [f"user:{user}"]})
+        assert refusal["error"]["code"] == "forbidden" and "personal" in refusal["error"]["message"]
+        assert (await stranger.call("history", {"channel": f"user:{user}"}))["error"]["code"] \
+            == "forbidden"
+    async with admin(echo_server) as http:
+        ack = (await http.post("/publish", json={"channel": f"user:{user}",
+                                                 "message": "your order shipped"})).json()
+    assert ack["ok"]
+    for mine in (phone, laptop):
+        assert (await mine.wait_for("message"))[0]["message"] == "your order shipped"
+
+
+def test_echoctl_jwt_mints_a_user_token_with_a_uuid(tmp_path: Path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from echo.core.auth import verify_token
+    from tests.conftest import SECRET
+
+    project = make_project(tmp_path)
+    out = subprocess.run([sys.executable, "-m", "echo", "jwt", TEST_APP, "--uuid", "ada", "--json",
+                          "--project", str(project)], capture_output=True, text=True, check=True,
+                         env={**os.environ, "ECHO_SECRET": SECRET})
+    token = json.loads(out.stdout)["jwt"]
+    assert verify_token(SECRET, token, app=TEST_APP).user == "ada"

@@ -68,9 +68,15 @@ class Claims:
     admin: bool
     manage: bool = False
     capabilities: Capabilities | None = None
+    user: str | None = None
+    """The user's id the token vouches for (``uuid`` claim, or ``sub``): the handshake uuid
+    must then match it, and only it may subscribe to its personal channel."""
 
     def may(self, operation: str, channel: str) -> bool:
         return self.capabilities is None or self.capabilities.allows(operation, channel)
+
+
+MAX_USER_ID = 200
 
 
 def issue_token(
@@ -80,13 +86,17 @@ def issue_token(
     admin: bool = False,
     ttl: int | None = None,
     capabilities: dict[str, list[str]] | None = None,
+    uuid: str | None = None,
 ) -> str:
-    """Sign a token for ``app``; ``ttl`` seconds adds an ``exp`` claim."""
+    """Sign a token for ``app``; ``ttl`` seconds adds an ``exp`` claim; ``uuid`` names the
+    user it is for (its connections must say that uuid; its personal channel opens)."""
     payload: dict[str, object] = {"appName": app, "admin": admin, "iat": int(time.time())}
     if ttl is not None:
         payload["exp"] = int(time.time()) + ttl
     if capabilities is not None:
         payload["capabilities"] = capabilities
+    if uuid is not None:
+        payload["uuid"] = uuid
     return jwt.encode(payload, secret, algorithm=ALGORITHM)
 
 
@@ -138,4 +148,7 @@ def verify_token(secrets: str | Sequence[str], token: object, *, app: str | None
     capabilities = None
     if "capabilities" in payload:
         capabilities = Capabilities.parse(payload["capabilities"])
-    return Claims(app=token_app, admin=admin, manage=manage, capabilities=capabilities)
+    user = payload.get("uuid", payload.get("sub"))
+    if user is not None and (not isinstance(user, str) or not 1 <= len(user) <= MAX_USER_ID):
+        raise AuthError(f"token uuid (or sub) claim must be a string of 1-{MAX_USER_ID} characters")
+    return Claims(app=token_app, admin=admin, manage=manage, capabilities=capabilities, user=user)

@@ -86,6 +86,16 @@ class HistoryRequest:
     reverse: bool
 
 
+PERSONAL_PREFIX = "user:"
+"""``user:<uuid>`` is that user's personal channel: every connection of that user (a token
+with that ``uuid`` claim), on every node; publishing to it reaches them all."""
+
+
+def personal_owner(channel: str) -> str | None:
+    """The user whose personal channel this is, or None."""
+    return channel[len(PERSONAL_PREFIX):] if channel.startswith(PERSONAL_PREFIX) else None
+
+
 def check_channel(name: Any, field: str = "channel") -> str:
     if not isinstance(name, str):
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"{field} must be a string, got {_kind(name)}")

@@ -324,7 +324,13 @@ class Realtime:
             log.warning("refused connection to /%s: %s", app[:80], problem)
             raise Refused(problem)
         uuid = auth.get("uuid") if isinstance(auth, dict) else None
-        if not isinstance(uuid, str) or not uuid or len(uuid) > MAX_UUID_LENGTH:
+        if claims.user is not None:  # the token vouches for a user: the uuid is that user
+            if uuid not in (None, "", claims.user):
+                log.info("refused connection to /%s: uuid does not match the token", app[:80])
+                raise Refused("Authorization error: the uuid does not match the token's user "
+                              "(leave uuid out, or send the token's)")
+            uuid = claims.user
+        elif not isinstance(uuid, str) or not uuid or len(uuid) > MAX_UUID_LENGTH:
             uuid = conn.sid
         client = Client(app=app, uuid=uuid, admin=claims.admin, claims=claims)
         client.bucket = self.publish_bucket(backend=claims.admin)
@@ -434,6 +440,10 @@ class Realtime:
             if not client.claims.may("subscribe", channel):
                 raise ProtocolError(ErrorCode.FORBIDDEN,
                                     f"this token may not subscribe to {channel!r}")
+            owner = protocol.personal_owner(channel)
+            if owner is not None and owner != client.claims.user and not client.admin:
+                raise ProtocolError(ErrorCode.FORBIDDEN, f"{channel!r} is a personal channel: "
+                                    "only a token whose uuid claim is that user may subscribe")
             if subscription.with_presence and not client.claims.may("presence", channel):
                 raise ProtocolError(ErrorCode.FORBIDDEN,
                                     f"this token may not see presence on {channel!r}")
@@ -654,7 +664,9 @@ class Realtime:
     async def _history(self, request: Request, data: Any) -> dict[str, Any]:
         client = request.client
         ask = protocol.parse_history(data)
-        if not client.claims.may("history", ask.channel) or ask.channel == ADMIN_CHANNEL:
+        owner = protocol.personal_owner(ask.channel)
+        if (not client.claims.may("history", ask.channel) or ask.channel == ADMIN_CHANNEL
+                or (owner is not None and owner != client.claims.user and not client.admin)):
             raise ProtocolError(ErrorCode.FORBIDDEN,
                                 f"this token may not read the history of {ask.channel!r}")
         if client.bucket is not None and (wait := client.bucket.take()):

@@ -1,0 +1,18 @@
+"""Echo's Python SDK, for an app's backend (and Python clients).
+
+- :class:`ServerApi` / :class:`AsyncServerApi`: the HTTP server API (publish, broadcast,
+  presence, history), on httpx;
+- :class:`RealtimeClient`: an async Socket.IO client (subscribe, publish with acks,
+  history), which reconnects, re-subscribes and recovers missed messages by itself;
+- :func:`user_token` / :func:`admin_token`: mint short-lived tokens for your users.
+
+Every refusal raises :class:`EchoError` with the server's ``code``.
+"""
+
+from echo.sdk.errors import EchoError
+from echo.sdk.realtime import RealtimeClient
+from echo.sdk.server_api import AsyncServerApi, ServerApi
+from echo.sdk.tokens import admin_token, user_token
+
+__all__ = ["AsyncServerApi", "EchoError", "RealtimeClient", "ServerApi", "admin_token",
+           "user_token"]

@@ -179,7 +179,7 @@ class Client:
         self.namespace = "/" + app
         self.sio = socketio.AsyncClient(reconnection=False)
         self.received: dict[str, list[Any]] = {"message": [], "presence": [], "status": [],
-                                               "error": []}
+                                               "error": [], "unsubscribed": []}
         for event in self.received:
             self.sio.on(event, self._recorder(event), namespace=self.namespace)
 

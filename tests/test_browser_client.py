@@ -193,3 +193,33 @@ def test_client_retries_a_refused_connection_unless_the_token_is_bad(
     assert [s["state"] for s in bad] == ["connecting", "error"], result["badStates"]
     assert bad[1]["retrying"] is False
     assert bad[1]["message"].startswith("Authorization error"), bad
+
+
+TOKEN_SCRIPT = """
+import { Echo } from "echo-browser-client";
+
+setTimeout(() => { console.error("no result within 15 s"); process.exit(2); }, 15000).unref();
+const [url, expired, fresh] = process.argv.slice(2);
+let asked = 0;
+// the first token has expired: getToken is asked again on the retry and gets a good one
+const echo = new Echo({ host: url, appName: "test-app", getToken: async () => (asked++ ? fresh : expired) });
+const connected = new Promise((resolve) =>
+  echo.addListener({ state: (s) => { if (s.state === "connected") resolve(s); } }));
+await connected;
+const personal = await echo.subscribe({ channels: ["user:ada"] });
+const here = await echo.socket.timeout(5000).emitWithAck("presence", { channel: "user:ada" });
+echo.stop();
+console.log(JSON.stringify({ asked, uuid: echo.uuid, personal, here }));
+process.exit(0);
+"""
+
+
+def test_client_asks_get_token_on_each_connect_and_takes_the_tokens_user(
+    echo_server: EchoProcess, installed_client: Path
+) -> None:
+    expired = echo_server.token("test-app", uuid="ada", ttl=-60)
+    result = run_node(installed_client, TOKEN_SCRIPT, echo_server.url, expired,
+                      echo_server.token("test-app", uuid="ada"))
+    assert result["asked"] >= 2 and result["uuid"] == "ada"
+    assert result["personal"]["ok"] is True
+    assert result["here"]["count"] == 1 and result["here"]["clients"] == [{"uuid": "ada"}]

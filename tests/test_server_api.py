@@ -163,6 +163,56 @@ async def test_presence_lists_who_is_subscribed_now(echo_server: EchoProcess,
     assert empty == {"ok": True, "channel": channel + "-none", "count": 0, "clients": []}
 
 
+async def test_the_backend_disconnects_or_unsubscribes_a_user(
+        echo_server: EchoProcess, clients: list[Client]) -> None:
+    user = "kick-" + uuids.uuid4().hex[:6]
+    first = await connect(echo_server, token=echo_server.token(uuid=user))
+    second = await connect(echo_server, token=echo_server.token(uuid=user))
+    bystander = await connect(echo_server)
+    clients.extend([first, second, bystander])
+    for client in (first, second, bystander):
+        await client.call("subscribe", {"channels": ["plain", "room:z"]})
+    async with admin(echo_server) as http:
+        reply = (await http.post("/unsubscribe", json={"uuid": user, "channel": "room:z"})).json()
+        assert reply == {"ok": True, "uuid": user, "channel": "room:z"}
+        for client in (first, second):
+            assert (await client.wait_for("unsubscribed"))[0] == {"channel": "room:z",
+                                                                  "reason": "server"}
+        await http.post("/publish", json={"channel": "room:z", "message": "after"})
+        await bystander.wait_for("message")
+        assert first.messages == [] and second.messages == []
+        bad = await http.post("/disconnect", json={"uuid": ""})
+        assert bad.status_code == 400
+        assert (await http.post("/disconnect", json={"uuid": user})).json()["ok"]
+    await wait_disconnected(first, second)
+    assert bystander.sio.connected
+    async with httpx.AsyncClient(trust_env=False) as http:
+        spec_paths = (await http.get(echo_server.url + "/api/openapi.json")).json()["paths"]
+    assert {"/api/{app}/disconnect", "/api/{app}/unsubscribe"} <= set(spec_paths)
+
+
+async def wait_disconnected(*clients: Client) -> None:
+    for _ in range(100):
+        if not any(c.sio.namespaces for c in clients):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("still connected")
+
+
+async def test_presence_on_the_socket(echo_server: EchoProcess, clients: list[Client]) -> None:
+    channel = "room:" + uuids.uuid4().hex[:8]
+    ada = await connect(echo_server, uuid="ada")
+    clients.append(ada)
+    await ada.call("subscribe", {"channels": [channel]})
+    here = await ada.call("presence", {"channel": channel})
+    assert here == {"ok": True, "channel": channel, "count": 1, "clients": [{"uuid": "ada"}]}
+    limited = await connect(echo_server, token=echo_server.token(
+        capabilities={"room:*": ["subscribe"]}))
+    clients.append(limited)
+    refused = await limited.call("presence", {"channel": channel})
+    assert refused["error"]["code"] == "forbidden"
+
+
 @pytest.fixture
 async def nodes(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[list[EchoProcess]]:
     project = make_project(tmp_path)
@@ -191,6 +241,9 @@ async def test_presence_and_publish_across_nodes(nodes: list[EchoProcess],
     assert ack["ok"]
     got = await sub.wait_for("message")
     assert got[0]["message"] == "ih"  # room:* runs demo-backwards
+    async with admin(nodes[1]) as http:  # an order to another node's connection
+        assert (await http.post("/disconnect", json={"uuid": "on-node-a"})).json()["ok"]
+    await wait_disconnected(sub)
 
 
 # --- user identity and personal channels -------------------------------------------------

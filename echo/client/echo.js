@@ -51,16 +51,33 @@ function randomUUID() {
   return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
 }
 
+/** The user a token is for (its `uuid` or `sub` claim), read without verifying it. */
+function claimedUuid(token) {
+  try {
+    const part = String(token).split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    const claims = JSON.parse(atob(part + "=".repeat((4 - (part.length % 4)) % 4)));
+    const user = claims.uuid ?? claims.sub;
+    return typeof user === "string" && user ? user : null;
+  } catch {
+    return null;
+  }
+}
+
 export class Echo {
   /**
    * Connects at once (and reconnects by itself) to the app's namespace `host/appName`.
-   * @param {{host: string, appName: string, jwt: string, uuid?: string}} options
-   *   `uuid` names this client to others (messages, presence); random when absent.
+   * @param {{host: string, appName: string, jwt?: string, getToken?: () => string | Promise<string>,
+   *   uuid?: string}} options
+   *   `getToken` is asked for a token on every connect (give it instead of `jwt` when tokens
+   *   expire: a reconnect then gets a fresh one). `uuid` names this client to others
+   *   (messages, presence); random when absent (a token with a uuid claim fixes it).
    */
-  constructor({ host, appName, jwt, uuid } = {}) {
-    if (!host || !appName || !jwt) throw new TypeError("new Echo({host, appName, jwt}) needs all three");
+  constructor({ host, appName, jwt, getToken, uuid } = {}) {
+    if (!host || !appName || !(jwt || getToken)) {
+      throw new TypeError("new Echo({host, appName, jwt}) needs host, appName and jwt (or getToken)");
+    }
     this.appName = appName;
-    this.uuid = uuid || randomUUID();
+    this.uuid = uuid || (jwt && claimedUuid(jwt)) || randomUUID();
     /** @type {Map<string, boolean>} subscribed channel -> withPresence; replayed on reconnect */
     this.channels = new Map();
     /** @type {Map<string, {offset: number, epoch: string}>} the last position seen per
@@ -72,7 +89,15 @@ export class Echo {
     this._connectedBefore = false;
 
     const url = host.replace(/\/+$/, "") + "/" + appName;
-    this.socket = io(url, { transports: ["websocket"], auth: { jwt, uuid: this.uuid } });
+    const auth = getToken
+      ? (reply) => Promise.resolve().then(getToken)
+        .then((token) => {
+          this.uuid = uuid || claimedUuid(token) || this.uuid; // a token for a user names it
+          reply({ jwt: token, uuid: this.uuid });
+        })
+        .catch((err) => reply({ jwt: "", uuid: this.uuid, tokenError: String(err) }))
+      : { jwt, uuid: this.uuid };
+    this.socket = io(url, { transports: ["websocket"], auth });
     const socket = this.socket;
     this._stopped = false;
     this._refusals = 0;
@@ -93,7 +118,8 @@ export class Echo {
       // server stops socket.io for good; only a refused token deserves that. Anything else
       // (a node shutting down, a connection limit) is retried here, with back-off.
       const refused = !socket.active;
-      const retrying = !(refused && /^Authorization error/.test(err.message));
+      // a refused token is final, unless getToken can fetch a new one
+      const retrying = !(refused && /^Authorization error/.test(err.message) && !getToken);
       if (refused && retrying) this._connectLater();
       this._emit("state", { state: "error", message: err.message, retrying });
     });

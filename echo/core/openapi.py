@@ -103,6 +103,27 @@ def document() -> dict[str, Any]:
                             "properties": {"connection": {"type": "string"},
                                            "uuid": {"type": "string"}}}}}}, 503),
             }},
+            "/api/{app}/disconnect": {"post": {
+                "summary": "Disconnect every connection of a user, on every node",
+                "operationId": "disconnect", "parameters": [_APP],
+                "requestBody": {"required": True, **_json({
+                    "type": "object", "required": ["uuid"],
+                    "properties": {"uuid": {"type": "string", "maxLength": 200}}})},
+                "responses": _answers({"type": "object", "required": ["ok", "uuid"], "properties": {
+                    "ok": {"const": True}, "uuid": {"type": "string"}}}),
+            }},
+            "/api/{app}/unsubscribe": {"post": {
+                "summary": "Unsubscribe every connection of a user from a channel, on every node",
+                "operationId": "unsubscribe", "parameters": [_APP],
+                "requestBody": {"required": True, **_json({
+                    "type": "object", "required": ["uuid", "channel"],
+                    "properties": {"uuid": {"type": "string", "maxLength": 200},
+                                   "channel": _CHANNEL}})},
+                "responses": _answers({"type": "object", "required": ["ok", "uuid", "channel"],
+                                       "properties": {"ok": {"const": True},
+                                                      "uuid": {"type": "string"},
+                                                      "channel": {"type": "string"}}}),
+            }},
             "/api/{app}/history": {"get": {
                 "summary": "A history channel's kept messages, as delivered",
                 "operationId": "history",

@@ -179,6 +179,11 @@ def parse_history(data: Any) -> HistoryRequest:
     return HistoryRequest(channel, limit, since, reverse)
 
 
+def parse_presence(data: Any) -> str:
+    data = _object(data, "presence", '{"channel": "news"}')
+    return check_channel(data.get("channel"), "presence.channel")
+
+
 def parse_unsubscribe(data: Any) -> tuple[str, ...]:
     return _channels(_object(data, "unsubscribe", '{"channels": ["news"]}'), "unsubscribe")
 

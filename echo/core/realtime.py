@@ -32,6 +32,9 @@ from echo.transport.base import Connection, Frame, Refused, Transport
 log = logging.getLogger("echo.realtime")
 
 MAX_UUID_LENGTH = 200
+CONTROL_ROOM = "\x00orders"
+"""Every connection's room for the backend's orders (disconnect, unsubscribe a user): not a
+channel name, so no client can join or publish to it; its frames are read, never written."""
 IN_FLIGHT_WAIT = 5.0
 """Seconds a publish waits for an earlier one with the same idempotencyKey to settle."""
 
@@ -276,6 +279,9 @@ class Realtime:
 
     def write_local(self, app: str, room: str, frame: Frame) -> None:
         """The broker's delivery: a frame for a room of this node."""
+        if room == CONTROL_ROOM:
+            self._obey(app, frame)
+            return
         self.transport.write("/" + app, room, frame)
         if self.rooms.holding:  # connections being recovered get it after what they missed
             self.rooms.keep(app, room, frame)
@@ -338,6 +344,7 @@ class Realtime:
         self.connections.add(app)
         metrics.labelled(metrics.CONNECTIONS, app).inc()
         try:
+            await self.rooms.join(conn, CONTROL_ROOM)  # the backend's orders reach this node
             if claims.admin:
                 await self.rooms.join(conn, ADMIN_CHANNEL)
             self.status(app, "connection", uuid=uuid, admin=claims.admin)
@@ -373,7 +380,8 @@ class Realtime:
         if handler is None:
             error = ProtocolError(
                 ErrorCode.UNKNOWN_EVENT,
-                f"unknown event {event[:60]!r}; expected subscribe, unsubscribe, publish or history",
+                f"unknown event {event[:60]!r}; expected subscribe, unsubscribe, publish, history "
+                "or presence",
             )
             self._answer(request, self._refusal(request, error))
             return
@@ -539,8 +547,12 @@ class Realtime:
         return complete, position
 
     async def _unsubscribe(self, request: Request, data: Any) -> dict[str, Any]:
-        conn, client = request.conn, request.client
         channels = protocol.parse_unsubscribe(data)
+        await self._leave_channels(request.conn, request.client, channels)
+        return protocol.ok(channels=list(channels))
+
+    async def _leave_channels(self, conn: Connection, client: Client,
+                              channels: tuple[str, ...]) -> None:
         for channel in channels:
             if channel == ADMIN_CHANNEL and client.admin:
                 continue  # admins stay on their status feed, as in Ekko
@@ -551,7 +563,39 @@ class Realtime:
                 await self.broker.presence_remove(client.app, channel, conn.sid)
                 self._presence(client, channel, "left")
         self.status(client.app, "unsubscribe", uuid=client.uuid, channels=list(channels))
-        return protocol.ok(channels=list(channels))
+
+    # -- orders from the app's backend, to every node (the HTTP server API) ------------------
+
+    def order(self, app: str, op: str, uuid: str, channel: str | None = None) -> None:
+        """Ask every node serving ``app`` to disconnect ``uuid``'s connections, or to
+        unsubscribe them from ``channel``."""
+        self.broker.publish(app, CONTROL_ROOM, Frame.event(
+            "/" + app, "order", {"op": op, "uuid": uuid, "channel": channel}))
+
+    def _obey(self, app: str, frame: Frame) -> None:
+        try:
+            _, _, args = frame.decode()
+            order = args[0]
+            op, uuid, channel = order["op"], order["uuid"], order.get("channel")
+        except (ValueError, LookupError, TypeError):
+            log.warning("%s: an unreadable order from another node was ignored", app[:80])
+            return
+        targets = [conn for conn in self.transport.connections()
+                   if conn.app == app and isinstance(conn.state, Client) and conn.state.uuid == uuid]
+        for conn in targets:
+            task = asyncio.get_running_loop().create_task(self._carry_out(conn, op, channel))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _carry_out(self, conn: Connection, op: str, channel: str | None) -> None:
+        client = conn.state
+        if not isinstance(client, Client) or not conn.connected:
+            return
+        if op == "disconnect":
+            await conn.close()
+        elif op == "unsubscribe" and channel is not None and channel in client.channels:
+            await self._leave_channels(conn, client, (channel,))
+            conn.emit("unsubscribed", {"channel": channel, "reason": "server"})
 
     async def _publish(self, request: Request, data: Any) -> Any:
         client = request.client
@@ -695,9 +739,35 @@ class Realtime:
                            publications=[frame.decode()[2][0] for frame in read.frames],
                            offset=read.position.offset, epoch=read.position.epoch)
 
+    async def _presence_request(self, request: Request, data: Any) -> dict[str, Any]:
+        client = request.client
+        channel = protocol.parse_presence(data)
+        owner = protocol.personal_owner(channel)
+        if (not client.claims.may("presence", channel)
+                or (owner is not None and owner != client.claims.user and not client.admin)):
+            raise ProtocolError(ErrorCode.FORBIDDEN,
+                                f"this token may not see presence on {channel!r}")
+        here = await self.presence_of(client.app, channel)
+        return {**here, "clients": [{"uuid": c["uuid"]} for c in here["clients"]]}
+
+    async def presence_of(self, app: str, channel: str) -> dict[str, Any]:
+        """Who is subscribed to ``channel`` now, on every node (socket and HTTP)."""
+        if channel == ADMIN_CHANNEL:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "the admin channel has no presence")
+        try:
+            members = await self.broker.presence(app, channel)
+        except Exception as exc:
+            raise ProtocolError(ErrorCode.UNAVAILABLE,
+                                f"presence unavailable ({type(exc).__name__}); retry") from None
+        clients = sorted(({"connection": sid, "uuid": info.get("uuid")}
+                          for sid, info in members.items()),
+                         key=lambda c: (str(c["uuid"]), c["connection"]))
+        return protocol.ok(channel=channel, count=len(clients), clients=clients)
+
     _handlers: dict[str, Handling] = {
         "subscribe": _subscribe,
         "unsubscribe": _unsubscribe,
         "publish": _publish,
         "history": _history,
+        "presence": _presence_request,
     }

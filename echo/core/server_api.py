@@ -22,7 +22,7 @@ from echo.core import metrics, protocol
 from echo.core.auth import AuthError, verify_token
 from echo.core.limits import TokenBucket
 from echo.core.openapi import document
-from echo.core.protocol import ADMIN_CHANNEL, ErrorCode, ProtocolError
+from echo.core.protocol import ErrorCode, ProtocolError
 
 if TYPE_CHECKING:
     from echo.core.app import EchoServer
@@ -64,6 +64,8 @@ class ServerApi:
             route("/api/{app}/broadcast", ServerApi.broadcast, "POST"),
             route("/api/{app}/presence", ServerApi.presence, "GET"),
             route("/api/{app}/history", ServerApi.history, "GET"),
+            route("/api/{app}/disconnect", ServerApi.disconnect, "POST"),
+            route("/api/{app}/unsubscribe", ServerApi.unsubscribe, "POST"),
         ]
 
     async def _answer(self, request: Request, endpoint: Endpoint) -> JSONResponse:
@@ -165,16 +167,7 @@ class ServerApi:
 
     async def presence(self, request: Request, app: str) -> dict[str, Any]:
         channel = protocol.check_channel(request.query_params.get("channel"), "channel")
-        if channel == ADMIN_CHANNEL:
-            raise ProtocolError(ErrorCode.BAD_REQUEST, "the admin channel has no presence")
-        try:
-            members = await self.server.broker.presence(app, channel)
-        except Exception as exc:
-            raise ProtocolError(ErrorCode.UNAVAILABLE,
-                                f"presence unavailable ({type(exc).__name__}); retry") from None
-        clients = sorted(({"connection": sid, **info} for sid, info in members.items()),
-                         key=lambda c: (str(c.get("uuid")), c["connection"]))
-        return protocol.ok(channel=channel, count=len(clients), clients=clients)
+        return await self.server.realtime.presence_of(app, channel)
 
     async def history(self, request: Request, app: str) -> dict[str, Any]:
         query: dict[str, Any] = {"channel": request.query_params.get("channel")}
@@ -194,6 +187,24 @@ class ServerApi:
             reply["recovered"] = reply["epoch"] == epoch and ask.since <= reply["offset"] and (
                 reply["offset"] == ask.since or first == [ask.since + 1])
         return reply
+
+    async def disconnect(self, request: Request, app: str) -> dict[str, Any]:
+        uuid = self._user(await self._body(request))
+        self.server.realtime.order(app, "disconnect", uuid)
+        return protocol.ok(uuid=uuid)
+
+    async def unsubscribe(self, request: Request, app: str) -> dict[str, Any]:
+        data = await self._body(request)
+        uuid = self._user(data)
+        channel = protocol.check_channel(data.get("channel"), "channel")
+        self.server.realtime.order(app, "unsubscribe", uuid, channel)
+        return protocol.ok(uuid=uuid, channel=channel)
+
+    def _user(self, data: dict[str, Any]) -> str:
+        uuid = data.get("uuid")
+        if not isinstance(uuid, str) or not 1 <= len(uuid) <= 200:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "uuid must be the user's uuid (1-200 characters)")
+        return uuid
 
     def _refuse_draining(self) -> None:
         if self.server.realtime.draining:

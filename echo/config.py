@@ -16,7 +16,10 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from echo.core.webhooks import Webhook
 
 from echo.transport import TRANSPORTS
 
@@ -37,6 +40,8 @@ class Settings:
     secret: str | None = None
     previous_secret: str | None = None
     app_secrets: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    webhooks: dict[str, tuple[Webhook, ...]] = field(default_factory=dict)
+    """Per app: where its events are POSTed (see echo/core/webhooks.py)."""
     host: str = "127.0.0.1"
     port: int = 3000
     redis_url: str | None = None
@@ -213,6 +218,13 @@ def _convert(key: str, name: str, raw: Any) -> Any:
             return value
         case "app_secrets":
             return _to_app_secrets(name, raw)
+        case "webhooks":
+            from echo.core.webhooks import WebhookConfigError, parse_webhooks
+
+            try:
+                return parse_webhooks(name, raw)
+            except WebhookConfigError as exc:
+                raise ConfigError(str(exc)) from None
         case "ping_interval" | "ping_timeout":  # seconds; the handshake carries whole ms
             return _to_float(name, raw, 0.01, 3600.0)
         case "connect_timeout":

@@ -167,6 +167,21 @@ class Broker(abc.ABC):
                                  ack: dict[str, Any] | None, window: float) -> None:
         """Record the first publish's ``ack`` for its key; None frees the key (it failed)."""
 
+    # -- durable work queues (webhooks) -----------------------------------------------------
+
+    @abc.abstractmethod
+    async def enqueue(self, queue: str, items: list[bytes]) -> None:
+        """Add ``items`` (unique byte strings), due now."""
+
+    @abc.abstractmethod
+    async def claim(self, queue: str, limit: int, lease: float) -> list[bytes]:
+        """Up to ``limit`` due items, oldest first, made due again after ``lease`` seconds
+        unless settled meanwhile: a claimer that dies leaves them to another."""
+
+    @abc.abstractmethod
+    async def settle(self, queue: str, item: bytes, again: bytes | None, delay: float) -> None:
+        """``item`` is done; ``again`` (its retry) is due after ``delay`` seconds."""
+
     def history_entries(self) -> int | None:
         """Messages kept in history, when this process holds them (else None: in Redis)."""
         return None

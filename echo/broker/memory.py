@@ -19,6 +19,8 @@ from echo.transport.base import Frame
 MAX_STREAMS: Final = 100_000
 """History streams kept at once; the least recently used beyond that are forgotten."""
 MAX_IDEMPOTENCY_KEYS: Final = 100_000
+MAX_QUEUED: Final = 100_000
+"""Items a work queue holds at most (webhooks of a receiver that is down)."""
 """Idempotency keys remembered at once; the oldest beyond that are forgotten early."""
 
 
@@ -42,6 +44,7 @@ class MemoryBroker(Broker):
         self._presence: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
         self._streams: OrderedDict[tuple[str, str], Stream] = OrderedDict()
         self._keys: OrderedDict[tuple[str, str, str], tuple[float, dict[str, Any]]] = OrderedDict()
+        self._queues: dict[str, dict[bytes, float]] = {}
 
     def describe(self) -> str:
         return "memory (this node only)"
@@ -139,6 +142,32 @@ class MemoryBroker(Broker):
 
     async def presence(self, app: str, channel: str) -> dict[str, dict[str, Any]]:
         return dict(self._presence.get((app, channel), {}))
+
+    # -- work queues (in process: they end with it) ------------------------------------------
+
+    async def enqueue(self, queue: str, items: list[bytes]) -> None:
+        due = self._queues.setdefault(queue, {})
+        now = time.monotonic()
+        for item in items:
+            if len(due) >= MAX_QUEUED:
+                raise OverflowError(f"queue {queue[:80]!r} holds {MAX_QUEUED} items")
+            due[item] = now
+
+    async def claim(self, queue: str, limit: int, lease: float) -> list[bytes]:
+        due = self._queues.get(queue)
+        if not due:
+            return []
+        now = time.monotonic()
+        ready = sorted((at, item) for item, at in due.items() if at <= now)[:limit]
+        for _, item in ready:
+            due[item] = now + lease
+        return [item for _, item in ready]
+
+    async def settle(self, queue: str, item: bytes, again: bytes | None, delay: float) -> None:
+        due = self._queues.setdefault(queue, {})
+        due.pop(item, None)
+        if again is not None:
+            due[again] = time.monotonic() + delay
 
     def history_entries(self) -> int | None:
         return sum(len(stream.entries) for stream in self._streams.values())

@@ -78,6 +78,9 @@ from echo.broker.scripts import (
     PRESENCE_REMOVE,
     PUBLISH,
     PUBLISH_HISTORY,
+    QUEUE_ADD,
+    QUEUE_CLAIM,
+    QUEUE_SETTLE,
     READ_HISTORY,
     REGISTER,
     SPUBLISH,
@@ -102,6 +105,8 @@ T = TypeVar("T")
 NODE_ID_BYTES = 16
 HEADER = struct.Struct(">16sIQ")
 """Node id, epoch (a new one when the publisher forgot its sequences), sequence."""
+MAX_QUEUED = 100_000
+"""Items a work queue holds at most (webhooks of a receiver that is down)."""
 PENDING_CLAIM_SECONDS = 30.0
 """How long an idempotency key stays claimed by a publish that has not settled it (a node
 that died mid-publish frees it then, not after the whole window)."""
@@ -773,6 +778,29 @@ class RedisBroker(Broker):
                               "%r (clients recover them from the stream)", name[:120])
         if last is None or offset > last or offset == 1:
             self._offsets[name] = offset
+
+    # -- work queues (webhooks): one sorted set each, on its hash tag's server --------------
+
+    def _queue_key(self, queue: str) -> bytes:
+        return f"{self.prefix}:queue:{{{quote(queue, safe='')}}}".encode()
+
+    async def enqueue(self, queue: str, items: list[bytes]) -> None:
+        key = self._queue_key(queue)
+        refused = await self._on_owner(key, lambda client: run_script(
+            client, QUEUE_ADD, (key,), (MAX_QUEUED, *items)))
+        if int(refused):
+            raise OverflowError(f"queue {queue[:80]!r} is full ({MAX_QUEUED} items)")
+
+    async def claim(self, queue: str, limit: int, lease: float) -> list[bytes]:
+        key = self._queue_key(queue)
+        due = await self._on_owner(key, lambda client: run_script(
+            client, QUEUE_CLAIM, (key,), (limit, max(1, round(lease * 1000)))))
+        return [bytes(item) for item in due]
+
+    async def settle(self, queue: str, item: bytes, again: bytes | None, delay: float) -> None:
+        key = self._queue_key(queue)
+        await self._on_owner(key, lambda client: run_script(
+            client, QUEUE_SETTLE, (key,), (item, again or b"", max(0, round(delay * 1000)))))
 
     # -- presence --------------------------------------------------------------------------
 

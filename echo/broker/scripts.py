@@ -244,3 +244,39 @@ async def run_pipelined(client: aioredis.Redis, calls: Sequence[Call]) -> list[A
         for index, result in zip(missing, again, strict=True):
             results[index] = result
     return results
+
+
+QUEUE_ADD = LuaScript(_NOW + """
+-- KEYS[1]: a work queue (sorted set: item -> when it is due, ms). ARGV[1]: the most it may
+-- hold; ARGV[2..]: items, due now. Returns how many did not fit.
+local refused = 0
+for i = 2, #ARGV do
+  if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
+    redis.call('ZADD', KEYS[1], now, ARGV[i])
+  else
+    refused = refused + 1
+  end
+end
+return refused
+""")
+
+QUEUE_CLAIM = LuaScript(_NOW + """
+-- KEYS[1]: a work queue. ARGV[1]: at most this many, ARGV[2]: lease (ms). The due items,
+-- oldest first, each due again when its lease ends (unless settled before).
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, ARGV[1])
+for _, item in ipairs(due) do
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), item)
+end
+return due
+""")
+
+QUEUE_SETTLE = LuaScript(_NOW + """
+-- KEYS[1]: a work queue. ARGV[1]: the item done, ARGV[2]: its retry ('' for none), due
+-- after ARGV[3] ms.
+redis.call('ZREM', KEYS[1], ARGV[1])
+if ARGV[2] ~= '' then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
+end
+return 1
+""")
+

@@ -30,6 +30,7 @@ from echo.core.realtime import Realtime
 from echo.core.runners import Runner, RunnerSet, load_runner_class
 from echo.core.server_api import ServerApi
 from echo.core.store import AssociationsStore, FileStore, RedisStore
+from echo.core.webhooks import Webhooks
 from echo.transport.base import Transport, TransportOptions, load_transport
 
 log = logging.getLogger("echo.server")
@@ -95,6 +96,9 @@ class EchoServer:
                 max_pending_per_channel=settings.max_pending_per_channel,
             ),
         )
+        self.webhooks = Webhooks(settings.webhooks, self.broker, on_failure=lambda app, url, why:
+                                 self.realtime.status(app, "webhook_failed", url=url, error=why))
+        self.realtime.webhooks = self.webhooks
         self.options = transport_options(settings)
         self.transport: Transport = load_transport(settings.transport)(self.realtime, self.options)
         self.realtime.attach(self.transport)
@@ -117,6 +121,7 @@ class EchoServer:
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
         await self.runner.start()
         await self.broker.start(self.realtime.write_local)
+        await self.webhooks.start()
         await self.transport.start()
         await self.load_associations()
         watcher = asyncio.create_task(self.store.watch(self.load_associations))
@@ -131,6 +136,7 @@ class EchoServer:
             await asyncio.gather(watcher, return_exceptions=True)
             await self.transport.close()  # runs every disconnect: presence "left", status
             await shutdown.flush_within(self.broker.flush, 2.0)  # ... which others must hear
+            await self.webhooks.close()
             await self.broker.close()
             await self.store.close()
             await self.runner.close()

@@ -73,6 +73,14 @@ RECOVERIES = Counter(
     "Subscriptions that asked to recover from a position, by result (recovered or not)",
     ["result"],
 )
+WEBHOOK_EVENTS = Counter("echo_webhook_events_total", "Events queued for webhooks")
+WEBHOOK_DELIVERIES = Counter("echo_webhook_deliveries_total",
+                             "Webhook requests a receiver accepted (2xx)")
+WEBHOOK_FAILURES = Counter(
+    "echo_webhook_failures_total",
+    "Webhook failures: retried (a request failed), dropped (out of attempts), not_queued",
+    ["kind"],
+)
 RECOVERED_MESSAGES = Counter(
     "echo_recovered_messages_total", "Missed messages delivered by recoveries"
 )

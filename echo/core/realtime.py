@@ -27,6 +27,7 @@ from echo.core.limits import ConnectionCounts, TokenBucket
 from echo.core.pipeline import Envelope, Overloaded, Pipeline
 from echo.core.protocol import ADMIN_CHANNEL, ErrorCode, ProtocolError
 from echo.core.runners import FunctionError
+from echo.core.webhooks import Webhooks
 from echo.transport.base import Connection, Frame, Refused, Transport
 
 log = logging.getLogger("echo.realtime")
@@ -219,6 +220,8 @@ class Realtime:
         self.connections = ConnectionCounts(settings.max_connections_per_app)
         self.draining = False
         self._background: set[asyncio.Task[None]] = set()
+        self.webhooks: Webhooks | None = None
+        """Where this node's events go to the apps' backends (set by the server)."""
         self.pipeline = make_pipeline(self)
         self._transport: Transport | None = None
         self._rooms: Rooms | None = None
@@ -252,6 +255,10 @@ class Realtime:
             "ts": envelope.ts,
         }
         metrics.MESSAGES_DELIVERED.inc(envelope.app)
+        if self.webhooks is not None and self.webhooks.wants(envelope.app, "publish"):
+            self.webhooks.emit(envelope.app, "publish", {
+                "channel": envelope.channel, "message": envelope.message, "uuid": envelope.uuid,
+                "messageId": envelope.id, "seq": envelope.seq})
         policy = self.history_policy(self.pipeline.rule(envelope.app, envelope.channel))
         if policy is None:
             self.broker.publish(envelope.app, envelope.channel,
@@ -287,7 +294,10 @@ class Realtime:
             self.rooms.keep(app, room, frame)
 
     def status(self, app: str, event: str, *, local: bool = False, **details: Any) -> None:
-        """Tell the app's admin sockets what happened (``local``: on this node only)."""
+        """Tell the app's admin sockets what happened (``local``: on this node only), and
+        its webhooks that want this event."""
+        if self.webhooks is not None and self.webhooks.wants(app, event):
+            self.webhooks.emit(app, event, details)
         frame = Frame.event("/" + app, "status", protocol.status_payload(event, app, **details))
         if local:
             self.write_local(app, ADMIN_CHANNEL, frame)

@@ -1,0 +1,173 @@
+"""Webhooks to a real HTTP receiver (a threaded ``http.server`` on loopback): signed, batched,
+retried with back-off when the receiver fails, and, on Redis, delivered by another node
+after the node that queued them was SIGKILLed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from echo.config import ConfigError, load_settings
+from echo.core.webhooks import signature
+from tests.conftest import Client, EchoProcess, RedisServer, connect, make_project
+
+pytestmark = pytest.mark.anyio
+
+HOOK_SECRET = "webhook-secret-0123456789abcdef-0123"
+
+
+class Receiver:
+    """Records every request; answers ``fail`` requests with 500 first (or all, while down)."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.fail = 0
+        self.down = False
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["content-length"]))
+                failing = receiver.down or receiver.fail > 0
+                if not receiver.down and receiver.fail > 0:
+                    receiver.fail -= 1
+                receiver.requests.append({"headers": dict(self.headers), "body": body,
+                                          "failed": failing})
+                self.send_response(500 if failing else 204)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def events(self) -> list[dict[str, Any]]:
+        """The events of the requests answered 2xx."""
+        return [event for r in self.requests if not r["failed"]
+                for event in json.loads(r["body"])["events"]]
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    started = Receiver()
+    yield started
+    started.stop()
+
+
+def hooks_env(receiver: Receiver, events: list[str]) -> dict[str, str]:
+    return {"ECHO_WEBHOOKS": json.dumps({"test-app": [
+        {"url": receiver.url, "events": events, "secret": HOOK_SECRET}]})}
+
+
+async def wait_until(condition: Any, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout}s")
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+def server(tmp_path: Path, receiver: Receiver) -> Iterator[EchoProcess]:
+    started = EchoProcess(make_project(tmp_path), env=hooks_env(
+        receiver, ["connection", "subscribe", "publish", "disconnection"])).start()
+    yield started
+    started.stop()
+
+
+async def test_events_arrive_signed_and_batched(server: EchoProcess, receiver: Receiver,
+                                                clients: list[Client]) -> None:
+    client = await connect(server, uuid="ada")
+    clients.append(client)
+    await client.call("subscribe", {"channels": ["plain"]})
+    for n in range(3):
+        await client.call("publish", {"channel": "plain", "message": n})
+    await client.disconnect()
+    await wait_until(lambda: [e["event"] for e in receiver.events()].count("publish") == 3
+                     and "disconnection" in [e["event"] for e in receiver.events()])
+    for request in receiver.requests:
+        headers = {k.lower(): v for k, v in request["headers"].items()}
+        assert headers["echo-webhook-signature"] == signature(
+            HOOK_SECRET, headers["echo-webhook-timestamp"], request["body"])
+        assert json.loads(request["body"])["app"] == "test-app"
+    events = receiver.events()
+    assert [e["message"] for e in events if e["event"] == "publish"] == [0, 1, 2]
+    subscribed = next(e for e in events if e["event"] == "subscribe")
+    assert subscribed["uuid"] == "ada" and subscribed["channels"] == ["plain"]
+    assert len({e["id"] for e in events}) == len(events)
+
+
+async def test_a_failing_receiver_gets_them_again_and_admins_hear_of_it(
+        server: EchoProcess, receiver: Receiver, clients: list[Client]) -> None:
+    admin = await connect(server, admin=True)
+    clients.append(admin)
+    await admin.call("subscribe", {"channels": ["admin"]})
+    receiver.fail = 2
+    client = await connect(server, uuid="bob")
+    clients.append(client)
+    await client.call("publish", {"channel": "plain", "message": "retried"})
+    await wait_until(lambda: any(e.get("message") == "retried" for e in receiver.events()))
+    assert sum(r["failed"] for r in receiver.requests) == 2
+    failure = await admin.wait_for_match("status", event="webhook_failed")
+    assert failure["url"] == receiver.url and "500" in failure["error"]
+    async with httpx.AsyncClient(trust_env=False) as http:
+        text = (await http.get(server.url + "/metrics")).text
+    assert 'echo_webhook_failures_total{kind="retried"} 2.0' in text
+
+
+@pytest.mark.redis
+async def test_pending_webhooks_survive_the_node_that_queued_them(
+        tmp_path: Path, receiver: Receiver, redis_server: RedisServer,
+        clients: list[Client]) -> None:
+    project = make_project(tmp_path)
+    env = {"ECHO_REDIS_URL": redis_server.url, **hooks_env(receiver, ["publish"])}
+    first = EchoProcess(project, env=env, command="serve").start()
+    second = None
+    try:
+        receiver.down = True
+        client = await connect(first)
+        clients.append(client)
+        for n in range(5):
+            await client.call("publish", {"channel": "plain", "message": f"kept-{n}"})
+        await wait_until(lambda: receiver.requests)  # the first node tried, and failed
+        first.kill()
+        await client.disconnect()
+        receiver.down = False
+        second = EchoProcess(project, env=env, command="serve").start()
+        await wait_until(lambda: len([e for e in receiver.events() if e["event"] == "publish"]) >= 5,
+                         timeout=20)
+        assert sorted(e["message"] for e in receiver.events()) == [f"kept-{n}" for n in range(5)]
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+
+
+def test_a_bad_webhook_setting_names_what_is_wrong(tmp_path: Path) -> None:
+    for value, wanted in (
+        ('{"app": [{"url": "ftp://x", "events": ["publish"], "secret": "' + "s" * 32 + '"}]}',
+         "ECHO_WEBHOOKS.app[0].url"),
+        ('{"app": [{"url": "http://x", "events": ["nope"], "secret": "' + "s" * 32 + '"}]}',
+         "ECHO_WEBHOOKS.app[0].events"),
+        ('{"app": [{"url": "http://x", "events": ["publish"], "secret": "short"}]}',
+         "ECHO_WEBHOOKS.app[0].secret"),
+        ("not json", "ECHO_WEBHOOKS"),
+    ):
+        with pytest.raises(ConfigError) as refused:
+            load_settings(tmp_path, {"ECHO_WEBHOOKS": value, "ECHO_SECRET": "x" * 32})
+        assert wanted in str(refused.value)

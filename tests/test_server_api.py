@@ -161,6 +161,9 @@ async def test_presence_lists_who_is_subscribed_now(echo_server: EchoProcess,
         empty = (await http.get("/presence", params={"channel": channel + "-none"})).json()
     assert reply["count"] == 2 and [c["uuid"] for c in reply["clients"]] == ["ada", "bob"]
     assert empty == {"ok": True, "channel": channel + "-none", "count": 0, "clients": []}
+    async with admin(echo_server) as http:
+        listed = (await http.get("/channels")).json()["channels"]
+    assert {"channel": channel, "count": 2} in listed
 
 
 async def test_the_backend_disconnects_or_unsubscribes_a_user(
@@ -237,6 +240,8 @@ async def test_presence_and_publish_across_nodes(nodes: list[EchoProcess],
                 break
             await asyncio.sleep(0.1)
         assert [c["uuid"] for c in reply["clients"]] == ["on-node-a"]
+        listed = (await http.get("/channels")).json()["channels"]
+        assert {"channel": channel, "count": 1} in listed
         ack = (await http.post("/publish", json={"channel": channel, "message": "hi"})).json()
     assert ack["ok"]
     got = await sub.wait_for("message")

@@ -167,6 +167,10 @@ class Broker(abc.ABC):
                                  ack: dict[str, Any] | None, window: float) -> None:
         """Record the first publish's ``ack`` for its key; None frees the key (it failed)."""
 
+    @abc.abstractmethod
+    async def occupied(self, app: str, limit: int) -> list[str]:
+        """Up to ``limit`` channels of ``app`` with presence entries, on any node (sorted)."""
+
     # -- durable work queues (webhooks) -----------------------------------------------------
 
     @abc.abstractmethod

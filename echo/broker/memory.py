@@ -143,6 +143,9 @@ class MemoryBroker(Broker):
     async def presence(self, app: str, channel: str) -> dict[str, dict[str, Any]]:
         return dict(self._presence.get((app, channel), {}))
 
+    async def occupied(self, app: str, limit: int) -> list[str]:
+        return sorted(channel for key_app, channel in self._presence if key_app == app)[:limit]
+
     # -- work queues (in process: they end with it) ------------------------------------------
 
     async def enqueue(self, queue: str, items: list[bytes]) -> None:

@@ -50,7 +50,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import redis.asyncio as aioredis
 from redis.crc import key_slot
@@ -160,6 +160,11 @@ class ChannelKeys(NamedTuple):
 def channel_keys(prefix: str, app: str, channel: str) -> ChannelKeys:
     name = f"{prefix}:{{{quote(app, safe='')}:{quote(channel, safe=CHANNEL_SAFE)}}}".encode()
     return ChannelKeys.of(name)
+
+
+def glob_escape(text: str) -> str:
+    """``text`` matched literally in a Redis MATCH pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 def hash_tag(key: bytes) -> bytes:
@@ -778,6 +783,21 @@ class RedisBroker(Broker):
                               "%r (clients recover them from the stream)", name[:120])
         if last is None or offset > last or offset == 1:
             self._offsets[name] = offset
+
+    async def occupied(self, app: str, limit: int) -> list[str]:
+        """Channels with a presence hash, found by SCAN on every server (an operator's
+        question, not a hot path); presence entries of dead nodes are cleaned up within
+        the liveness period, so a channel may linger that long."""
+        head = f"{self.prefix}:{{{quote(app, safe='')}:"
+        pattern = glob_escape(head) + "*}:presence"
+        found: set[str] = set()
+        for shard in list(self._shards.values()):
+            async for key in shard.client.scan_iter(match=pattern, count=1000):
+                name = bytes(key).decode()[len(head):-len("}:presence")]
+                found.add(unquote(name))
+                if len(found) >= limit * 2:
+                    break
+        return sorted(found)[:limit]
 
     # -- work queues (webhooks): one sorted set each, on its hash tag's server --------------
 

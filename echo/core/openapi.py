@@ -124,6 +124,16 @@ def document() -> dict[str, Any]:
                                                       "uuid": {"type": "string"},
                                                       "channel": {"type": "string"}}}),
             }},
+            "/api/{app}/channels": {"get": {
+                "summary": "The channels with subscribers now, on every node (at most 1,000)",
+                "operationId": "channels", "parameters": [_APP],
+                "responses": _answers({
+                    "type": "object", "required": ["ok", "channels"],
+                    "properties": {"ok": {"const": True}, "channels": {"type": "array", "items": {
+                        "type": "object", "required": ["channel", "count"],
+                        "properties": {"channel": {"type": "string"},
+                                       "count": {"type": "integer"}}}}}}, 503),
+            }},
             "/api/{app}/history": {"get": {
                 "summary": "A history channel's kept messages, as delivered",
                 "operationId": "history",

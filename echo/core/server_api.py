@@ -10,6 +10,7 @@ other, with the backend's own rate limit (``backend_publish_rate`` per app and n
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 
 MAX_BODY_BYTES = 1024 * 1024
 MAX_BROADCAST_CHANNELS = 100
+MAX_CHANNELS_LISTED = 1000
 BACKEND_UUID = "server"
 """The ``uuid`` a server-API publish carries when the request names none."""
 
@@ -63,6 +65,7 @@ class ServerApi:
             route("/api/{app}/publish", ServerApi.publish, "POST"),
             route("/api/{app}/broadcast", ServerApi.broadcast, "POST"),
             route("/api/{app}/presence", ServerApi.presence, "GET"),
+            route("/api/{app}/channels", ServerApi.channels, "GET"),
             route("/api/{app}/history", ServerApi.history, "GET"),
             route("/api/{app}/disconnect", ServerApi.disconnect, "POST"),
             route("/api/{app}/unsubscribe", ServerApi.unsubscribe, "POST"),
@@ -168,6 +171,21 @@ class ServerApi:
     async def presence(self, request: Request, app: str) -> dict[str, Any]:
         channel = protocol.check_channel(request.query_params.get("channel"), "channel")
         return await self.server.realtime.presence_of(app, channel)
+
+    async def channels(self, request: Request, app: str) -> dict[str, Any]:
+        """The channels with subscribers now, on every node, and how many each has."""
+        try:
+            names = await self.server.broker.occupied(app, MAX_CHANNELS_LISTED)
+        except Exception as exc:
+            raise ProtocolError(ErrorCode.UNAVAILABLE,
+                                f"channels unavailable ({type(exc).__name__}); retry") from None
+        counts: list[dict[str, Any]] = []
+        for start in range(0, len(names), 50):
+            batch = names[start:start + 50]
+            here = await asyncio.gather(*(self.server.realtime.presence_of(app, name)
+                                          for name in batch))
+            counts += [{"channel": h["channel"], "count": h["count"]} for h in here if h["count"]]
+        return protocol.ok(channels=counts)
 
     async def history(self, request: Request, app: str) -> dict[str, Any]:
         query: dict[str, Any] = {"channel": request.query_params.get("channel")}

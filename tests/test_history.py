@@ -32,16 +32,18 @@ def channel_name(prefix: str = "hist:") -> str:
 
 async def publish_all(client: Client, channel: str, count: int, **extra: Any) -> list[dict[str, Any]]:
     """Publish ``{"n": 0..count-1}`` in order, waiting out the per-connection rate limit."""
-    acks = []
-    for i in range(count):
-        while True:
-            ack = await client.call("publish", {"channel": channel, "message": {"n": i}, **extra})
-            if ack["ok"] or ack["error"]["code"] != "rate_limited":
-                break
-            await asyncio.sleep(ack["error"]["retryAfterMs"] / 1000)
-        assert ack["ok"], ack
-        acks.append(ack)
-    return acks
+    return [await publish_one(client, channel, i, **extra) for i in range(count)]
+
+
+async def publish_one(client: Client, channel: str, n: Any, **extra: Any) -> dict[str, Any]:
+    """Publish ``{"n": n}``, waiting out the per-connection rate limit."""
+    while True:
+        ack = await client.call("publish", {"channel": channel, "message": {"n": n}, **extra})
+        if ack["ok"] or ack["error"]["code"] != "rate_limited":
+            break
+        await asyncio.sleep(ack["error"]["retryAfterMs"] / 1000)
+    assert ack["ok"], ack
+    return ack
 
 
 async def test_messages_carry_contiguous_offsets_and_one_epoch(echo_server: EchoProcess,
@@ -119,7 +121,7 @@ async def test_recovery_after_a_disconnect_delivers_every_missed_message_once_in
     ack = await back.call("subscribe", {"channels": [channel], "since": {channel: position}})
     assert ack["recovered"] == {channel: True}
     assert ack["positions"][channel]["offset"] == 200
-    await pub.call("publish", {"channel": channel, "message": {"n": "live"}})
+    await publish_one(pub, channel, "live")
     got = await back.wait_for("message", 201)
     await asyncio.sleep(0.2)
     assert [m["offset"] for m in back.messages] == list(range(1, 202))
@@ -135,7 +137,7 @@ async def test_recovery_refused_for_a_changed_epoch_or_trimmed_messages(
     wrong = await client.call("subscribe", {"channels": [channel],
                                             "since": {channel: {"offset": 1, "epoch": "other"}}})
     assert wrong["recovered"] == {channel: False} and wrong["positions"][channel]["offset"] == 3
-    await client.call("publish", {"channel": channel, "message": {"n": "after"}})
+    await publish_one(client, channel, "after")
     await client.wait_for("message")
     assert [m["offset"] for m in client.messages] == [4]  # live from the position, nothing old
 
@@ -198,7 +200,7 @@ async def test_subscribing_again_with_since_while_live_sends_nothing_twice(
     again = await client.call("subscribe", {"channels": [channel],
                                             "since": {channel: ack["positions"][channel]}})
     assert again["recovered"] == {channel: True} and again["positions"][channel]["offset"] == 3
-    await client.call("publish", {"channel": channel, "message": {"n": "live"}})
+    await publish_one(client, channel, "live")
     await client.wait_for("message", 4)
     await asyncio.sleep(0.2)
     assert [m["offset"] for m in client.messages] == [1, 2, 3, 4]

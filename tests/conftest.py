@@ -57,6 +57,7 @@ TEST_ASSOCIATIONS: dict[str, Any] = {
                 {"channelName": "room:exact", "functionNames": ["demo-robot"]},
                 {"channelName": "hist:*", "history": {"size": 1000}},
                 {"channelName": "hist-small", "history": {"size": 5}},
+                {"channelName": "crowd", "presence": "count"},
                 {"channelName": "hist-angry", "functionNames": ["demo-angry"], "history": True},
                 {"channelName": "hist-filtered", "functionNames": ["demo-filter-shouting"],
                  "history": True},

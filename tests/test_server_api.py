@@ -216,6 +216,22 @@ async def test_presence_on_the_socket(echo_server: EchoProcess, clients: list[Cl
     assert refused["error"]["code"] == "forbidden"
 
 
+async def test_a_counts_only_channel_sends_no_joins_and_answers_a_count(
+        echo_server: EchoProcess, clients: list[Client]) -> None:
+    watcher = await connect(echo_server)
+    clients.append(watcher)
+    await watcher.call("subscribe", {"channels": ["crowd", "plain"], "withPresence": True})
+    for name in ("a", "b", "c"):
+        member = await connect(echo_server, uuid=name)
+        clients.append(member)
+        await member.call("subscribe", {"channels": ["crowd", "plain"]})
+    await watcher.wait_for("presence", 3)  # the joins on "plain", none on "crowd"
+    await asyncio.sleep(0.3)
+    assert {p["channel"] for p in watcher.received["presence"]} == {"plain"}
+    here = await watcher.call("presence", {"channel": "crowd"})
+    assert here == {"ok": True, "channel": "crowd", "count": 4}
+
+
 @pytest.fixture
 async def nodes(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[list[EchoProcess]]:
     project = make_project(tmp_path)

@@ -8,7 +8,8 @@ Ekko's format, kept as is::
 
 A channel name is matched exactly; a name containing ``*``, ``?`` or ``[`` is a glob pattern
 (``fnmatch`` rules). An exact entry wins over patterns; among patterns the first listed wins.
-An entry may add ``"ordered": false`` (Echo's extra): its messages are delivered as soon as
+An entry may add ``"presence": "count"`` (presence answers counts only, no joined/left
+events), ``"ordered": false`` (Echo's extra): its messages are delivered as soon as
 their chain finishes instead of in publish order, and ``"history": true`` or
 ``"history": {"size": 100, "ttl": 600}`` (Echo's extra): its last ``size`` messages, as
 delivered, are kept for ``ttl`` seconds for recovery and history reads (settings give what is
@@ -56,6 +57,9 @@ class Rule:
     functions: tuple[str, ...] = ()
     ordered: bool = True
     history: HistorySpec | None = None
+    presence_counts_only: bool = False
+    """``"presence": "count"``: no joined/left events and no member list, only the count
+    (a big channel would otherwise send every subscriber every join and leave)."""
 
 
 NO_RULE = Rule()
@@ -175,11 +179,15 @@ def parse_associations(data: Any) -> Associations:
             ordered = entry.get("ordered", True)
             if not isinstance(ordered, bool):
                 raise AssociationsError(f"{entry_path}.ordered", "must be true or false")
-            unknown = set(entry) - {"channelName", "functionNames", "ordered", "history"}
+            unknown = set(entry) - {"channelName", "functionNames", "ordered", "history",
+                                    "presence"}
             if unknown:
                 raise AssociationsError(f"{entry_path}.{sorted(unknown)[0]}", "unknown key")
             history = _history(entry.get("history", False), f"{entry_path}.history")
-            rule = Rule(tuple(names), ordered, history)
+            presence = entry.get("presence", "full")
+            if presence not in ("full", "count"):
+                raise AssociationsError(f"{entry_path}.presence", 'must be "full" or "count"')
+            rule = Rule(tuple(names), ordered, history, presence == "count")
             if _GLOB_CHARS.search(name):
                 if any(p == name for p, _ in patterns):
                     raise AssociationsError(f"{entry_path}.channelName", f"{name!r} listed twice")

@@ -321,6 +321,8 @@ class Realtime:
         )
 
     def _presence(self, client: Client, channel: str, event_name: str) -> None:
+        if self.pipeline.rule(client.app, channel).presence_counts_only:
+            return  # a big channel: no join/leave storm, the count is asked for
         frame = Frame.event("/" + client.app, "presence",
                             {"eventName": event_name, "channel": channel, "uuid": client.uuid})
         self.broker.publish(client.app, protocol.presence_room(channel), frame)
@@ -758,6 +760,8 @@ class Realtime:
             raise ProtocolError(ErrorCode.FORBIDDEN,
                                 f"this token may not see presence on {channel!r}")
         here = await self.presence_of(client.app, channel)
+        if self.pipeline.rule(client.app, channel).presence_counts_only:
+            return {key: value for key, value in here.items() if key != "clients"}
         return {**here, "clients": [{"uuid": c["uuid"]} for c in here["clients"]]}
 
     async def presence_of(self, app: str, channel: str) -> dict[str, Any]:

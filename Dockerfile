@@ -30,7 +30,7 @@ RUN python3 -m venv /opt/echo \
 # Dependencies first, from pyproject.toml alone: a change to Echo's code or to the project
 # does not reinstall them.
 COPY ${ECHO_SRC}/pyproject.toml /src/pyproject.toml
-RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('/src/pyproject.toml', 'rb'))['project']['dependencies']))" > /src/requirements.txt \
+RUN python3 -c "import tomllib; p = tomllib.load(open('/src/pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['aws']))" > /src/requirements.txt \
  && pip install -r /src/requirements.txt
 
 # Echo itself (the wheel carries the demo project as `echoctl init`'s template)

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from echo.extras import require
+
 
 def aws_client(service: str, *, region: str, endpoint_url: str | None = None,
                session: Any = None, **config: Any) -> Any:
     """A boto3 client for ``service``; ``config`` goes to botocore's ``Config`` (timeouts,
     retries, pool size)."""
-    import boto3
+    boto3 = require("boto3", "aws", "AWS (the lambda runner, the AWS target)")
     from botocore.config import Config
 
     session = session if session is not None else boto3.session.Session()

@@ -579,7 +579,12 @@ def associations_push(
 
 
 def main() -> None:
+    from echo.extras import MissingExtra
+
     try:
         app()
     except KeyboardInterrupt:
         sys.exit(130)
+    except MissingExtra as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(2)

@@ -147,3 +147,27 @@ def test_serve_refuses_to_start_misconfigured(
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.unit
+def test_the_server_and_the_sdk_import_without_the_deploy_extras() -> None:
+    """boto3, the Docker SDK and localstack-client are extras: Echo imports them where they
+    are used, and says which extra to install when one is missing."""
+    import subprocess
+    import sys
+
+    probe = """
+import sys
+for name in ("boto3", "botocore", "docker", "localstack_client"):
+    sys.modules[name] = None  # as if not installed
+import echo.sdk, echo.core.app, echo.cli, echo.runners.lambda_runner  # noqa: F401
+from echo.aws import aws_client
+from echo.extras import MissingExtra
+try:
+    aws_client("lambda", region="us-east-1")
+except MissingExtra as exc:
+    print(exc)
+"""
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert "pip install 'echo-realtime[aws]'" in run.stdout

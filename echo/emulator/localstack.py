@@ -16,6 +16,7 @@ from typing import Any
 from echo.aws import aws_client
 from echo.config import Settings
 from echo.core.functions import FunctionCatalog, discover
+from echo.extras import require
 from echo.runners.lambda_deploy import LambdaDeployer
 from echo.runners.lambda_runner import lambda_client
 
@@ -26,7 +27,8 @@ DEV_ROLE = "echo-dev-functions"
 
 
 def localstack_settings(settings: Settings) -> Settings:
-    from localstack_client.config import get_service_endpoint
+    get_service_endpoint = require("localstack_client.config", "localstack",
+                                   "`--functions localstack`").get_service_endpoint
 
     return dataclasses.replace(
         settings,

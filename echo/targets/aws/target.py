@@ -36,6 +36,7 @@ from echo.aws import aws_client
 from echo.config import Settings
 from echo.core.associations import Associations, AssociationsError, parse_associations_text
 from echo.core.functions import FunctionConfigError, FunctionSpec, discover
+from echo.extras import require
 from echo.packaging import PackagingError, build_zip
 from echo.runners.lambda_deploy import LambdaDeployer
 from echo.targets.aws.deploy import StackDeployer
@@ -106,7 +107,7 @@ class AwsTarget(Target):
             merged.pop("image")
         self.given = {k: v for k, v in merged.items() if k in REMEMBERED}
         self.opts: AwsOptions = parse_options(merged, settings.project_dir)
-        import boto3
+        boto3 = require("boto3", "aws", "the AWS target")
         from botocore.exceptions import ProfileNotFound
 
         try:

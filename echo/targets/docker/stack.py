@@ -23,6 +23,7 @@ from typing import Any
 from echo import management
 from echo.config import Settings, to_bool, to_int
 from echo.core.associations import Associations
+from echo.extras import require
 from echo.targets.base import Outputs, Progress, Target, TargetError
 from echo.targets.docker.images import build_image
 
@@ -109,13 +110,13 @@ class DockerTarget(Target):
     @property
     def client(self) -> Any:
         if self._client is None:
-            import docker
-            import docker.errors
+            docker = require("docker", "docker", "the Docker target")
+            errors = require("docker.errors", "docker", "the Docker target")
 
             try:
                 self._client = docker.from_env(timeout=300)
                 self._client.ping()
-            except docker.errors.DockerException as exc:
+            except errors.DockerException as exc:
                 self._client = None
                 raise TargetError(
                     f"Docker engine not reachable ({exc}): start it (`dockerd &` or Docker "

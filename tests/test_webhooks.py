@@ -130,6 +130,25 @@ async def test_a_failing_receiver_gets_them_again_and_admins_hear_of_it(
     assert 'echo_webhook_failures_total{kind="retried"} 2.0' in text
 
 
+async def test_a_channel_is_occupied_by_its_first_subscriber_and_vacated_by_its_last(
+        tmp_path: Path, receiver: Receiver, clients: list[Client]) -> None:
+    server = EchoProcess(make_project(tmp_path), env=hooks_env(
+        receiver, ["channel_occupied", "channel_vacated"])).start()
+    try:
+        first, second = await connect(server), await connect(server)
+        clients.extend([first, second])
+        for client in (first, second):
+            await client.call("subscribe", {"channels": ["room:busy"]})
+        for client in (first, second):
+            await client.call("unsubscribe", {"channels": ["room:busy"]})
+        await wait_until(lambda: len(receiver.events()) >= 2)
+        await asyncio.sleep(0.5)
+        assert [(e["event"], e["channel"]) for e in receiver.events()] == [
+            ("channel_occupied", "room:busy"), ("channel_vacated", "room:busy")]
+    finally:
+        server.stop()
+
+
 @pytest.mark.redis
 async def test_pending_webhooks_survive_the_node_that_queued_them(
         tmp_path: Path, receiver: Receiver, redis_server: RedisServer,

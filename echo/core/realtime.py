@@ -320,6 +320,25 @@ class Realtime:
             durationMs=round(elapsed * 1000, 1),
         )
 
+    def _occupancy(self, app: str, channel: str, event: str) -> None:
+        """``channel_occupied`` (its first subscriber, on any node) or ``channel_vacated``
+        (its last left) for the webhooks that want it, read from the cluster's presence."""
+        if self.webhooks is None or not self.webhooks.wants(app, event):
+            return
+
+        async def check() -> None:
+            try:
+                count = len(await self.broker.presence(app, channel))
+            except Exception as exc:
+                log.warning("%s/%s: %s not checked: %s", app[:80], channel, event, exc)
+                return
+            if count == (1 if event == "channel_occupied" else 0) and self.webhooks is not None:
+                self.webhooks.emit(app, event, {"channel": channel})
+
+        task = asyncio.get_running_loop().create_task(check())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     def _presence(self, client: Client, channel: str, event_name: str) -> None:
         if self.pipeline.rule(client.app, channel).presence_counts_only:
             return  # a big channel: no join/leave storm, the count is asked for
@@ -379,6 +398,7 @@ class Realtime:
         for channel in client.channels - {ADMIN_CHANNEL}:  # the status feed has no presence
             self._presence(client, channel, "left")
             await self.broker.presence_remove(client.app, channel, conn.sid)
+            self._occupancy(client.app, channel, "channel_vacated")
         await self._forget(conn, client)
         self.status(client.app, "disconnection", uuid=client.uuid, admin=client.admin)
 
@@ -503,6 +523,7 @@ class Realtime:
                 if channel != ADMIN_CHANNEL:
                     await self.broker.presence_add(client.app, channel, conn.sid,
                                                    {"uuid": client.uuid})
+                    self._occupancy(client.app, channel, "channel_occupied")
                     self._presence(client, channel, "joined")
         self.status(client.app, "subscribe", uuid=client.uuid, channels=list(subscription.channels))
         return protocol.ok(channels=list(subscription.channels),
@@ -573,6 +594,7 @@ class Realtime:
             if channel in client.channels:
                 client.channels.discard(channel)
                 await self.broker.presence_remove(client.app, channel, conn.sid)
+                self._occupancy(client.app, channel, "channel_vacated")
                 self._presence(client, channel, "left")
         self.status(client.app, "unsubscribe", uuid=client.uuid, channels=list(channels))
 

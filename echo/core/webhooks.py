@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("echo.webhooks")
 
 EVENTS = frozenset({"connection", "disconnection", "subscribe", "unsubscribe",
-                    "function_error", "publish"})
+                    "channel_occupied", "channel_vacated", "function_error", "publish"})
 BATCH = 50
 LEASE = 30.0
 """Seconds a claimed delivery is this node's; then it is due again (the node died?)."""

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+import socketio
 
 from echo.core.auth import verify_token
 from echo.sdk import AsyncServerApi, EchoError, RealtimeClient, ServerApi, admin_token, user_token
@@ -95,6 +96,18 @@ def test_the_sync_server_api_client(echo_server: EchoProcess) -> None:
         with pytest.raises(EchoError) as forbidden:
             user.publish("plain", 1)
         assert forbidden.value.code == "forbidden"
+
+
+async def test_an_expired_sdk_token_is_refused_with_the_documented_error(
+        echo_server: EchoProcess) -> None:
+    client = RealtimeClient(echo_server.url, TEST_APP,
+                            token=user_token(SECRET, TEST_APP, "late", ttl=-60))
+    reasons: list[Any] = []
+    client.sio.on("connect_error", reasons.append, namespace="/" + TEST_APP)
+    with pytest.raises(socketio.exceptions.ConnectionError):
+        await client.connect()
+    await client.close()
+    assert "Authorization error: token expired" in str(reasons[0])
 
 
 async def test_the_async_server_api_client(echo_server: EchoProcess) -> None:

@@ -66,6 +66,32 @@ async def test_only_the_apps_admin_or_a_management_token_may_call_it(echo_server
             assert (await http.post("/publish", json=body)).json()["ok"] is True
 
 
+ROUTES = [("POST", "/publish"), ("POST", "/broadcast"), ("GET", "/presence?channel=plain"),
+          ("GET", "/channels"), ("GET", "/history?channel=hist:x"), ("POST", "/disconnect"),
+          ("POST", "/unsubscribe")]
+
+
+async def test_every_route_refuses_wrong_tokens_bad_json_and_oversize_bodies(
+        echo_server: EchoProcess) -> None:
+    for token, status in ((echo_server.token(), 403), (echo_server.token("chat-demo", admin=True), 401),
+                          (None, 401)):
+        async with api(echo_server, token) as http:
+            for method, path in ROUTES:
+                reply = await http.request(method, path, json={})
+                assert reply.status_code == status, (method, path, token)
+                assert reply.json()["ok"] is False
+    async with admin(echo_server) as http:
+        for method, path in ROUTES:
+            if method != "POST":
+                continue
+            broken = await http.post(path, content=b"{nope")
+            assert broken.status_code == 400 and broken.json()["error"]["code"] == "bad_request"
+            huge = await http.post(path, content=b"[" + b"1," * 600_000 + b"1]")
+            assert huge.status_code == 413 and huge.json()["error"]["code"] == "too_large"
+            wrong = await http.post(path, json=["not", "an", "object"])
+            assert wrong.status_code == 400
+
+
 async def test_a_backend_publish_runs_the_functions_and_reaches_subscribers(
         echo_server: EchoProcess, clients: list[Client]) -> None:
     sub = await connect(echo_server)
@@ -247,21 +273,23 @@ async def test_presence_and_publish_across_nodes(nodes: list[EchoProcess],
                                                  clients: list[Client]) -> None:
     channel = "room:" + uuids.uuid4().hex[:8]
     sub = await connect(nodes[0], uuid="on-node-a")
-    clients.append(sub)
+    other = await connect(nodes[1], uuid="on-node-b")
+    clients.extend([sub, other])
     await sub.call("subscribe", {"channels": [channel]})
+    await other.call("subscribe", {"channels": [channel]})
     async with admin(nodes[1]) as http:
         for _ in range(50):  # presence writes reach Redis through a queue: shortly
             reply = (await http.get("/presence", params={"channel": channel})).json()
-            if reply["count"]:
+            if reply["count"] == 2:
                 break
             await asyncio.sleep(0.1)
-        assert [c["uuid"] for c in reply["clients"]] == ["on-node-a"]
+        assert [c["uuid"] for c in reply["clients"]] == ["on-node-a", "on-node-b"]
         listed = (await http.get("/channels")).json()["channels"]
-        assert {"channel": channel, "count": 1} in listed
+        assert {"channel": channel, "count": 2} in listed
         ack = (await http.post("/publish", json={"channel": channel, "message": "hi"})).json()
     assert ack["ok"]
-    got = await sub.wait_for("message")
-    assert got[0]["message"] == "ih"  # room:* runs demo-backwards
+    for client in (sub, other):  # on both nodes, through room:*'s function (demo-backwards)
+        assert (await client.wait_for("message"))[0]["message"] == "ih"
     async with admin(nodes[1]) as http:  # an order to another node's connection
         assert (await http.post("/disconnect", json={"uuid": "on-node-a"})).json()["ok"]
     await wait_disconnected(sub)

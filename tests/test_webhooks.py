@@ -117,17 +117,19 @@ async def test_a_failing_receiver_gets_them_again_and_admins_hear_of_it(
     admin = await connect(server, admin=True)
     clients.append(admin)
     await admin.call("subscribe", {"channels": ["admin"]})
-    receiver.fail = 2
+    receiver.fail = 3
     client = await connect(server, uuid="bob")
     clients.append(client)
     await client.call("publish", {"channel": "plain", "message": "retried"})
     await wait_until(lambda: any(e.get("message") == "retried" for e in receiver.events()))
-    assert sum(r["failed"] for r in receiver.requests) == 2
+    assert sum(r["failed"] for r in receiver.requests) == 3
+    ids = [e["id"] for e in receiver.events()]
+    assert len(ids) == len(set(ids))  # every event once (by id) among the accepted requests
     failure = await admin.wait_for_match("status", event="webhook_failed")
     assert failure["url"] == receiver.url and "500" in failure["error"]
     async with httpx.AsyncClient(trust_env=False) as http:
         text = (await http.get(server.url + "/metrics")).text
-    assert 'echo_webhook_failures_total{kind="retried"} 2.0' in text
+    assert 'echo_webhook_failures_total{kind="retried"} 3.0' in text
 
 
 async def test_a_channel_is_occupied_by_its_first_subscriber_and_vacated_by_its_last(

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from echo.config import ConfigError, load_settings
-from echo.core.webhooks import signature
+from echo.core.webhooks import LEASE, signature
 from tests.conftest import Client, EchoProcess, RedisServer, connect, make_project
 
 pytestmark = pytest.mark.anyio
@@ -170,8 +170,10 @@ async def test_pending_webhooks_survive_the_node_that_queued_them(
         await client.disconnect()
         receiver.down = False
         second = EchoProcess(project, env=env, command="serve").start()
+        # due after their back-off, or, if the killed node had just claimed a batch, once its
+        # lease (30 s) runs out
         await wait_until(lambda: len([e for e in receiver.events() if e["event"] == "publish"]) >= 5,
-                         timeout=20)
+                         timeout=LEASE + 20)
         assert sorted(e["message"] for e in receiver.events()) == [f"kept-{n}" for n in range(5)]
     finally:
         first.stop()

@@ -54,6 +54,8 @@ class Envelope:
     message: Any
     position: asyncio.Future[Position] | None = None
     """A history channel's message: where the broker put it (set by the delivery)."""
+    rule: Rule | None = None
+    """The channel's rule as matched at publish (delivery need not match it again)."""
 
 
 @dataclass(slots=True)
@@ -158,6 +160,8 @@ class Pipeline:
         self.idle.clear()
         finished = False
         try:
+            if rule is None:  # callers that already matched pass the rule in: one match
+                rule = self.rule(app, channel)
             envelope = Envelope(
                 id=f"{self._node}-{next(self._ids)}",
                 app=app,
@@ -166,9 +170,8 @@ class Pipeline:
                 ts=int(time.time() * 1000),
                 uuid=uuid,
                 message=message,
+                rule=rule,
             )
-            if rule is None:  # callers that already matched pass the rule in: one match
-                rule = self.rule(app, channel)
             if rule.functions:
                 outcome = await self._run_chain(envelope, rule.functions)
             else:

@@ -52,6 +52,23 @@ class Client:
     bucket: TokenBucket | None = None
 
 
+def spend(bucket: TokenBucket | None, what: str) -> None:
+    """Take one token of a rate limit, or refuse with ``rate_limited`` and when to retry
+    (``what``: the unit, e.g. ``publishes/s``)."""
+    if bucket is None or not (wait := bucket.take()):
+        return
+    retry_ms = max(1, round(wait * 1000))
+    metrics.RATE_LIMITED.inc()
+    raise ProtocolError(ErrorCode.RATE_LIMITED, f"over {bucket.rate:g} {what} (burst "
+                        f"{bucket.burst}); retry in {retry_ms} ms", retryAfterMs=retry_ms)
+
+
+def foreign_personal(client: Client, channel: str) -> bool:
+    """``channel`` is another user's personal channel (admins see them all)."""
+    owner = protocol.personal_owner(channel)
+    return owner is not None and owner != client.claims.user and not client.admin
+
+
 FENCE_SECONDS = 0.5
 """How long a recovered connection waits, at most, for frames numbered before its history
 read that are still on their way from the backend (see :meth:`Rooms.release`)."""
@@ -259,7 +276,8 @@ class Realtime:
             self.webhooks.emit(envelope.app, "publish", {
                 "channel": envelope.channel, "message": envelope.message, "uuid": envelope.uuid,
                 "messageId": envelope.id, "seq": envelope.seq})
-        policy = self.history_policy(self.pipeline.rule(envelope.app, envelope.channel))
+        rule = envelope.rule or self.pipeline.rule(envelope.app, envelope.channel)
+        policy = self.history_policy(rule)
         if policy is None:
             self.broker.publish(envelope.app, envelope.channel,
                                 Frame.event("/" + envelope.app, "message", payload))
@@ -335,9 +353,7 @@ class Realtime:
             if count == (1 if event == "channel_occupied" else 0) and self.webhooks is not None:
                 self.webhooks.emit(app, event, {"channel": channel})
 
-        task = asyncio.get_running_loop().create_task(check())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._spawn(check())
 
     def _presence(self, client: Client, channel: str, event_name: str) -> None:
         if self.pipeline.rule(client.app, channel).presence_counts_only:
@@ -462,10 +478,14 @@ class Realtime:
             reply = await self._run(handling, request)
             self._answer(request, reply)
 
-        task = asyncio.get_running_loop().create_task(finish())
+        self._spawn(finish())
+        return DEFERRED
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` in a task this node keeps a reference to until it ends."""
+        task = asyncio.get_running_loop().create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-        return DEFERRED
 
     # -- events -----------------------------------------------------------------------
 
@@ -480,8 +500,7 @@ class Realtime:
             if not client.claims.may("subscribe", channel):
                 raise ProtocolError(ErrorCode.FORBIDDEN,
                                     f"this token may not subscribe to {channel!r}")
-            owner = protocol.personal_owner(channel)
-            if owner is not None and owner != client.claims.user and not client.admin:
+            if foreign_personal(client, channel):
                 raise ProtocolError(ErrorCode.FORBIDDEN, f"{channel!r} is a personal channel: "
                                     "only a token whose uuid claim is that user may subscribe")
             if subscription.with_presence and not client.claims.may("presence", channel):
@@ -617,9 +636,7 @@ class Realtime:
         targets = [conn for conn in self.transport.connections()
                    if conn.app == app and isinstance(conn.state, Client) and conn.state.uuid == uuid]
         for conn in targets:
-            task = asyncio.get_running_loop().create_task(self._carry_out(conn, op, channel))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._spawn(self._carry_out(conn, op, channel))
 
     async def _carry_out(self, conn: Connection, op: str, channel: str | None) -> None:
         client = conn.state
@@ -640,17 +657,7 @@ class Realtime:
         if self.draining:
             raise ProtocolError(ErrorCode.SERVER_SHUTDOWN,
                                 "this node is shutting down; publish again after reconnecting")
-        if client.bucket is not None:
-            wait = client.bucket.take()
-            if wait:
-                retry_ms = max(1, round(wait * 1000))
-                metrics.RATE_LIMITED.inc()
-                raise ProtocolError(
-                    ErrorCode.RATE_LIMITED,
-                    f"over {client.bucket.rate:g} publishes/s (burst "
-                    f"{client.bucket.burst}); retry in {retry_ms} ms",
-                    retryAfterMs=retry_ms,
-                )
+        spend(client.bucket, "publishes/s")
         metrics.MESSAGES_PUBLISHED.inc(client.app)
         rule = self.pipeline.rule(client.app, publish.channel)
         if self.pipeline.may_wait(client.app, publish.channel, rule) or (self.broker.remote and (
@@ -742,17 +749,11 @@ class Realtime:
     async def _history(self, request: Request, data: Any) -> dict[str, Any]:
         client = request.client
         ask = protocol.parse_history(data)
-        owner = protocol.personal_owner(ask.channel)
         if (not client.claims.may("history", ask.channel) or ask.channel == ADMIN_CHANNEL
-                or (owner is not None and owner != client.claims.user and not client.admin)):
+                or foreign_personal(client, ask.channel)):
             raise ProtocolError(ErrorCode.FORBIDDEN,
                                 f"this token may not read the history of {ask.channel!r}")
-        if client.bucket is not None and (wait := client.bucket.take()):
-            # a read can be 1,000 messages: it shares the publish budget of the connection
-            retry_ms = max(1, round(wait * 1000))
-            metrics.RATE_LIMITED.inc()
-            raise ProtocolError(ErrorCode.RATE_LIMITED, f"over {client.bucket.rate:g} "
-                                f"requests/s; retry in {retry_ms} ms", retryAfterMs=retry_ms)
+        spend(client.bucket, "requests/s")  # a read of 1,000 messages shares the publish budget
         return await self.read_history(client.app, ask)
 
     async def read_history(self, app: str, ask: protocol.HistoryRequest) -> dict[str, Any]:
@@ -776,9 +777,7 @@ class Realtime:
     async def _presence_request(self, request: Request, data: Any) -> dict[str, Any]:
         client = request.client
         channel = protocol.parse_presence(data)
-        owner = protocol.personal_owner(channel)
-        if (not client.claims.may("presence", channel)
-                or (owner is not None and owner != client.claims.user and not client.admin)):
+        if not client.claims.may("presence", channel) or foreign_personal(client, channel):
             raise ProtocolError(ErrorCode.FORBIDDEN,
                                 f"this token may not see presence on {channel!r}")
         here = await self.presence_of(client.app, channel)

@@ -24,6 +24,7 @@ from echo.core.auth import AuthError, verify_token
 from echo.core.limits import TokenBucket
 from echo.core.openapi import document
 from echo.core.protocol import ErrorCode, ProtocolError
+from echo.core.realtime import MAX_UUID_LENGTH, spend
 
 if TYPE_CHECKING:
     from echo.core.app import EchoServer
@@ -118,23 +119,12 @@ class ServerApi:
     def _take(self, app: str) -> None:
         if app not in self.buckets:
             self.buckets[app] = self.server.realtime.publish_bucket(backend=True)
-        bucket = self.buckets[app]
-        if bucket is not None and (wait := bucket.take()):
-            retry_ms = max(1, round(wait * 1000))
-            metrics.RATE_LIMITED.inc()
-            raise ProtocolError(ErrorCode.RATE_LIMITED, f"over {bucket.rate:g} publishes/s for "
-                                f"app {app[:80]!r} on this node (backend_publish_rate); retry in "
-                                f"{retry_ms} ms", retryAfterMs=retry_ms)
-
-    def _publisher(self, data: dict[str, Any]) -> str:
-        uuid = data.get("uuid", BACKEND_UUID)
-        if not isinstance(uuid, str) or not 1 <= len(uuid) <= 200:
-            raise ProtocolError(ErrorCode.BAD_REQUEST, "uuid must be a string of 1-200 characters")
-        return uuid
+        spend(self.buckets[app], f"publishes/s for app {app[:80]!r} on this node "
+                                 "(backend_publish_rate)")
 
     async def publish(self, request: Request, app: str) -> dict[str, Any]:
         data = await self._body(request)
-        uuid = self._publisher(data)
+        uuid = _uuid(data, default=BACKEND_UUID)
         fields = {k: v for k, v in data.items() if k != "uuid"}
         publish = protocol.parse_publish(fields, self.server.settings.max_message_bytes)
         self._take(app)
@@ -144,7 +134,7 @@ class ServerApi:
 
     async def broadcast(self, request: Request, app: str) -> dict[str, Any]:
         data = await self._body(request)
-        uuid = self._publisher(data)
+        uuid = _uuid(data, default=BACKEND_UUID)
         channels = data.get("channels")
         if (not isinstance(channels, list) or not channels
                 or len(channels) > MAX_BROADCAST_CHANNELS):
@@ -207,27 +197,30 @@ class ServerApi:
         return reply
 
     async def disconnect(self, request: Request, app: str) -> dict[str, Any]:
-        uuid = self._user(await self._body(request))
+        uuid = _uuid(await self._body(request))
         self.server.realtime.order(app, "disconnect", uuid)
         return protocol.ok(uuid=uuid)
 
     async def unsubscribe(self, request: Request, app: str) -> dict[str, Any]:
         data = await self._body(request)
-        uuid = self._user(data)
+        uuid = _uuid(data)
         channel = protocol.check_channel(data.get("channel"), "channel")
         self.server.realtime.order(app, "unsubscribe", uuid, channel)
         return protocol.ok(uuid=uuid, channel=channel)
-
-    def _user(self, data: dict[str, Any]) -> str:
-        uuid = data.get("uuid")
-        if not isinstance(uuid, str) or not 1 <= len(uuid) <= 200:
-            raise ProtocolError(ErrorCode.BAD_REQUEST, "uuid must be the user's uuid (1-200 characters)")
-        return uuid
 
     def _refuse_draining(self) -> None:
         if self.server.realtime.draining:
             raise ProtocolError(ErrorCode.SERVER_SHUTDOWN,
                                 "this node is shutting down; send it to another node")
+
+
+def _uuid(data: dict[str, Any], default: str | None = None) -> str:
+    """The request's ``uuid`` (the sender of a publish, or the user an order is for)."""
+    uuid = data.get("uuid", default)
+    if not isinstance(uuid, str) or not 1 <= len(uuid) <= MAX_UUID_LENGTH:
+        raise ProtocolError(ErrorCode.BAD_REQUEST,
+                            f"uuid must be a string of 1-{MAX_UUID_LENGTH} characters")
+    return uuid
 
 
 def _whole(value: str, name: str) -> int:

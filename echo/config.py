@@ -82,6 +82,9 @@ class Settings:
     longer is told ``recovered: false`` (a new epoch), never given a silent gap."""
     idempotency_window: float = 120.0
     """Seconds an ``idempotencyKey`` makes a retried publish on its channel a no-op."""
+    node_liveness: float = 30.0
+    """Seconds (Redis) after which a node that stopped refreshing counts as dead: its
+    presence entries and channel registrations go. Refreshed every third of it."""
 
     def path(self, relative: Path) -> Path:
         """Resolve a project-relative path setting."""
@@ -235,6 +238,8 @@ def _convert(key: str, name: str, raw: Any) -> Any:
             return _to_float(name, raw, 1.0, 30 * 24 * 3600.0)
         case "idempotency_window":
             return _to_float(name, raw, 1.0, 24 * 3600.0)
+        case "node_liveness":
+            return _to_float(name, raw, 1.0, 3600.0)
         case "function_timeout":
             return _to_float(name, raw, 0.0, 900.0)
         case "functions_dir" | "apps_dir" | "associations":

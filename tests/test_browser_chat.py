@@ -66,6 +66,7 @@ class Person:
 
     def __init__(self, browser: Any, server: EchoProcess, name: str, avatar: str) -> None:
         self.name = name
+        self.closed = False
         self.context = browser.new_context(viewport={"width": 880, "height": 760})
         self.page = self.context.new_page()
         self.page.set_default_timeout(WAIT_MS)
@@ -105,7 +106,9 @@ class Person:
         self.page.screenshot(path=str(SCREENSHOTS / name))
 
     def close(self) -> None:
-        self.context.close()
+        if not self.closed:
+            self.closed = True
+            self.context.close()
 
 
 # (channel, what Ada types, what everyone sees, what Bob types, what everyone sees)
@@ -203,6 +206,40 @@ def test_two_people_chat_on_every_channel_and_functions_hot_reload(
 
         assert ada.errors == [] and bob.errors == [], (ada.errors, bob.errors)
         assert echo_server.alive()
+    finally:
+        ada.close()
+        bob.close()
+
+
+def test_the_chat_shows_who_is_online_and_drops_who_left(
+    browser: Any, echo_server: EchoProcess
+) -> None:
+    ada = Person(browser, echo_server, "Ada", "🦊")
+    bob = Person(browser, echo_server, "Bob", "🐼")
+    try:
+        people = ada.page.locator("#online .online-person")
+        expect(people).to_have_text(["🦊 Ada (you)", "🐼 Bob"])
+        expect(bob.page.locator("#online .online-person")).to_have_text(["🐼 Bob (you)", "🦊 Ada"])
+        ada.open("robot")  # the list is per channel, and both are on every channel
+        expect(people).to_have_text(["🦊 Ada (you)", "🐼 Bob"])
+        expect(ada.page.locator("#online .online-label")).to_have_text("Online on #robot (2):")
+        ada.screenshot("chat-ada-online.png")
+
+        bob.close()  # the tab closes: its connection's presence goes with it
+        expect(people).to_have_text(["🦊 Ada (you)"])
+        carol = Person(browser, echo_server, "Carol", "🐸")
+        try:
+            expect(people).to_have_text(["🦊 Ada (you)", "🐸 Carol"])
+            # another name is another uuid: the page connects again under it
+            ada.page.click("#me")
+            ada.page.fill("#name", "Ada L")
+            ada.page.click("#join-button")
+            expect(ada.page.locator("#status")).to_have_attribute("data-state", "live")
+            expect(carol.page.locator("#online .online-person")).to_have_text(
+                ["🐸 Carol (you)", "🦊 Ada L"])
+        finally:
+            carol.close()
+        assert ada.errors == [], ada.errors
     finally:
         ada.close()
         bob.close()

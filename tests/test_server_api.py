@@ -295,6 +295,45 @@ async def test_presence_and_publish_across_nodes(nodes: list[EchoProcess],
     await wait_disconnected(sub)
 
 
+@pytest.mark.redis
+async def test_presence_drops_a_sigkilled_nodes_clients_within_its_liveness(
+        tmp_path: Path, redis_server: RedisServer, clients: list[Client]) -> None:
+    liveness = 3.0
+    project = make_project(tmp_path)
+    survivor, doomed = (EchoProcess(project, command="serve", env={
+        "ECHO_REDIS_URL": redis_server.url, "ECHO_NODE_LIVENESS": str(liveness)}).start()
+        for _ in range(2))
+    try:
+        channel = "room:" + uuids.uuid4().hex[:8]
+        stays = await connect(survivor, uuid="stays")
+        ghost = await connect(doomed, uuid="would-be-ghost")
+        clients.append(stays)
+        for client in (stays, ghost):
+            await client.call("subscribe", {"channels": [channel]})
+        async with admin(survivor) as http:
+            async def here() -> list[str]:
+                reply = (await http.get("/presence", params={"channel": channel})).json()
+                return [c["uuid"] for c in reply["clients"]]
+
+            for _ in range(50):  # presence writes reach Redis through a queue: shortly
+                if await here() == ["stays", "would-be-ghost"]:
+                    break
+                await asyncio.sleep(0.1)
+            assert await here() == ["stays", "would-be-ghost"]
+            doomed.kill()  # SIGKILL: no goodbye, no presence_remove
+            killed = asyncio.get_running_loop().time()
+            while "would-be-ghost" in await here():
+                assert asyncio.get_running_loop().time() - killed < liveness + 3, (
+                    "a dead node's client is still listed past its liveness")
+                await asyncio.sleep(0.2)
+            assert await here() == ["stays"]
+            listed = (await http.get("/channels")).json()["channels"]
+            assert {"channel": channel, "count": 1} in listed
+    finally:
+        survivor.stop()
+        doomed.kill()
+
+
 # --- user identity and personal channels -------------------------------------------------
 
 

@@ -10,18 +10,31 @@ const CHANNELS = [
   { name: "polite", functions: ["demo-filter-shouting", "demo-capitalize"], about: "Drops messages typed in ALL CAPS, capitalizes the rest." },
 ];
 const STORAGE_KEY = "echo-chat-demo";
+const TAG_MARK = " · "; // a uuid is "🦊 Ada · 3f2a": what others' online lists show, and a tag
 
 const $ = (selector) => document.querySelector(selector);
 const panel = (channel) => $(`.messages[data-channel="${channel}"]`);
 const tab = (channel) => $(`.tab[data-channel="${channel}"]`);
 
-/** Who this tab is ({uuid, name, avatar, active}): in sessionStorage, so each tab is its own person. */
+/** Who this tab is ({uuid, tag, name, avatar, active}): in sessionStorage, so each tab is its own person. */
 const session = JSON.parse(sessionStorage.getItem(STORAGE_KEY) || "{}");
 session.active = CHANNELS.some((c) => c.name === session.active) ? session.active : "boring";
 const save = () => sessionStorage.setItem(STORAGE_KEY, JSON.stringify(session));
 save();
 
 let echo = null;
+/** channel -> the uuids subscribed to it now, on every node (from the presence request) */
+const online = new Map();
+const refreshing = new Map(); // channel -> pending refresh timer
+
+/** The uuid others see: avatar and name, and a random tag so two Adas are two people. */
+function uuidOf(name, avatar) {
+  session.tag ||= Math.random().toString(16).slice(2, 6);
+  return `${avatar} ${name}${TAG_MARK}${session.tag}`;
+}
+
+/** How a uuid is shown in the online list: the name part of a chat uuid, else the uuid. */
+const shownName = (uuid) => String(uuid).split(TAG_MARK)[0].slice(0, 60);
 
 function el(tag, className, text) {
   const node = document.createElement(tag);
@@ -63,8 +76,38 @@ function selectChannel(name) {
   const info = $("#channel-info");
   info.replaceChildren(el("span", "", about + " "));
   for (const fn of functions) info.append(el("code", "fn", fn));
+  showOnline();
   scrollDown(panel(name), true);
   $("#message").focus();
+}
+
+/** The active channel's online list: everyone subscribed to it now, this tab first. */
+function showOnline() {
+  const here = [...(online.get(session.active) ?? [])];
+  here.sort((a, b) => (b === session.uuid) - (a === session.uuid) || shownName(a).localeCompare(shownName(b)));
+  const list = $("#online");
+  list.replaceChildren(el("span", "online-label", `Online on #${session.active} (${here.length}):`));
+  for (const uuid of here) {
+    const person = el("span", "online-person", shownName(uuid) + (uuid === session.uuid ? " (you)" : ""));
+    person.dataset.uuid = uuid;
+    list.append(person);
+  }
+}
+
+/** Asks the server who is on `channel` now. Presence events only trigger it: the answer is
+ *  the cluster's own list, so joins and leaves heard in any order never leave a ghost. */
+function refreshOnline(channel, delay = 100) {
+  clearTimeout(refreshing.get(channel));
+  refreshing.set(channel, setTimeout(async () => {
+    refreshing.delete(channel);
+    try {
+      const { clients = [] } = await echo.presence({ channel });
+      online.set(channel, new Set(clients.map((c) => c.uuid)));
+      if (channel === session.active) showOnline();
+    } catch {
+      // offline: asked again on reconnect
+    }
+  }, delay));
 }
 
 function scrollDown(list, force = false) {
@@ -176,16 +219,18 @@ async function connect() {
   }
   let subscribed = false;
   echo = new Echo({ host: location.origin, appName: token.appName, jwt: token.jwt, uuid: session.uuid });
-  session.uuid = echo.uuid; // random the first time; the same uuid after a reload
-  save();
   echo.addListener({
     message: showMessage,
+    presence: ({ channel }) => refreshOnline(channel),
     error: (err) => {
       // the node is going away: the status line shows the reconnect, no need for a notice
       if (err.code !== "server_shutdown") showNotice(session.active, "error", `${err.code}: ${err.message}`);
     },
     state: ({ state, message, retrying }) => {
-      if (state === "connected") setStatus(subscribed ? "live" : "connected", subscribed ? "live" : "connected");
+      if (state === "connected") {
+        setStatus(subscribed ? "live" : "connected", subscribed ? "live" : "connected");
+        if (subscribed) for (const { name } of CHANNELS) refreshOnline(name, 0); // back in the channels
+      }
       else if (state === "connecting") setStatus("connecting", "connecting…");
       else if (state === "disconnected" || retrying) setStatus("disconnected", "offline, reconnecting…");
       else {
@@ -195,8 +240,9 @@ async function connect() {
     },
   });
   try {
-    await echo.subscribe({ channels: CHANNELS.map((c) => c.name) });
+    await echo.subscribe({ channels: CHANNELS.map((c) => c.name), withPresence: true });
     subscribed = true;
+    for (const { name } of CHANNELS) refreshOnline(name, 0);
     setStatus("live", "live");
   } catch (err) {
     if ($("#status").dataset.state === "error") return; // refused: already explained
@@ -212,11 +258,22 @@ $("#join-form").addEventListener("submit", (event) => {
   if (!name) return;
   session.name = name;
   session.avatar = new FormData(event.target).get("avatar") || "🦊";
+  const uuid = uuidOf(session.name, session.avatar);
+  const renamed = echo !== null && uuid !== session.uuid;
+  session.uuid = uuid;
   save();
+  if (renamed) {
+    location.reload(); // a new name is a new uuid: connect again under it
+    return;
+  }
   showChat();
+  if (!echo) connect();
 });
 $("#me").addEventListener("click", showJoin);
 $("#composer").addEventListener("submit", send);
-if (session.name) showChat();
-else showJoin();
-connect();
+if (session.name) {
+  session.uuid = uuidOf(session.name, session.avatar);
+  save();
+  showChat();
+  connect();
+} else showJoin();

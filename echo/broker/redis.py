@@ -303,7 +303,8 @@ class RedisBroker(Broker):
 
         if not settings.redis_url:
             raise ValueError("redis_url is not set")
-        return cls(redis_urls(settings.redis_url), cluster=settings.redis_cluster)
+        return cls(redis_urls(settings.redis_url), cluster=settings.redis_cluster,
+                   liveness=settings.node_liveness)
 
     # -- lifecycle -------------------------------------------------------------------------
 

@@ -213,6 +213,17 @@ export class Echo {
     return this._request("history", request);
   }
 
+  /**
+   * Who is subscribed to a channel now, on every node (not only those that asked for
+   * presence events); on a channel whose rule says `"presence": "count"`, only the count.
+   * @param {{channel: string}} request
+   * @returns {Promise<{ok: true, channel: string, count: number,
+   *   clients?: {uuid: string}[]}>} one entry per connection (a user in two tabs: twice)
+   */
+  presence({ channel }) {
+    return this._request("presence", { channel });
+  }
+
   /** Closes the connection for good; no more reconnects. */
   stop() {
     this._stopped = true;

@@ -412,9 +412,10 @@ class Realtime:
         if not isinstance(client, Client):
             return
         for channel in client.channels - {ADMIN_CHANNEL}:  # the status feed has no presence
-            self._presence(client, channel, "left")
+            # gone from presence before "left" is said: whoever asks on hearing it agrees
             await self.broker.presence_remove(client.app, channel, conn.sid)
             self._occupancy(client.app, channel, "channel_vacated")
+            self._presence(client, channel, "left")
         await self._forget(conn, client)
         self.status(client.app, "disconnection", uuid=client.uuid, admin=client.admin)
 

@@ -94,6 +94,10 @@ class RealtimeClient:
             body["idempotencyKey"] = idempotency_key
         return await self._request("publish", body)
 
+    async def presence(self, channel: str) -> dict[str, Any]:
+        """Who is subscribed to ``channel`` now, on every node: ``{"count", "clients"}``."""
+        return await self._request("presence", {"channel": channel})
+
     async def history(self, channel: str, *, limit: int | None = None, since: int | None = None,
                       reverse: bool = False) -> dict[str, Any]:
         body: dict[str, Any] = {"channel": channel, "reverse": reverse}

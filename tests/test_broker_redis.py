@@ -548,6 +548,25 @@ async def test_cluster_sharded_pubsub_delivery_and_order(cluster: Cluster) -> No
         assert await a.broker.problems() == []
 
 
+async def test_occupancy_turns_once_when_nodes_join_and_leave_at_once(cluster: Cluster) -> None:
+    prefix = new_prefix()
+    async with Node(cluster.urls, prefix, cluster=True) as a, \
+            Node(cluster.urls, prefix, cluster=True) as b:
+        async def change(node: Node, member: str, joining: bool) -> bool | None:
+            if joining:
+                await node.broker.presence_add(APP, "room", member, {})
+            else:
+                await node.broker.presence_remove(APP, "room", member)
+            return await node.broker.occupancy_change(APP, "room")
+
+        members = [(node, f"conn-{index}") for index, node in enumerate([a, b] * 10)]
+        for _ in range(3):
+            joined = await asyncio.gather(*(change(n, m, True) for n, m in members))
+            assert joined.count(True) == 1 and False not in joined, joined
+            left = await asyncio.gather(*(change(n, m, False) for n, m in members))
+            assert left.count(False) == 1 and True not in left, left
+
+
 async def test_cluster_presence_across_nodes_and_a_dead_node(cluster: Cluster) -> None:
     prefix = new_prefix()
     async with Node(cluster.urls, prefix, cluster=True) as a, \

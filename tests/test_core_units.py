@@ -206,3 +206,15 @@ async def test_memory_broker_delivers_at_once_and_keeps_presence() -> None:
     assert await broker.presence("app", "news") == {"sid2": {"uuid": "bob"}}
     await broker.presence_remove("app", "news", "sid2")
     assert await broker.presence("app", "news") == {}
+
+
+async def test_memory_broker_reports_each_occupancy_turn_once() -> None:
+    broker = MemoryBroker()
+    await broker.presence_add("app", "news", "sid1", {})
+    await broker.presence_add("app", "news", "sid2", {})
+    turns = [await broker.occupancy_change("app", "news") for _ in range(2)]
+    await broker.presence_remove("app", "news", "sid1")
+    turns.append(await broker.occupancy_change("app", "news"))
+    await broker.presence_remove("app", "news", "sid2")
+    turns += [await broker.occupancy_change("app", "news") for _ in range(2)]
+    assert turns == [True, None, None, False, None]

@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 
 from echo.config import ConfigError, load_settings
 from echo.core.webhooks import LEASE, signature
@@ -149,6 +150,48 @@ async def test_a_channel_is_occupied_by_its_first_subscriber_and_vacated_by_its_
             ("channel_occupied", "room:busy"), ("channel_vacated", "room:busy")]
     finally:
         server.stop()
+
+
+@pytest.mark.redis
+async def test_occupied_and_vacated_fire_once_per_turn_across_nodes_joining_at_once(
+        tmp_path: Path, receiver: Receiver, redis_server: RedisServer,
+        clients: list[Client]) -> None:
+    project = make_project(tmp_path)
+    env = {"ECHO_REDIS_URL": redis_server.url, "ECHO_NODE_LIVENESS": "3",
+           **hooks_env(receiver, ["channel_occupied", "channel_vacated"])}
+    nodes = [EchoProcess(project, env=env, command="serve").start() for _ in range(2)]
+    try:
+        crowd = [await connect(nodes[n % 2]) for n in range(8)]
+        clients.extend(crowd)
+        rounds = [f"room:turn-{n}" for n in range(3)]
+        for channel in rounds:  # eight joins at once on two nodes, then eight leaves at once
+            await asyncio.gather(*(c.call("subscribe", {"channels": [channel]}) for c in crowd))
+            await asyncio.gather(*(c.call("unsubscribe", {"channels": [channel]}) for c in crowd))
+        await wait_until(lambda: len(receiver.events()) >= 2 * len(rounds))
+        await asyncio.sleep(1)
+        seen = [(e["event"], e["channel"]) for e in receiver.events()]
+        for channel in rounds:
+            assert [event for event, where in seen if where == channel] == [
+                "channel_occupied", "channel_vacated"], seen
+
+        # a node dies holding a channel's only subscriber: its count stops counting once its
+        # liveness is over, so the next subscriber occupies the channel again
+        lonely = await connect(nodes[1])
+        await lonely.call("subscribe", {"channels": ["room:orphaned"]})
+        await wait_until(lambda: ("channel_occupied", "room:orphaned") in [
+            (e["event"], e["channel"]) for e in receiver.events()])
+        nodes[1].kill()
+        await asyncio.sleep(3.5)
+        await crowd[0].call("subscribe", {"channels": ["room:orphaned"]})
+        await wait_until(lambda: [(e["event"], e["channel"]) for e in receiver.events()].count(
+            ("channel_occupied", "room:orphaned")) == 2)
+    finally:
+        for node in nodes:
+            node.stop()
+        # the events the stopped nodes left queued (their last vacated) would otherwise be
+        # sent by the next test's nodes, to its receiver
+        with redis.Redis.from_url(redis_server.url) as store:
+            store.flushall()
 
 
 @pytest.mark.redis

@@ -168,6 +168,13 @@ class Broker(abc.ABC):
         """Record the first publish's ``ack`` for its key; None frees the key (it failed)."""
 
     @abc.abstractmethod
+    async def occupancy_change(self, app: str, channel: str) -> bool | None:
+        """After this node's latest presence change on ``channel``: True if it turned the
+        channel, cluster-wide, from empty to occupied, False if from occupied to empty, None
+        if neither. Decided atomically, so of several nodes changing it at once exactly one
+        sees a turn (the ``channel_occupied`` / ``channel_vacated`` webhooks)."""
+
+    @abc.abstractmethod
     async def occupied(self, app: str, limit: int) -> list[str]:
         """Up to ``limit`` channels of ``app`` with presence entries, on any node (sorted)."""
 

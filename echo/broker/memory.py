@@ -42,6 +42,8 @@ class MemoryBroker(Broker):
     def __init__(self) -> None:
         super().__init__()
         self._presence: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+        self._occupied: set[tuple[str, str]] = set()
+        """Channels last reported occupied by ``occupancy_change``."""
         self._streams: OrderedDict[tuple[str, str], Stream] = OrderedDict()
         self._keys: OrderedDict[tuple[str, str, str], tuple[float, dict[str, Any]]] = OrderedDict()
         self._queues: dict[str, dict[bytes, float]] = {}
@@ -142,6 +144,16 @@ class MemoryBroker(Broker):
 
     async def presence(self, app: str, channel: str) -> dict[str, dict[str, Any]]:
         return dict(self._presence.get((app, channel), {}))
+
+    async def occupancy_change(self, app: str, channel: str) -> bool | None:
+        occupied = (app, channel) in self._presence
+        if occupied == ((app, channel) in self._occupied):
+            return None
+        if occupied:
+            self._occupied.add((app, channel))
+        else:
+            self._occupied.discard((app, channel))
+        return occupied
 
     async def occupied(self, app: str, limit: int) -> list[str]:
         return sorted(channel for key_app, channel in self._presence if key_app == app)[:limit]

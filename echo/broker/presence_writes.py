@@ -11,8 +11,10 @@ presence re-synchronised from this node's own record (nothing is lost for good).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -25,6 +27,15 @@ class PresenceWrite:
     name: bytes
     """The channel's Redis name (whose presence the write changes)."""
     call: Call
+    done: asyncio.Future[Any] | None = None
+    """Given: settled with the call's result (or its failure), for a caller that waits."""
+
+    def settle(self, result: Any) -> None:
+        if self.done is not None and not self.done.done():
+            if isinstance(result, BaseException):
+                self.done.set_exception(result)
+            else:
+                self.done.set_result(result)
 
 
 class PresenceWrites(PipelinedQueue[PresenceWrite]):
@@ -38,21 +49,28 @@ class PresenceWrites(PipelinedQueue[PresenceWrite]):
         self.on_failed = on_failed
 
     def refused(self, item: PresenceWrite) -> None:
-        self.on_failed([item.name], OverflowError(
-            f"{self.limit} presence writes already wait for Redis {self.label}"))
+        error = OverflowError(f"{self.limit} presence writes already wait for Redis {self.label}")
+        item.settle(error)
+        self.on_failed([item.name], error)
 
     def lost(self, batch: list[PresenceWrite], count: int) -> None:
-        self.on_failed([write.name for write in batch[len(batch) - count:]],
-                       RuntimeError("the pipeline was abandoned"))
+        error = RuntimeError("the pipeline was abandoned")
+        for write in batch[len(batch) - count:]:
+            write.settle(error)
+        self.on_failed([write.name for write in batch[len(batch) - count:]], error)
 
     async def send(self, batch: list[PresenceWrite]) -> None:
         try:
             results = await run_pipelined(self.client, [write.call for write in batch])
         except Exception as exc:  # Redis down
             self.unsettled = 0
+            for write in batch:
+                write.settle(exc)
             self.on_failed([write.name for write in batch], exc)
             return
         self.unsettled = 0
+        for write, result in zip(batch, results, strict=True):
+            write.settle(result)
         failed = [(write.name, result) for write, result in zip(batch, results, strict=True)
                   if isinstance(result, Exception)]
         if failed:

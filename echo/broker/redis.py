@@ -71,6 +71,7 @@ from echo.broker.outbox import HistoryWrite, Outbox, Outgoing
 from echo.broker.presence_writes import PresenceWrite, PresenceWrites
 from echo.broker.ring import HashRing
 from echo.broker.scripts import (
+    OCCUPANCY,
     PRESENCE_ADD,
     PRESENCE_BEAT,
     PRESENCE_PAIRS,
@@ -144,12 +145,14 @@ class ChannelKeys(NamedTuple):
     """Stream: the channel's kept messages (entry id ``0-<offset>``)."""
     position: bytes
     """Hash: the history stream's epoch (``e``) and last offset (``o``)."""
+    occupancy: bytes
+    """Hash: node id -> its subscribed connections (for the occupancy webhooks)."""
 
     @classmethod
     def of(cls, name: bytes) -> ChannelKeys:
         """The keys of the channel whose Redis channel is ``name``."""
         return cls(name, name + b":nodes", name + b":presence", name + b":present",
-                   name + b":history", name + b":position")
+                   name + b":history", name + b":position", name + b":occupancy")
 
     def idempotency(self, key: str) -> bytes:
         """String: what the first publish with ``key`` was answered."""
@@ -834,6 +837,22 @@ class RedisBroker(Broker):
         self._write_presence(keys, [(PRESENCE_ADD, (keys.present, keys.presence),
                                      (*self._beat(), member, value))])
 
+    async def occupancy_change(self, app: str, channel: str) -> bool | None:
+        """This node's count, written in order behind its presence writes, so the counts
+        Redis holds are never older than the presence they follow."""
+        keys = channel_keys(self.prefix, app, channel)
+        shard = self._route(keys.name)
+        if shard is None:
+            raise ConnectionError("no Redis Cluster node known for this channel yet")
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        count = len(self._present.get(keys, ()))
+        shard.presence.put(PresenceWrite(keys.name, (
+            OCCUPANCY, (keys.present, keys.occupancy), (*self._beat(), count)), done))
+        before, after = await done
+        if (int(before) > 0) == (int(after) > 0):
+            return None
+        return int(after) > 0
+
     async def presence_remove(self, app: str, channel: str, member: str) -> None:
         keys = channel_keys(self.prefix, app, channel)
         members = self._present.get(keys)
@@ -958,7 +977,7 @@ class RedisBroker(Broker):
             owner = self._route(keys.name)
             if owner is not None and members and keys not in self._unsynced:
                 work.setdefault(owner, []).append(
-                    (PRESENCE_BEAT, (keys.present, keys.presence), self._beat()))
+                    (PRESENCE_BEAT, (keys.present, keys.presence, keys.occupancy), self._beat()))
 
         async def beat(shard: Shard, calls: list[Call]) -> None:
             try:

@@ -153,11 +153,45 @@ return #KEYS
 """)
 
 PRESENCE_BEAT = LuaScript(_NOW + """
--- KEYS[1]: nodes holding presence entries in a channel, KEYS[2]: its presence hash
--- ARGV[1]: this node's id, ARGV[2]: ttl (ms). The hash lives as long as a node refreshes.
+-- KEYS[1]: nodes holding presence entries in a channel, KEYS[2]: its presence hash,
+-- KEYS[3]: its occupancy hash (if any). ARGV[1]: this node's id, ARGV[2]: ttl (ms).
+-- The hashes live as long as a node refreshes.
 """ + _REGISTER + """
 redis.call('PEXPIRE', KEYS[2], ttl * 2)
+redis.call('PEXPIRE', KEYS[3], ttl * 2)
 return 1
+""")
+
+OCCUPANCY = LuaScript(_NOW + """
+-- KEYS[1]: nodes holding presence entries in a channel, KEYS[2]: its occupancy hash
+-- (node id -> that node's subscribed connections). ARGV[1]: node id, ARGV[2]: ttl (ms),
+-- ARGV[3]: this node's count now. Returns {before, after}: the live nodes' total before and
+-- after this write. Dead nodes' counts are dropped (they no longer make it occupied).
+local live = {}
+for _, node in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')) do
+  live[node] = true
+end
+local fields = redis.call('HGETALL', KEYS[2])
+local before, others = 0, 0
+for i = 1, #fields, 2 do
+  local count = tonumber(fields[i + 1])
+  if fields[i] == ARGV[1] then
+    before = before + count
+  elseif live[fields[i]] then
+    before, others = before + count, others + count
+  else
+    redis.call('HDEL', KEYS[2], fields[i])
+  end
+end
+local mine = tonumber(ARGV[3])
+if mine > 0 then
+  redis.call('HSET', KEYS[2], ARGV[1], mine)
+""" + _REGISTER + """
+  redis.call('PEXPIRE', KEYS[2], ttl * 2)
+else
+  redis.call('HDEL', KEYS[2], ARGV[1])
+end
+return {before, others + mine}
 """)
 
 PRESENCE_ADD = LuaScript(_NOW + """

@@ -338,20 +338,26 @@ class Realtime:
             durationMs=round(elapsed * 1000, 1),
         )
 
-    def _occupancy(self, app: str, channel: str, event: str) -> None:
-        """``channel_occupied`` (its first subscriber, on any node) or ``channel_vacated``
-        (its last left) for the webhooks that want it, read from the cluster's presence."""
-        if self.webhooks is None or not self.webhooks.wants(app, event):
+    def _occupancy(self, app: str, channel: str) -> None:
+        """After a join or leave: ``channel_occupied`` (its first subscriber, on any node) or
+        ``channel_vacated`` (its last left) for the webhooks that want them; the broker says
+        whether this change turned the channel, once across the cluster."""
+        hooks = self.webhooks
+        if hooks is None or not (hooks.wants(app, "channel_occupied")
+                                 or hooks.wants(app, "channel_vacated")):
             return
 
         async def check() -> None:
             try:
-                count = len(await self.broker.presence(app, channel))
+                turned = await self.broker.occupancy_change(app, channel)
             except Exception as exc:
-                log.warning("%s/%s: %s not checked: %s", app[:80], channel, event, exc)
+                log.warning("%s/%s: occupancy not checked: %s", app[:80], channel, exc)
                 return
-            if count == (1 if event == "channel_occupied" else 0) and self.webhooks is not None:
-                self.webhooks.emit(app, event, {"channel": channel})
+            if turned is None:
+                return
+            event = "channel_occupied" if turned else "channel_vacated"
+            if hooks.wants(app, event):
+                hooks.emit(app, event, {"channel": channel})
 
         self._spawn(check())
 
@@ -414,7 +420,7 @@ class Realtime:
         for channel in client.channels - {ADMIN_CHANNEL}:  # the status feed has no presence
             # gone from presence before "left" is said: whoever asks on hearing it agrees
             await self.broker.presence_remove(client.app, channel, conn.sid)
-            self._occupancy(client.app, channel, "channel_vacated")
+            self._occupancy(client.app, channel)
             self._presence(client, channel, "left")
         await self._forget(conn, client)
         self.status(client.app, "disconnection", uuid=client.uuid, admin=client.admin)
@@ -543,7 +549,7 @@ class Realtime:
                 if channel != ADMIN_CHANNEL:
                     await self.broker.presence_add(client.app, channel, conn.sid,
                                                    {"uuid": client.uuid})
-                    self._occupancy(client.app, channel, "channel_occupied")
+                    self._occupancy(client.app, channel)
                     self._presence(client, channel, "joined")
         self.status(client.app, "subscribe", uuid=client.uuid, channels=list(subscription.channels))
         return protocol.ok(channels=list(subscription.channels),
@@ -614,7 +620,7 @@ class Realtime:
             if channel in client.channels:
                 client.channels.discard(channel)
                 await self.broker.presence_remove(client.app, channel, conn.sid)
-                self._occupancy(client.app, channel, "channel_vacated")
+                self._occupancy(client.app, channel)
                 self._presence(client, channel, "left")
         self.status(client.app, "unsubscribe", uuid=client.uuid, channels=list(channels))
 

@@ -531,8 +531,14 @@ def teardown(
 @associations_app.command("check")
 def associations_check(project: ProjectOption = Path(".")) -> None:
     """Validate associations.json and name the bad path if it is invalid."""
+    from echo.core.functions import missing_functions
+
     settings = settings_for(project)
     associations = _load_associations_file(settings)
+    if settings.runner == "local":
+        missing = missing_functions(associations, settings.path(settings.functions_dir))
+        if missing:
+            fail(f"{settings.path(settings.associations)}: " + "; ".join(missing[:5]))
     out.print(f"[green]valid[/]: {len(associations.apps)} app(s): {', '.join(sorted(associations.apps))}")
 
 

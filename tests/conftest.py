@@ -45,7 +45,6 @@ TEST_ASSOCIATIONS: dict[str, Any] = {
                 {"channelName": "hang", "functionNames": ["fail-hang"]},
                 {"channelName": "garbage", "functionNames": ["fail-garbage"]},
                 {"channelName": "exit", "functionNames": ["fail-exit"]},
-                {"channelName": "missing", "functionNames": ["no-such-function"]},
                 {"channelName": "slow", "functionNames": ["slow-echo"]},
                 {"channelName": "slow-unordered", "functionNames": ["slow-echo"],
                  "ordered": False},
@@ -65,6 +64,11 @@ TEST_ASSOCIATIONS: dict[str, Any] = {
         },
     }
 }
+STARTING_ASSOCIATIONS: dict[str, Any] = json.loads(json.dumps(TEST_ASSOCIATIONS))
+"""What a test project starts with: TEST_ASSOCIATIONS plus a channel whose function has no
+folder (accepted at start, and reported; a PUT or a file edit naming it is refused)."""
+STARTING_ASSOCIATIONS["applications"][TEST_APP]["channels"].append(
+    {"channelName": "missing", "functionNames": ["no-such-function"]})
 
 
 @pytest.fixture
@@ -85,7 +89,7 @@ def make_project(root: Path) -> Path:
     for folder in (FIXTURES / "functions").iterdir():
         shutil.copytree(folder, functions / folder.name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO / "apps", root / "apps", ignore=shutil.ignore_patterns("node_modules"))
-    (root / "associations.json").write_text(json.dumps(TEST_ASSOCIATIONS, indent=2))
+    (root / "associations.json").write_text(json.dumps(STARTING_ASSOCIATIONS, indent=2))
     return root
 
 

@@ -142,6 +142,8 @@ function details(status) {
       return `${status.function} ${status.kind} on #${status.channel} after ${status.durationMs} ms: ${status.error}`;
     case "functions_reloaded":
       return (status.functions || []).join(", ");
+    case "function_problem":
+      return `${status.function}: ${status.error}`;
     case "associations_updated":
       return `from ${status.source}`;
     case "associations_error":

@@ -24,7 +24,7 @@ from echo.broker.memory import MemoryBroker
 from echo.config import Settings, redis_urls
 from echo.core import http, metrics, shutdown
 from echo.core.associations import Associations, AssociationsError
-from echo.core.functions import FunctionCatalog
+from echo.core.functions import FunctionCatalog, missing_functions
 from echo.core.pipeline import Pipeline
 from echo.core.realtime import Realtime
 from echo.core.runners import Runner, RunnerSet, load_runner_class
@@ -198,6 +198,13 @@ class EchoServer:
         await self.apply_associations(stored, source=source)
         return stored
 
+    def function_problems(self, associations: Associations) -> list[str]:
+        """Functions the document names that this node could not run: with the local runner,
+        those without a folder (a remote runner may know functions this disk does not)."""
+        if self.settings.runner != "local":
+            return []
+        return missing_functions(associations, self.settings.path(self.settings.functions_dir))
+
     async def report_associations_error(self, message: str) -> None:
         log.error("associations not applied, keeping the previous ones: %s", message)
         await self._status_all("associations_error", error=message)
@@ -210,6 +217,8 @@ class EchoServer:
         metrics.ASSOCIATIONS_VERSION.set(associations.version)
         log.info("associations v%d applied from %s: %s", associations.version, source,
                  ", ".join(sorted(associations.apps)))
+        for problem in self.function_problems(associations)[:20]:
+            log.error("associations: %s (publishes there will fail with not_found)", problem)
         await self._status_all("associations_updated", source=source,
                                version=associations.version)
 

@@ -26,6 +26,8 @@ from typing import Any
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
 FUNCTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+_GLOB_SYNTAX = re.compile(r"\[!?|\]|[*?]")
+"""What a pattern may hold besides channel-name characters."""
 
 
 class AssociationsError(ValueError):
@@ -113,6 +115,17 @@ class Associations:
         }
 
 
+def _check_channel_name(name: str, path: str) -> None:
+    """A rule for a name no client may use would never apply: refuse it here, not silently."""
+    from echo.core.protocol import CHANNEL_NAME
+
+    literal = _GLOB_SYNTAX.sub("", name) if _GLOB_CHARS.search(name) else name
+    if len(name) > 200 or (literal and not CHANNEL_NAME.match(literal)):
+        raise AssociationsError(path, f"{name[:80]!r} is not a channel name clients may use: "
+                                      "1-200 characters of letters, digits and _ - : . @ = / "
+                                      "(patterns add * ? [...])")
+
+
 def _expect(value: Any, kind: type, path: str, described: str) -> Any:
     if not isinstance(value, kind):
         raise AssociationsError(path, f"expected {described}, got {type(value).__name__}")
@@ -164,6 +177,7 @@ def parse_associations(data: Any) -> Associations:
             name = entry.get("channelName")
             if not isinstance(name, str) or not name:
                 raise AssociationsError(f"{entry_path}.channelName", "must be a non-empty string")
+            _check_channel_name(name, f"{entry_path}.channelName")
             names = _expect(
                 entry.get("functionNames", []),
                 list,

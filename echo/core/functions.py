@@ -17,13 +17,14 @@ zips it, the pipeline reads its policy. ``function.toml`` keys (all optional)::
 
 from __future__ import annotations
 
+import ast
 import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from echo.core.associations import FUNCTION_NAME
+from echo.core.associations import FUNCTION_NAME, Associations
 
 SPEC_FILE = "function.toml"
 ON_ERROR = ("error", "drop", "pass")
@@ -117,6 +118,65 @@ def load_spec(path: Path, default_timeout: float = 3.0) -> FunctionSpec:
     return spec
 
 
+def _top_level_names(body: list[ast.stmt]) -> set[str] | None:
+    """Names a module defines when it runs (None when a ``*`` import hides them)."""
+    names: set[str] = set()
+    for node in body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign | ast.AnnAssign | ast.AugAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name))
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            for alias in node.names:
+                if alias.name == "*":
+                    return None
+                names.add(alias.asname or alias.name.split(".")[0])
+        elif isinstance(node, ast.If | ast.Try | ast.With | ast.For | ast.While):
+            blocks = [node.body, getattr(node, "orelse", []), getattr(node, "finalbody", [])]
+            blocks += [handler.body for handler in getattr(node, "handlers", [])]
+            for block in blocks:
+                inner = _top_level_names(block)
+                if inner is None:
+                    return None
+                names |= inner
+    return names
+
+
+def source_problem(spec: FunctionSpec) -> str | None:
+    """What would stop the function's Python module from loading, found without running
+    it: a syntax error (file and line) or no top-level handler. None when it looks fine."""
+    file = spec.module_file
+    if file is None or spec.runner not in (None, "local", "lambda") or not file.exists():
+        return None
+    try:
+        tree = ast.parse(file.read_bytes(), filename=str(file))
+    except SyntaxError as exc:
+        return f"{file}, line {exc.lineno}: {exc.msg}"
+    except (OSError, ValueError) as exc:
+        return f"{file}: cannot be read ({exc})"
+    function = spec.handler.split(".", 1)[1]
+    names = _top_level_names(tree.body)
+    if names is not None and function not in names:
+        return (f"{file}: no top-level {function!r} (the handler is {spec.handler!r}: "
+                f"define `def {function}(message, context):`)")
+    return None
+
+
+def missing_functions(associations: Associations, functions_dir: Path) -> list[str]:
+    """Each function the document names that has no folder, by its path in the document."""
+    problems: list[str] = []
+    for app, app_doc in associations.document.get("applications", {}).items():
+        for index, entry in enumerate(app_doc.get("channels", [])):
+            for position, name in enumerate(entry.get("functionNames", [])):
+                if not (functions_dir / name).is_dir():
+                    problems.append(
+                        f"applications.{app}.channels[{index}].functionNames[{position}]: no "
+                        f"function {name!r} (no folder {functions_dir / name}; "
+                        f"`echoctl functions new {name}` makes one)")
+    return problems
+
+
 def discover(functions_dir: Path, default_timeout: float = 3.0) -> dict[str, FunctionSpec]:
     """Every valid function folder; invalid ones raise, so a typo is never silently ignored."""
     specs: dict[str, FunctionSpec] = {}
@@ -139,18 +199,28 @@ class FunctionCatalog:
         self.functions_dir = functions_dir
         self.default_timeout = default_timeout
         self._specs: dict[str, FunctionSpec] = {}
+        self._pinned: dict[str, Path] = {}
+        """Functions run from another folder: the copy of their last working code."""
 
     def get(self, name: str) -> FunctionSpec:
         """The spec for ``name``; raises FunctionConfigError for a broken function.toml."""
         spec = self._specs.get(name)
         if spec is None:
-            path = self.functions_dir / name
+            path = self._pinned.get(name, self.functions_dir / name)
             if path.is_dir():
                 spec = load_spec(path, self.default_timeout)
             else:
                 spec = FunctionSpec(name=name, timeout=self.default_timeout)
             self._specs[name] = spec
         return spec
+
+    def pin(self, name: str, folder: Path | None) -> None:
+        """Run ``name`` from ``folder`` (named like it) instead of its own; None: its own."""
+        if folder is None:
+            self._pinned.pop(name, None)
+        else:
+            self._pinned[name] = folder
+        self._specs.pop(name, None)
 
     def invalidate(self, names: set[str] | None = None) -> None:
         if names is None:

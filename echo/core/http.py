@@ -83,6 +83,10 @@ def routes(server: EchoServer) -> list[Route]:
             associations = parse_associations_text(body, source="request body")
         except AssociationsError as exc:
             return _problem(400, ErrorCode.INVALID_ASSOCIATIONS, str(exc), path=exc.path)
+        missing = server.function_problems(associations)
+        if missing:
+            return _problem(400, ErrorCode.INVALID_ASSOCIATIONS, "; ".join(missing[:5]),
+                            path=missing[0].split(":", 1)[0])
         try:
             stored = await server.replace_associations(
                 associations, source="PUT /associations"

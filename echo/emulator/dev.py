@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import html
+import logging
 from pathlib import Path
 
 from starlette.requests import Request
@@ -27,6 +28,7 @@ from echo.emulator.watch import watch_associations, watch_functions
 from echo.runners.lambda_runner import LambdaRunner
 
 DEV_TOKEN_TTL = 24 * 3600
+log = logging.getLogger("echo.dev")
 
 
 def _dev_routes(settings: Settings, apps_dir: Path) -> list[BaseRoute]:
@@ -58,6 +60,12 @@ def _dev_routes(settings: Settings, apps_dir: Path) -> list[BaseRoute]:
     return routes
 
 
+def _say_if_it_died(task: asyncio.Task[None]) -> None:
+    """A watcher that stops by mistake must say so: hot reload is off from then on."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("hot reload stopped: the file watcher failed", exc_info=task.exception())
+
+
 FUNCTION_MODES = ("local", "localstack")
 
 
@@ -84,6 +92,8 @@ def build_dev_server(settings: Settings, functions: str = "local") -> EchoServer
             on_change = emulator.redeploy
         tasks.append(asyncio.create_task(watch_functions(server, functions_dir, stop, on_change)))
         tasks.append(asyncio.create_task(watch_associations(server, associations, stop)))
+        for task in tasks:
+            task.add_done_callback(_say_if_it_died)
 
     async def stop_watching() -> None:
         stop.set()

@@ -1,14 +1,18 @@
 """Hot reload: watch ``functions/`` and ``associations.json`` and apply changes live.
 
-A changed function retires the runner's workers (fresh code on the next message); a changed
-associations file is re-read and, if valid, applied; if broken, the previous one stays and
-the admins are told why. Open connections are never touched.
+A changed function is checked first (its function.toml, its module's syntax, a top-level
+handler, all without running it). If it is fine it retires the runner's workers (fresh code
+on the next message) and a copy of it is kept in ``.echo/last-good/``; if not, the mistake is
+printed and sent to admins, and that copy stays in force until the next good save. A
+changed associations file is re-read and, if valid, applied; if broken, the previous one
+stays and the admins are told why. Open connections are never touched.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -16,12 +20,15 @@ import watchfiles
 
 from echo.core.app import EchoServer
 from echo.core.associations import AssociationsError
+from echo.core.functions import FunctionConfigError, load_spec, source_problem
 from echo.core.store import FileStore
 
 log = logging.getLogger("echo.watch")
 
 # react quickly: an edit is usually one write; 150 ms lets an editor's save settle
 DEBOUNCE_MS = 150
+NOT_COPIED = shutil.ignore_patterns("node_modules", "__pycache__", ".*")
+"""Left out of a function's last good copy: installed packages and caches."""
 
 
 def changed_functions(functions_dir: Path, paths: set[str]) -> set[str]:
@@ -36,6 +43,71 @@ def changed_functions(functions_dir: Path, paths: set[str]) -> set[str]:
     return names
 
 
+class LastGoodCode:
+    """A copy of each function as it last passed the checks, which the server runs while
+    the function's own folder holds a mistake."""
+
+    def __init__(self, server: EchoServer, functions_dir: Path, copies: Path) -> None:
+        self.server = server
+        self.functions_dir = functions_dir
+        self.copies = copies
+
+    def problem(self, name: str) -> str | None:
+        """What is wrong with the function as saved, or None."""
+        folder = self.functions_dir / name
+        try:
+            return source_problem(load_spec(folder, self.server.settings.function_timeout))
+        except FunctionConfigError as exc:
+            return str(exc)
+
+    def keep(self, name: str) -> None:
+        self.server.functions.pin(name, None)
+        copy = self.copies / name
+        try:
+            shutil.rmtree(copy, ignore_errors=True)
+            shutil.copytree(self.functions_dir / name, copy, ignore=NOT_COPIED)
+        except OSError as exc:
+            log.warning("%s: no copy of its working code kept (%s)", name, exc)
+
+    def fall_back(self, name: str) -> bool:
+        """Run the kept copy of ``name``; False when there is none (it never worked)."""
+        copy = self.copies / name
+        if not copy.is_dir():
+            return False
+        self.server.functions.pin(name, copy)
+        return True
+
+
+def check_functions(guard: LastGoodCode, names: set[str]) -> tuple[set[str], dict[str, str]]:
+    """Sort changed functions into those to reload and those whose mistake is reported
+    (with what was said about it); keeps or falls back to the last good copy."""
+    reload: set[str] = set()
+    mistakes: dict[str, str] = {}
+    for name in sorted(names):
+        if not (guard.functions_dir / name).is_dir():
+            guard.server.functions.pin(name, None)  # deleted: gone, not pinned to a copy
+            reload.add(name)
+            continue
+        problem = guard.problem(name)
+        if problem is None:
+            guard.keep(name)
+            reload.add(name)
+        elif guard.fall_back(name):
+            reload.add(name)  # fresh workers, running the copy
+            mistakes[name] = f"{problem}; not reloaded: the previous code stays in force"
+        else:
+            mistakes[name] = f"{problem}; it has no working version yet, publishes through it fail"
+    return reload, mistakes
+
+
+async def report_mistakes(server: EchoServer, mistakes: dict[str, str]) -> None:
+    for name, mistake in mistakes.items():
+        log.error("function %s: %s", name, mistake)
+        for app in server.connected_apps():
+            server.realtime.status(app, "function_problem", local=True, function=name,
+                                   error=mistake)
+
+
 async def watch_functions(
     server: EchoServer,
     functions_dir: Path,
@@ -43,19 +115,27 @@ async def watch_functions(
     on_change: Callable[[set[str]], Awaitable[object]] | None = None,
 ) -> None:
     functions_dir.mkdir(parents=True, exist_ok=True)
+    guard = LastGoodCode(server, functions_dir, server.settings.path(Path(".echo/last-good")))
+    present = {p.name for p in functions_dir.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))}
+    _, mistakes = check_functions(guard, present)  # at start: copies kept, mistakes said
+    await report_mistakes(server, mistakes)
     async for changes in watchfiles.awatch(
         functions_dir, stop_event=stop, debounce=DEBOUNCE_MS, step=30, recursive=True
     ):
         names = changed_functions(functions_dir, {path for _, path in changes})
-        if names:
-            server.reload_functions(names)
+        if not names:
+            continue
+        reload, mistakes = check_functions(guard, names)
+        await report_mistakes(server, mistakes)
+        if reload:
+            server.reload_functions(reload)
             if on_change is not None:
-                await on_change(names)
-            log.info("reloaded %s", ", ".join(sorted(names)))
-            for app in server.connected_apps():
-                await server.realtime.status(
-                    app, "functions_reloaded", local=True, functions=sorted(names)
-                )
+                await on_change(reload)
+            fine = sorted(reload - set(mistakes))
+            if fine:
+                log.info("reloaded %s", ", ".join(fine))
+                for app in server.connected_apps():
+                    server.realtime.status(app, "functions_reloaded", local=True, functions=fine)
 
 
 async def watch_associations(server: EchoServer, path: Path, stop: asyncio.Event) -> None:
@@ -78,6 +158,10 @@ async def apply_file(server: EchoServer, path: Path) -> None:
         associations = await FileStore(path).load()
     except AssociationsError as exc:
         await server.report_associations_error(f"{path}: {exc}")
+        return
+    missing = server.function_problems(associations)
+    if missing:
+        await server.report_associations_error(f"{path}: {'; '.join(missing[:5])}")
         return
     if associations.document != server.associations.document:
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import json
 import logging
 import shutil
@@ -37,6 +38,10 @@ err = Console(stderr=True)
 ProjectOption = Annotated[
     Path, typer.Option("--project", "-C", help="Project folder.", show_default="current folder")
 ]
+
+
+USER_TOKEN_TTL = 24 * 3600
+"""What a user token from `echoctl jwt` lives by default: a forgotten one stops working."""
 
 
 def fail(message: str, hint: str | None = None, code: int = 2) -> NoReturn:
@@ -83,33 +88,42 @@ def version() -> None:
 
 
 @app.command()
-def init(directory: Annotated[Path, typer.Argument(help="Folder to create.")] = Path(".")) -> None:
-    """Scaffold a project: functions/, apps/, associations.json and echo.toml."""
-    source = template_dir()
+def init(
+    directory: Annotated[Path, typer.Argument(help="Folder to create.")] = Path("."),
+    demo: Annotated[bool, typer.Option("--demo", help="Copy the talk's demos instead: chat, "
+                                       "live map, admin page and their functions.")] = False,
+) -> None:
+    """Make a project: one app, one function, one channel (or, with --demo, the demos)."""
+    from echo import starter
+
     directory.mkdir(parents=True, exist_ok=True)
     created = []
-    for name in ("functions", "apps"):
+    files = dict(starter.FILES)
+    if demo:
+        source = template_dir()
+        for name in ("functions", "apps"):
+            target = directory / name
+            if target.exists():
+                out.print(f"[yellow]kept[/] existing {target}")
+                continue
+            shutil.copytree(
+                source / name, target, ignore=shutil.ignore_patterns("__pycache__", "node_modules")
+            )
+            created.append(f"{name}/")
+        files = {"associations.json": (source / "associations.json").read_text(encoding="utf-8"),
+                 "echo.toml": starter.SETTINGS, ".gitignore": starter.GITIGNORE}
+    for name, content in files.items():
         target = directory / name
         if target.exists():
             out.print(f"[yellow]kept[/] existing {target}")
             continue
-        shutil.copytree(
-            source / name, target, ignore=shutil.ignore_patterns("__pycache__", "node_modules")
-        )
-        created.append(f"{name}/")
-    for name, content in (
-        ("associations.json", (source / "associations.json").read_text(encoding="utf-8")),
-        ("echo.toml", "# Echo settings; ECHO_* environment variables override these.\n"
-                      "port = 3000\nmax_message_bytes = 65536\n"),
-    ):
-        target = directory / name
-        if target.exists():
-            out.print(f"[yellow]kept[/] existing {target}")
-        else:
-            target.write_text(content, encoding="utf-8")
-            created.append(name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(content, encoding="utf-8")
+        created.append(name)
     out.print(f"[green]created[/] {', '.join(created) or 'nothing new'} in {directory.resolve()}")
-    out.print(f"next: [bold]cd {directory} && echoctl dev[/]")
+    page = "apps/chat-demo/" if demo else f"apps/{starter.APP}/"
+    out.print(f"next: [bold]cd {directory} && echoctl dev[/], then open "
+              f"http://localhost:3000/{page}")
 
 
 @app.command()
@@ -123,11 +137,14 @@ def dev(
     ] = "local",
 ) -> None:
     """Run server, function runner and hot reload, and serve apps/ under /apps/."""
+    from echo.emulator import address
     from echo.emulator.dev import FUNCTION_MODES, build_dev_server
 
     if functions not in FUNCTION_MODES:
         fail(f"--functions {functions!r} is not one of {', '.join(FUNCTION_MODES)}")
-    settings = settings_for(project, host=host, port=port, log_level=log_level)
+    settings = settings_for(project, dev=False, host=host, port=port, log_level=log_level)
+    _refuse_a_folder_that_is_not_a_project(settings)  # before anything is written there
+    settings = with_dev_secret(settings)
     _logging(settings.log_level)
     from echo.core import serving
 
@@ -146,13 +163,43 @@ def dev(
         err.print(f"  channels   {settings.path(settings.associations)} (applied live)")
         err.print(f"  tokens     pages here: {base}/dev/token?app=NAME (&admin=1)")
         err.print("             elsewhere: `echoctl jwt NAME`\n")
+        recorded.append(address.record(settings))
 
+    recorded: list[Path] = []
     try:
         serving.run(server.asgi, settings.host, settings.port, settings.log_level, on_ready=banner,
                     before_shutdown=server.drain, ws_max_size=server.options.max_payload)
     except OSError as exc:
-        fail(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}",
-             "pick another port with --port or ECHO_PORT")
+        _cannot_listen(settings, exc)
+    finally:
+        for path in recorded:
+            address.forget(path)
+
+
+def _cannot_listen(settings: Settings, exc: OSError) -> NoReturn:
+    if exc.errno == errno.EADDRINUSE:
+        fail(f"port {settings.port} on {settings.host} is already in use (another echoctl dev?)",
+             f"choose another with --port {settings.port + 1} (or ECHO_PORT); "
+             f"`ss -ltnp 'sport = :{settings.port}'` shows who holds it")
+    fail(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}",
+         "check --host (an address of this machine) and --port (1024 or above without root)")
+
+
+def _refuse_a_folder_that_is_not_a_project(settings: Settings) -> None:
+    """``echoctl dev`` started in the wrong folder: say what is missing, not serve nothing."""
+    associations = settings.path(settings.associations)
+    functions_dir = settings.path(settings.functions_dir)
+    has_functions = functions_dir.is_dir() and any(
+        p.is_dir() and not p.name.startswith((".", "_")) for p in functions_dir.iterdir())
+    if associations.exists() or has_functions or settings.path(settings.apps_dir).is_dir():
+        if not associations.exists():
+            err.print(f"[yellow]note:[/] no {associations}: no channel runs a function until "
+                      "it exists (it is applied as soon as it is saved)", highlight=False)
+        return
+    fail(f"{settings.project_dir} is not an Echo project: it has no {settings.associations}, "
+         f"no functions in {settings.functions_dir}/ and no {settings.apps_dir}/",
+         "make one here with `echoctl init .`, or serve another folder with "
+         "`echoctl dev --project DIR`")
 
 
 @app.command()
@@ -192,8 +239,7 @@ def serve(
             ws_max_size=server.options.max_payload,
         )
     except OSError as exc:
-        fail(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}",
-             "pick another port with --port or ECHO_PORT")
+        _cannot_listen(settings, exc)
 
 
 @app.command()
@@ -215,7 +261,9 @@ def jwt(
                                                 "must say this uuid; user:UUID opens to it).")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
-    ttl: Annotated[int | None, typer.Option(help="Expire after this many seconds.")] = None,
+    ttl: Annotated[int | None, typer.Option(
+        help=f"Expire after this many seconds (0: never). Default: user tokens "
+             f"{USER_TOKEN_TTL // 3600} h, admin tokens never, management tokens 5 min.")] = None,
     target: Annotated[
         str | None, typer.Option("--target", "-t", help="Use a deployment's endpoint and secret.")
     ] = None,
@@ -231,11 +279,15 @@ def jwt(
             fail(f"the {target} deployment keeps its secret remotely", "see its README section")
         endpoint, secret = outputs.endpoint, outputs.secret
     else:
+        from echo.emulator.address import dev_server_url
+
         settings = settings_for(project)
-        endpoint = settings.local_url
+        endpoint = dev_server_url(settings)
         secret = settings.secrets_for(app_name)[0] if app_name else settings.require_secret()
+    if ttl is not None and ttl < 0:
+        fail(f"--ttl {ttl}: give seconds, or 0 for a token that never expires")
     if manage:
-        print(issue_management_token(secret, ttl=ttl))
+        print(issue_management_token(secret, ttl=300 if ttl is None else ttl or None))
         return
     if app_name is None:
         fail("APP is missing", "e.g. `echoctl jwt chat-demo`, or `echoctl jwt --manage`")
@@ -255,9 +307,10 @@ def jwt(
             fail(str(exc))
     if uuid is not None and not 1 <= len(uuid) <= 200:
         fail("--uuid must be 1-200 characters")
-    user_token = issue_token(secret, app_name, admin=False, ttl=ttl, capabilities=capabilities,
-                             uuid=uuid)
-    admin_token = issue_token(secret, app_name, admin=True, ttl=ttl)
+    user_token = issue_token(secret, app_name, admin=False,
+                             ttl=USER_TOKEN_TTL if ttl is None else ttl or None,
+                             capabilities=capabilities, uuid=uuid)
+    admin_token = issue_token(secret, app_name, admin=True, ttl=ttl or None)
     if as_json:
         body = {"endpoint": endpoint, "appName": app_name, "adminJwt": admin_token}
         if not admin:
@@ -378,6 +431,9 @@ def functions_invoke(
     except FunctionError as exc:
         hint = "create it with `echoctl functions new NAME`" if exc.kind == "not_found" else None
         fail(str(exc), hint, code=1)
+    if result is None:
+        err.print(f"[yellow]filtered (None)[/]: {name} dropped the message; it would not be "
+                  "delivered", highlight=False)
     print(json.dumps(result, ensure_ascii=False))
 
 
@@ -573,7 +629,9 @@ def associations_push(
         return
     settings = settings_for(project)
     associations = _load_associations_file(settings)
-    endpoint = url or settings.local_url
+    from echo.emulator.address import dev_server_url
+
+    endpoint = url or dev_server_url(settings)
     try:
         reply = management.put_associations(endpoint, associations.document,
                                             settings.require_secret(), timeout=10)

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from echo.config import ConfigError, load_settings
 from echo.core.auth import verify_token
-from tests.conftest import SECRET, EchoProcess, make_project
+from tests.conftest import SECRET, EchoProcess, connect, make_project
 
 
 def echoctl(*args: str, cwd: Path, env: dict[str, str] | None = None,
@@ -24,10 +26,11 @@ def echoctl(*args: str, cwd: Path, env: dict[str, str] | None = None,
     )
 
 
-def test_init_scaffolds_a_project_that_lists_and_runs_its_functions(tmp_path: Path) -> None:
-    result = echoctl("init", "myproj", cwd=tmp_path)
+def test_init_demo_copies_the_demos_that_list_and_run(tmp_path: Path) -> None:
+    result = echoctl("init", "myproj", "--demo", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     project = tmp_path / "myproj"
+    assert ".echo/" in (project / ".gitignore").read_text()
     assert (project / "functions" / "demo-angry" / "handler.py").exists()
     assert (project / "apps" / "chat-demo" / "index.html").exists()
     assert json.loads((project / "associations.json").read_text())["applications"]["chat-demo"]
@@ -39,7 +42,7 @@ def test_init_scaffolds_a_project_that_lists_and_runs_its_functions(tmp_path: Pa
 
 
 def test_functions_new_then_invoke(tmp_path: Path) -> None:
-    assert echoctl("init", ".", cwd=tmp_path).returncode == 0
+    assert echoctl("init", ".", "--demo", cwd=tmp_path).returncode == 0
     created = echoctl("functions", "new", "shout-back", cwd=tmp_path)
     assert created.returncode == 0, created.stderr
     assert json.loads(echoctl("functions", "invoke", "shout-back", "-d", "[1, 2]",
@@ -76,7 +79,7 @@ def test_function_errors_from_invoke_are_explained(tmp_path: Path) -> None:
 
 
 def test_jwt_prints_tokens_that_the_dev_server_accepts(tmp_path: Path) -> None:
-    echoctl("init", ".", cwd=tmp_path)
+    echoctl("init", ".", "--demo", cwd=tmp_path)
     result = echoctl("jwt", "chat-demo", "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     body = json.loads(result.stdout)
@@ -171,3 +174,79 @@ except MissingExtra as exc:
     run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     assert "pip install 'echo-realtime[aws]'" in run.stdout
+
+
+def test_the_quick_path_from_an_empty_folder(tmp_path: Path) -> None:
+    """The README's path: init a minimal project in an empty folder, start dev, use it."""
+    started_empty = echoctl("dev", "--port", "1", cwd=tmp_path)  # the mistake first
+    assert started_empty.returncode != 0 and "Traceback" not in started_empty.stderr
+    assert "is not an Echo project" in started_empty.stderr
+    assert "echoctl init ." in started_empty.stderr
+    assert not (tmp_path / "functions").exists()  # and nothing was made behind its back
+
+    made = echoctl("init", ".", cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == [
+        ".gitignore", "apps/hello/index.html", "associations.json", "echo.toml",
+        "functions/hello/handler.py"]
+    assert "valid" in echoctl("associations", "check", cwd=tmp_path).stdout
+    server = EchoProcess(tmp_path).start()
+    try:
+        page = httpx.get(server.url + "/apps/hello/")
+        assert page.status_code == 200 and "/dev/token?app=hello" in page.text
+
+        async def say_hello() -> Any:
+            client = await connect(server, "hello")
+            try:
+                await client.call("subscribe", {"channels": ["greetings"]})
+                ack = await client.call("publish", {"channel": "greetings",
+                                                    "message": {"text": "hi"}})
+                assert ack["ok"], ack
+                return (await client.wait_for("message"))[0]["message"]
+            finally:
+                await client.disconnect()
+
+        assert asyncio.run(say_hello()) == {"text": "hi 👋"}
+    finally:
+        server.stop()
+
+
+def test_cli_commands_find_the_dev_server_where_it_listens(tmp_path: Path) -> None:
+    make_project(tmp_path)
+    server = EchoProcess(tmp_path).start()  # on a free port, not echo.toml's 3000
+    try:
+        recorded = json.loads((tmp_path / ".echo" / "dev-server.json").read_text())
+        assert recorded["url"].endswith(f":{server.port}")
+        body = json.loads(echoctl("jwt", "chat-demo", "--json", cwd=tmp_path).stdout)
+        assert body["endpoint"] == recorded["url"]
+        again = echoctl("dev", "--port", str(server.port), cwd=tmp_path)
+        assert again.returncode != 0 and "Traceback" not in again.stderr
+        assert f"port {server.port} on 127.0.0.1 is already in use" in again.stderr
+        assert f"--port {server.port + 1}" in again.stderr
+    finally:
+        server.stop()
+    assert not (tmp_path / ".echo" / "dev-server.json").exists()  # gone with the server
+    body = json.loads(echoctl("jwt", "chat-demo", "--json", cwd=tmp_path).stdout)
+    assert body["endpoint"] == "http://localhost:3000"
+
+
+def test_user_tokens_expire_by_default_and_a_filtered_result_is_said(tmp_path: Path) -> None:
+    import jwt as pyjwt
+
+    make_project(tmp_path)
+
+    def claims(*args: str) -> dict[str, Any]:
+        body = json.loads(echoctl("jwt", "chat-demo", "--json", *args, cwd=tmp_path).stdout)
+        return {kind: pyjwt.decode(body[kind], options={"verify_signature": False})
+                for kind in ("jwt", "adminJwt")}
+
+    default = claims()
+    assert 86_000 < default["jwt"]["exp"] - default["jwt"]["iat"] <= 86_400
+    assert "exp" not in default["adminJwt"]
+    forever = claims("--ttl", "0")
+    assert "exp" not in forever["jwt"] and "exp" not in forever["adminJwt"]
+    assert echoctl("jwt", "chat-demo", "--ttl", "-5", cwd=tmp_path).returncode != 0
+    dropped = echoctl("functions", "invoke", "demo-filter-shouting", "-d", '{"text": "LOUD"}',
+                      cwd=tmp_path)
+    assert dropped.returncode == 0 and dropped.stdout.strip() == "null"
+    assert "filtered (None)" in dropped.stderr

@@ -8,6 +8,7 @@ one frame encoding per message for all its recipients) and no per-message deflat
 from __future__ import annotations
 
 import gc
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -71,6 +72,10 @@ def run(app: Any, host: str, port: int, log_level: str = "info",
         on_ready: Callable[[], None] | None = None,
         before_shutdown: Callable[[], Awaitable[None]] | None = None,
         ws_max_size: int = 16 * 1024 * 1024) -> None:
-    """Serve until SIGINT/SIGTERM; ``before_shutdown`` runs first (draining in-flight work)."""
+    """Serve until SIGINT/SIGTERM; ``before_shutdown`` runs first (draining in-flight work).
+    The socket is bound here, before anything starts, so a port in use raises OSError for
+    the caller to explain (uvicorn would log it and exit)."""
     config = uvicorn_config(app, host, port, log_level, ws_max_size)
-    EchoUvicorn(config, on_ready, before_shutdown).run()
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listening = socket.create_server((host, port), family=family, backlog=config.backlog)
+    EchoUvicorn(config, on_ready, before_shutdown).run(sockets=[listening])

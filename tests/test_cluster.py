@@ -150,15 +150,22 @@ async def test_presence_and_admin_status_cross_nodes(
     admin = await connect(nodes[1], uuid="ops", admin=True)
     clients += [watcher, admin]
     await watcher.call("subscribe", {"channels": ["plain"], "withPresence": True})
+    lurker = await connect(nodes[0], uuid="lurker")  # not withPresence: not announced (Ekko)
     visitor = await connect(nodes[0], uuid="visitor")
-    await visitor.call("subscribe", {"channels": ["plain"]})
+    await lurker.call("subscribe", {"channels": ["plain"]})
+    await visitor.call("subscribe", {"channels": ["plain"], "withPresence": True})
     await visitor.disconnect()
+    await lurker.disconnect()
     presence = await watcher.wait_for("presence", 3)
-    assert [(p["eventName"], p["uuid"]) for p in presence] == [
+    await asyncio.sleep(0.3)
+    assert [(p["eventName"], p["uuid"]) for p in watcher.received["presence"]] == [
         ("joined", "watcher"), ("joined", "visitor"), ("left", "visitor")]
-    await admin.wait_for_match("status", event="disconnection", uuid="visitor")
+    assert all(p["presenceChannel"] == "plain_presence" for p in presence)
+    await admin.wait_for_match("status", event="disconnection", uuid="lurker")
     visitor_events = [s["event"] for s in admin.received["status"] if s["uuid"] == "visitor"]
-    assert visitor_events == ["connection", "subscribe", "disconnection"]
+    assert visitor_events == ["connection", "joined", "subscribe", "left", "disconnection"]
+    lurker_events = [s["event"] for s in admin.received["status"] if s["uuid"] == "lurker"]
+    assert lurker_events == ["connection", "subscribe", "disconnection"]
 
 
 async def test_put_on_one_node_changes_the_chain_on_the_others_within_a_second(

@@ -125,3 +125,34 @@ async def test_health_and_ready(echo_server: EchoProcess) -> None:
         assert (await http.get(echo_server.url + "/health")).json() == {"status": "ok"}
         ready = await http.get(echo_server.url + "/ready")
         assert ready.status_code == 200 and ready.json()["ready"] is True
+
+
+async def test_ekko_clis_put_form_the_document_signed_as_a_jwt(
+    echo_server: EchoProcess, clients: list[Client]
+) -> None:
+    """``ekko update`` PUTs ``{token: jwt.sign(associations, SECRET)}`` with no header."""
+    import jwt as pyjwt
+
+    from tests.conftest import SECRET
+
+    url = echo_server.url + "/associations"
+    document = json.loads(json.dumps(TEST_ASSOCIATIONS))
+    document["applications"]["test-app"]["channels"][0]["functionNames"] = ["demo-backwards"]
+    signed = pyjwt.encode({**document, "iat": int(time.time())}, SECRET, algorithm="HS256")
+    async with httpx.AsyncClient() as http:
+        forged = pyjwt.encode(document, "not-the-secret-0123456789abcdef-0123", algorithm="HS256")
+        refused = await http.put(url, json={"token": forged})
+        assert refused.status_code == 401 and "signature" in refused.json()["error"]["message"]
+        assert (await http.put(url, json={"token": "x", "more": 1})).status_code == 401
+        a_user_token = echo_server.token()  # signed right, but not a document
+        wrong = await http.put(url, json={"token": a_user_token})
+        assert wrong.status_code == 400 and wrong.json()["error"]["code"] == "invalid_associations"
+
+        accepted = await http.put(url, json={"token": signed})
+        assert accepted.status_code == 200, accepted.text
+        client = await connect(echo_server)
+        clients.append(client)
+        await client.call("subscribe", {"channels": ["plain"]})
+        await publish_until(client, "plain", "abc", "cba")
+        restored = pyjwt.encode(TEST_ASSOCIATIONS, SECRET, algorithm="HS256")
+        assert (await http.put(url, json={"token": restored})).status_code == 200

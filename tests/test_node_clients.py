@@ -213,7 +213,7 @@ def test_ekko_unsubscribe_stops_delivery(echo_server: EchoProcess) -> None:
         connect("publisher", "test-app", token, publisher),
         ekko("subscribe", "publisher", channels=[news], withPresence=True),
         wait("publisher", "presence", {"eventName": "joined", "uuid": publisher}),
-        ekko("subscribe", "listener", channels=[news, other]),
+        ekko("subscribe", "listener", channels=[news, other], withPresence=True),
         wait("publisher", "presence", {"eventName": "joined", "uuid": listener}),
         ekko("publish", "publisher", channel=news, message="before"),
         wait("listener", "message", {"channel": news, "message": "before"}),
@@ -230,26 +230,38 @@ def test_ekko_unsubscribe_stops_delivery(echo_server: EchoProcess) -> None:
         "still subscribed here"]
 
 
-def test_ekko_presence_with_presence_true(echo_server: EchoProcess) -> None:
-    lobby, watcher, visitor = uid("lobby"), uid("watcher"), uid("visitor")
+def test_ekko_presence_announces_only_with_presence_subscribers(echo_server: EchoProcess) -> None:
+    """As Ekko's server did: a socket that subscribes without ``withPresence`` is neither
+    told of others nor announced to them; events carry Ekko's ``presenceChannel``; admins
+    get ``joined``/``left`` statuses."""
+    lobby, watcher, visitor, lurker = uid("lobby"), uid("watcher"), uid("visitor"), uid("lurker")
+    ops = uid("ops")
     token = echo_server.token("test-app")
     result = run_node(echo_server, EKKO, [
+        connect("ops", "test-app", echo_server.token("test-app", admin=True), ops),
         connect("watcher", "test-app", token, watcher),
         ekko("subscribe", "watcher", channels=[lobby], withPresence=True),
         wait("watcher", "presence", {"uuid": watcher}),
+        connect("lurker", "test-app", token, lurker),
+        ekko("subscribe", "lurker", channels=[lobby]),
         connect("visitor", "test-app", token, visitor),
-        ekko("subscribe", "visitor", channels=[lobby]),
+        ekko("subscribe", "visitor", channels=[lobby], withPresence=True),
         wait("watcher", "presence", {"eventName": "joined", "uuid": visitor}),
+        {"op": "stop", "client": "lurker"},
         {"op": "stop", "client": "visitor"},
         wait("watcher", "presence", {"eventName": "left", "uuid": visitor}),
+        wait("ops", "status", {"event": "left", "uuid": visitor}),
     ])
+    room = {"channel": lobby, "presenceChannel": f"{lobby}_presence"}
     assert result.events("watcher", "presence") == [
-        {"eventName": "joined", "channel": lobby, "uuid": watcher},
-        {"eventName": "joined", "channel": lobby, "uuid": visitor},
-        {"eventName": "left", "channel": lobby, "uuid": visitor},
+        {"eventName": "joined", **room, "uuid": watcher},
+        {"eventName": "joined", **room, "uuid": visitor},
+        {"eventName": "left", **room, "uuid": visitor},
     ]
-    # the visitor did not ask for presence
-    assert result.events("visitor", "presence") == []
+    assert result.events("lurker", "presence") == []  # it did not ask for presence
+    seen = [(s["event"], s["uuid"]) for s in result.events("ops", "status")
+            if s["event"] in ("joined", "left")]
+    assert seen == [("joined", watcher), ("joined", visitor), ("left", visitor)]
 
 
 def test_ekko_admin_client_receives_status_of_other_connections(
@@ -273,6 +285,32 @@ def test_ekko_admin_client_receives_status_of_other_connections(
     assert isinstance(connection["ts"], int)
     assert statuses[1]["channels"] == ["plain"]
     assert result.events("user", "status") == []
+
+
+def test_ekko_edges_an_admin_sees_itself_right_and_a_refused_channel_spares_the_rest(
+        echo_server: EchoProcess) -> None:
+    """An admin's own subscribe says ``admin: true``; it gets no event before its CONNECT
+    reply (its own ``connection`` status, as in Ekko, is not sent to it); a user's subscribe
+    naming ``admin`` among other channels joins the others, as Ekko did."""
+    ops, user, news = uid("ops"), uid("user"), uid("news")
+    result = run_node(echo_server, EKKO, [
+        connect("ops", "test-app", echo_server.token("test-app", admin=True), ops),
+        ekko("subscribe", "ops", channels=["plain"]),
+        wait("ops", "status", {"event": "subscribe", "uuid": ops}),
+        connect("user", "test-app", echo_server.token("test-app"), user),
+        ekko("subscribe", "user", channels=["admin", news]),
+        wait("ops", "status", {"event": "subscribe", "uuid": user}),
+        ekko("publish", "ops", channel=news, message="past the refusal"),
+        wait("user", "message", {"channel": news, "message": "past the refusal"}),
+    ])
+    own = [s for s in result.events("ops", "status") if s["uuid"] == ops]
+    assert [(s["event"], s["admin"]) for s in own] == [("subscribe", True)]
+    first = next(e for e in result.lines
+                 if e.get("client") == "ops" and e["type"] in ("event", "connect"))
+    assert first["type"] == "connect"  # nothing before the CONNECT reply
+    joined = next(s for s in result.events("ops", "status")
+                  if s["event"] == "subscribe" and s["uuid"] == user)
+    assert joined["channels"] == [news] and result.events("user", "status") == []
 
 
 @pytest.mark.parametrize(

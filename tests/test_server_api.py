@@ -250,7 +250,7 @@ async def test_a_counts_only_channel_sends_no_joins_and_answers_a_count(
     for name in ("a", "b", "c"):
         member = await connect(echo_server, uuid=name)
         clients.append(member)
-        await member.call("subscribe", {"channels": ["crowd", "plain"]})
+        await member.call("subscribe", {"channels": ["crowd", "plain"], "withPresence": True})
     await watcher.wait_for("presence", 3)  # the joins on "plain", none on "crowd"
     await asyncio.sleep(0.3)
     assert {p["channel"] for p in watcher.received["presence"]} == {"plain"}

@@ -152,9 +152,12 @@ export class Echo {
   }
 
   /**
-   * Joins channels; kept across reconnects until unsubscribe.
+   * Joins channels; kept across reconnects until unsubscribe. A channel this token may not
+   * join is left out (the others are joined) and named in `refused`; when every one is
+   * refused, the promise rejects.
    * @param {{channels: string[], withPresence?: boolean}} request
-   * @returns {Promise<{ok: true, channels: string[]}>}
+   * @returns {Promise<{ok: true, channels: string[], refused?: Object<string, {code: string,
+   *   message: string}>}>}
    */
   async subscribe({ channels, withPresence = false }) {
     const added = channels.filter((channel) => !this.channels.has(channel));
@@ -165,6 +168,9 @@ export class Echo {
     } catch (err) {
       for (const channel of added) this.channels.delete(channel);
       throw err;
+    }
+    for (const channel of Object.keys(reply.refused ?? {})) {
+      if (added.includes(channel)) this.channels.delete(channel);
     }
     this._sawPositions(reply);
     return reply;

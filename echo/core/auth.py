@@ -108,13 +108,14 @@ def issue_management_token(secret: str, ttl: int | None = 300) -> str:
     return jwt.encode(payload, secret, algorithm=ALGORITHM)
 
 
-def _decode(token: str, secrets: Sequence[str]) -> dict[str, object]:
+def _decode(token: str, secrets: Sequence[str], required: Sequence[str] = ("appName",)
+            ) -> dict[str, object]:
     """Try each secret in turn; only a bad signature moves on to the next one."""
     for secret in secrets:
         try:
             return jwt.decode(
                 token, secret, algorithms=[ALGORITHM], leeway=LEEWAY_SECONDS,
-                options={"require": ["appName"]},
+                options={"require": list(required)},
             )
         except jwt.InvalidSignatureError:
             continue
@@ -129,6 +130,19 @@ def _decode(token: str, secrets: Sequence[str]) -> dict[str, object]:
         except jwt.InvalidTokenError as exc:
             raise AuthError(f"invalid token: {exc}") from None
     raise AuthError("bad token signature: was it signed with this server's secret?")
+
+
+REGISTERED_CLAIMS = ("iat", "exp", "nbf")
+
+
+def verify_signed_document(secrets: Sequence[str], token: object) -> dict[str, object]:
+    """The document a JWT carries as its payload, as Ekko's CLI sends associations
+    (``PUT /associations {token}``, signed with the server's secret): verified like any
+    token, without the registered claims."""
+    if not isinstance(token, str) or not token:
+        raise AuthError("token must be a non-empty string (a JWT)")
+    payload = _decode(token, secrets, required=())
+    return {key: value for key, value in payload.items() if key not in REGISTERED_CLAIMS}
 
 
 def verify_token(secrets: str | Sequence[str], token: object, *, app: str | None = None) -> Claims:

@@ -1,12 +1,15 @@
 """HTTP endpoints beside the sockets: health, readiness and the associations document.
 
-``/associations`` needs an admin token (``Authorization: Bearer <jwt>`` with ``admin: true``);
-user tokens are refused, unlike Ekko where any token signed with the secret could replace
-everyone's associations. An invalid document gets 400 and the previous one stays in force.
+``/associations`` needs a management token (``Authorization: Bearer <jwt>``, ``echoctl jwt
+--manage``); user and app admin tokens are refused. Ekko's CLI form also works: no header, and
+the body ``{"token": <JWT whose payload is the document>}`` signed with a management secret
+(so ``ekko update`` keeps working). An invalid document gets 400 and the previous one stays
+in force.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,8 +20,8 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route
 
 from echo.core import protocol
-from echo.core.associations import AssociationsError, parse_associations_text
-from echo.core.auth import AuthError, Claims, verify_token
+from echo.core.associations import AssociationsError, parse_associations, parse_associations_text
+from echo.core.auth import AuthError, Claims, verify_signed_document, verify_token
 from echo.core.protocol import ErrorCode
 
 if TYPE_CHECKING:
@@ -51,6 +54,23 @@ def _management_claims(request: Request, secrets: tuple[str, ...]) -> Claims | J
     return claims
 
 
+def _signed_document(body: bytes, secrets: tuple[str, ...]) -> dict[str, object] | JSONResponse:
+    """Ekko's ``{"token": <JWT of the document>}``: the signature is the authorisation."""
+    unauthorised = _problem(401, ErrorCode.UNAUTHORIZED, "send a management token: "
+                            "Authorization: Bearer <jwt> (`echoctl jwt --manage`), or Ekko's "
+                            "{\"token\": <the document signed as a JWT>}")
+    try:
+        wrapper = json.loads(body)
+    except ValueError:
+        return unauthorised
+    if not isinstance(wrapper, dict) or set(wrapper) != {"token"}:
+        return unauthorised
+    try:
+        return verify_signed_document(secrets, wrapper["token"])
+    except AuthError as exc:
+        return _problem(401, ErrorCode.UNAUTHORIZED, f"the document's token: {exc}")
+
+
 def routes(server: EchoServer) -> list[Route]:
     secrets = server.settings.management_secrets()
 
@@ -69,9 +89,11 @@ def routes(server: EchoServer) -> list[Route]:
         return JSONResponse(server.associations.document)
 
     async def put_associations(request: Request) -> JSONResponse:
-        claims = _management_claims(request, secrets)
-        if isinstance(claims, JSONResponse):
-            return claims
+        ekko_form = "authorization" not in request.headers
+        if not ekko_form:
+            claims = _management_claims(request, secrets)
+            if isinstance(claims, JSONResponse):
+                return claims
         body = b""
         async for chunk in request.stream():
             body += chunk
@@ -80,7 +102,13 @@ def routes(server: EchoServer) -> list[Route]:
                     413, ErrorCode.TOO_LARGE, f"the document is over {MAX_ASSOCIATIONS_BYTES} bytes"
                 )
         try:
-            associations = parse_associations_text(body, source="request body")
+            if ekko_form:
+                document = _signed_document(body, secrets)
+                if isinstance(document, JSONResponse):
+                    return document
+                associations = parse_associations(document)
+            else:
+                associations = parse_associations_text(body, source="request body")
         except AssociationsError as exc:
             return _problem(400, ErrorCode.INVALID_ASSOCIATIONS, str(exc), path=exc.path)
         missing = server.function_problems(associations)

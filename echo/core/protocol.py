@@ -211,6 +211,12 @@ def parse_publish(data: Any, max_message_bytes: int) -> PublishRequest:
     return PublishRequest(channel=channel, message=message, idempotency_key=key)
 
 
+def ekko_presence_channel(channel: str) -> str:
+    """The ``presenceChannel`` field of a presence event: Ekko's name for the channel's
+    presence room (informational; Echo's room is :func:`presence_room`)."""
+    return channel + "_presence"
+
+
 def presence_room(channel: str) -> str:
     """The room of sockets that asked for presence on ``channel`` (not a valid channel name)."""
     return channel + PRESENCE_SUFFIX

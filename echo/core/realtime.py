@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from echo.broker.base import Broker, HistoryPolicy, Position
@@ -49,6 +49,8 @@ class Client:
     admin: bool
     claims: Claims
     channels: set[str] = field(default_factory=set)
+    announced: set[str] = field(default_factory=set)
+    """Channels it joined ``withPresence``: only these announce its joins and leaves."""
     bucket: TokenBucket | None = None
 
 
@@ -362,11 +364,20 @@ class Realtime:
         self._spawn(check())
 
     def _presence(self, client: Client, channel: str, event_name: str) -> None:
+        """Announce a join or leave of a ``withPresence`` subscriber, as Ekko did: to the
+        channel's presence subscribers and, as a status, to the app's admins. A plain
+        subscriber is not announced (it is still counted in presence requests)."""
+        if channel not in client.announced:
+            return
+        if event_name == "left":
+            client.announced.discard(channel)
         if self.pipeline.rule(client.app, channel).presence_counts_only:
             return  # a big channel: no join/leave storm, the count is asked for
-        frame = Frame.event("/" + client.app, "presence",
-                            {"eventName": event_name, "channel": channel, "uuid": client.uuid})
+        frame = Frame.event("/" + client.app, "presence", {
+            "eventName": event_name, "channel": channel,
+            "presenceChannel": protocol.ekko_presence_channel(channel), "uuid": client.uuid})
         self.broker.publish(client.app, protocol.presence_room(channel), frame)
+        self.status(client.app, event_name, uuid=client.uuid, admin=client.admin, channel=channel)
 
     # -- connection lifecycle (the transport's Handler) ---------------------------------
 
@@ -398,9 +409,10 @@ class Realtime:
         metrics.labelled(metrics.CONNECTIONS, app).inc()
         try:
             await self.rooms.join(conn, CONTROL_ROOM)  # the backend's orders reach this node
+            # said before an admin joins its feed: no event may precede the CONNECT reply
+            self.status(app, "connection", uuid=uuid, admin=claims.admin)
             if claims.admin:
                 await self.rooms.join(conn, ADMIN_CHANNEL)
-            self.status(app, "connection", uuid=uuid, admin=claims.admin)
         except BaseException:  # refused after all: disconnect() will never be called for it
             await self._forget(conn, client)
             raise
@@ -499,20 +511,14 @@ class Realtime:
     async def _subscribe(self, request: Request, data: Any) -> dict[str, Any]:
         conn, client = request.conn, request.client
         subscription = protocol.parse_subscribe(data)
-        if ADMIN_CHANNEL in subscription.channels and not client.admin:
-            raise ProtocolError(ErrorCode.FORBIDDEN, "only admin tokens may subscribe to 'admin'")
-        for channel in subscription.channels:
-            if channel == ADMIN_CHANNEL:
-                continue
-            if not client.claims.may("subscribe", channel):
-                raise ProtocolError(ErrorCode.FORBIDDEN,
-                                    f"this token may not subscribe to {channel!r}")
-            if foreign_personal(client, channel):
-                raise ProtocolError(ErrorCode.FORBIDDEN, f"{channel!r} is a personal channel: "
-                                    "only a token whose uuid claim is that user may subscribe")
-            if subscription.with_presence and not client.claims.may("presence", channel):
-                raise ProtocolError(ErrorCode.FORBIDDEN,
-                                    f"this token may not see presence on {channel!r}")
+        refused = {channel: why for channel in subscription.channels
+                   if (why := self._may_not_subscribe(client, channel, subscription.with_presence))}
+        if refused and len(refused) == len(subscription.channels):
+            first = next(iter(refused.values()))
+            raise ProtocolError(ErrorCode.FORBIDDEN, first)
+        if refused:  # the rest are joined, as in Ekko; the ack says which were not and why
+            subscription = replace(subscription, channels=tuple(
+                c for c in subscription.channels if c not in refused))
         total = len(client.channels | set(subscription.channels))
         if total > self.settings.max_channels_per_connection:
             raise ProtocolError(
@@ -542,19 +548,40 @@ class Realtime:
             if position is not None:
                 positions[channel] = {"offset": position.offset, "epoch": position.epoch}
                 self._new_epoch(client.app, channel, position)
+            announce = subscription.with_presence and channel not in client.announced \
+                and channel != ADMIN_CHANNEL
             if subscription.with_presence:
                 await self.rooms.join(conn, protocol.presence_room(channel))
+                if announce:
+                    client.announced.add(channel)
             if channel not in client.channels:
                 client.channels.add(channel)
                 if channel != ADMIN_CHANNEL:
                     await self.broker.presence_add(client.app, channel, conn.sid,
                                                    {"uuid": client.uuid})
                     self._occupancy(client.app, channel)
-                    self._presence(client, channel, "joined")
-        self.status(client.app, "subscribe", uuid=client.uuid, channels=list(subscription.channels))
+            if announce:
+                self._presence(client, channel, "joined")
+        self.status(client.app, "subscribe", uuid=client.uuid, admin=client.admin,
+                    channels=list(subscription.channels))
         return protocol.ok(channels=list(subscription.channels),
                            **({"positions": positions} if positions else {}),
-                           **({"recovered": recovered} if subscription.since else {}))
+                           **({"recovered": recovered} if subscription.since else {}),
+                           **({"refused": {c: {"code": ErrorCode.FORBIDDEN, "message": why}
+                                           for c, why in refused.items()}} if refused else {}))
+
+    def _may_not_subscribe(self, client: Client, channel: str, with_presence: bool) -> str | None:
+        """Why this connection may not join ``channel``, or None."""
+        if channel == ADMIN_CHANNEL:
+            return None if client.admin else "only admin tokens may subscribe to 'admin'"
+        if not client.claims.may("subscribe", channel):
+            return f"this token may not subscribe to {channel!r}"
+        if foreign_personal(client, channel):
+            return (f"{channel!r} is a personal channel: only a token whose uuid claim is "
+                    "that user may subscribe")
+        if with_presence and not client.claims.may("presence", channel):
+            return f"this token may not see presence on {channel!r}"
+        return None
 
     def publish_bucket(self, *, backend: bool) -> TokenBucket | None:
         """The publish rate limit of a browser connection, or of an app's backend (admin
@@ -622,7 +649,8 @@ class Realtime:
                 await self.broker.presence_remove(client.app, channel, conn.sid)
                 self._occupancy(client.app, channel)
                 self._presence(client, channel, "left")
-        self.status(client.app, "unsubscribe", uuid=client.uuid, channels=list(channels))
+        self.status(client.app, "unsubscribe", uuid=client.uuid, admin=client.admin,
+                    channels=list(channels))
 
     # -- orders from the app's backend, to every node (the HTTP server API) ------------------
 

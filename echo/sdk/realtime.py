@@ -78,6 +78,9 @@ class RealtimeClient:
             for channel in fresh:
                 del self.channels[channel]
             raise
+        for channel in reply.get("refused", {}):  # the others were joined
+            if channel in fresh:
+                del self.channels[channel]
         self._saw_positions(reply)
         return reply
 

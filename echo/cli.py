@@ -402,6 +402,7 @@ def functions_invoke(
     """Run one function locally, in a worker process, and print its result as JSON."""
     from echo.core.functions import FunctionCatalog, FunctionConfigError
     from echo.core.runners import FunctionError, InvocationContext
+    from echo.emulator import dependencies
     from echo.emulator.local_runner import LocalRunner
 
     try:
@@ -418,6 +419,9 @@ def functions_invoke(
         fail(str(exc))
 
     async def run() -> Any:
+        if spec.path is not None and dependencies.target_of(settings.project_dir, spec.path):
+            with err.status(f"installing {name}'s requirements.txt (once per version of it)…"):
+                await dependencies.ensure(settings.project_dir, spec.path)
         runner = LocalRunner.from_settings(dataclasses.replace(settings, max_workers=1))
         await runner.start()
         try:
@@ -431,6 +435,8 @@ def functions_invoke(
     except FunctionError as exc:
         hint = "create it with `echoctl functions new NAME`" if exc.kind == "not_found" else None
         fail(str(exc), hint, code=1)
+    except dependencies.InstallError as exc:
+        fail(str(exc), "fix the requirement's name or version, then run this again", code=1)
     if result is None:
         err.print(f"[yellow]filtered (None)[/]: {name} dropped the message; it would not be "
                   "delivered", highlight=False)

@@ -37,6 +37,7 @@ import orjson
 from echo.config import Settings
 from echo.core.functions import FunctionConfigError, FunctionSpec, discover
 from echo.core.runners import FunctionError, FunctionErrorKind, InvocationContext, Runner
+from echo.emulator import dependencies
 
 log = logging.getLogger("echo.runner.local")
 
@@ -89,8 +90,12 @@ class LocalRunner(Runner):
         default_timeout: float = 3.0,
         max_workers: int = 4,
         python: str = sys.executable,
+        project_dir: Path | None = None,
     ) -> None:
         self.functions_dir = functions_dir
+        self.project_dir = project_dir or functions_dir.parent
+        self._deps: dict[Path, str | None] = {}
+        """Function folder -> its installed requirements target (read once per reload)."""
         self.default_timeout = default_timeout
         self.max_workers = max_workers
         self.python = python
@@ -109,6 +114,7 @@ class LocalRunner(Runner):
             settings.path(settings.functions_dir),
             default_timeout=settings.function_timeout,
             max_workers=settings.max_workers,
+            project_dir=settings.project_dir,
         )
 
     async def start(self) -> None:
@@ -138,6 +144,7 @@ class LocalRunner(Runner):
     def reload(self, functions: set[str] | None = None) -> None:
         """Retire every worker: the next invocation runs the code as it is now on disk."""
         self._generation += 1
+        self._deps.clear()
         for worker in self._idle:
             self._forget(worker)
         self._idle.clear()
@@ -167,6 +174,7 @@ class LocalRunner(Runner):
             "id": call_id,
             "function": function,
             "path": str(spec.path),
+            "deps": self._deps_of(spec.path),
             "handler": spec.handler,
             "timeout": spec.timeout,
             "event": event,
@@ -179,6 +187,12 @@ class LocalRunner(Runner):
         if not response.get("ok"):
             raise FunctionError(function, response.get("kind", "raised"), response.get("detail", ""))
         return response.get("result")
+
+    def _deps_of(self, folder: Path) -> str | None:
+        if folder not in self._deps:
+            target = dependencies.target_of(self.project_dir, folder)
+            self._deps[folder] = str(target) if target is not None else None
+        return self._deps[folder]
 
     def _dispatch(self) -> None:
         """Hand waiting invocations to free workers, starting workers up to the limit."""

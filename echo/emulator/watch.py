@@ -22,6 +22,7 @@ from echo.core.app import EchoServer
 from echo.core.associations import AssociationsError
 from echo.core.functions import FunctionConfigError, load_spec, source_problem
 from echo.core.store import FileStore
+from echo.emulator import dependencies
 
 log = logging.getLogger("echo.watch")
 
@@ -78,17 +79,24 @@ class LastGoodCode:
         return True
 
 
-def check_functions(guard: LastGoodCode, names: set[str]) -> tuple[set[str], dict[str, str]]:
+async def check_functions(guard: LastGoodCode, names: set[str]) -> tuple[set[str], dict[str, str]]:
     """Sort changed functions into those to reload and those whose mistake is reported
-    (with what was said about it); keeps or falls back to the last good copy."""
+    (with what was said about it); installs their requirements; keeps or falls back to the
+    last good copy."""
     reload: set[str] = set()
     mistakes: dict[str, str] = {}
     for name in sorted(names):
-        if not (guard.functions_dir / name).is_dir():
+        folder = guard.functions_dir / name
+        if not folder.is_dir():
             guard.server.functions.pin(name, None)  # deleted: gone, not pinned to a copy
             reload.add(name)
             continue
         problem = guard.problem(name)
+        if problem is None:
+            try:
+                await dependencies.ensure(guard.server.settings.project_dir, folder)
+            except dependencies.InstallError as exc:
+                problem = str(exc)
         if problem is None:
             guard.keep(name)
             reload.add(name)
@@ -116,8 +124,9 @@ async def watch_functions(
 ) -> None:
     functions_dir.mkdir(parents=True, exist_ok=True)
     guard = LastGoodCode(server, functions_dir, server.settings.path(Path(".echo/last-good")))
-    present = {p.name for p in functions_dir.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))}
-    _, mistakes = check_functions(guard, present)  # at start: copies kept, mistakes said
+    present = {p.name for p in functions_dir.iterdir()
+               if p.is_dir() and not p.name.startswith((".", "_"))}
+    _, mistakes = await check_functions(guard, present)  # at start: copies kept, mistakes said
     await report_mistakes(server, mistakes)
     async for changes in watchfiles.awatch(
         functions_dir, stop_event=stop, debounce=DEBOUNCE_MS, step=30, recursive=True
@@ -125,7 +134,7 @@ async def watch_functions(
         names = changed_functions(functions_dir, {path for _, path in changes})
         if not names:
             continue
-        reload, mistakes = check_functions(guard, names)
+        reload, mistakes = await check_functions(guard, names)
         await report_mistakes(server, mistakes)
         if reload:
             server.reload_functions(reload)

@@ -66,6 +66,9 @@ def _load_handler(request: dict[str, Any]) -> Any:
     if name in _handlers:
         return _handlers[name]
     folder = Path(request["path"])
+    deps = request.get("deps")
+    if deps and deps not in sys.path:  # its own packages, ahead of the server's
+        sys.path.insert(0, deps)
     module_name, function_name = request["handler"].split(".", 1)
     source_file = folder / f"{module_name}.py"
     module = types.ModuleType(f"echo_function_{name.replace('-', '_')}")
@@ -88,9 +91,19 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def _missing_module(exc: ModuleNotFoundError, request: dict[str, Any]) -> str:
+    """Name the file to fix: the function's own requirements.txt."""
+    wanted = (exc.name or "").split(".")[0] or "it"
+    return (f"{_describe(exc)}: add {wanted} to {Path(request['path']) / 'requirements.txt'} "
+            "(echoctl dev installs it for this function, and it goes into the Lambda zip)")
+
+
 def handle(request: dict[str, Any]) -> dict[str, Any]:
     try:
         handler = _load_handler(request)
+    except ModuleNotFoundError as exc:
+        traceback.print_exc()
+        return {"ok": False, "kind": "load_failed", "detail": _missing_module(exc, request)}
     except Exception as exc:
         traceback.print_exc()
         return {"ok": False, "kind": "load_failed", "detail": _describe(exc)}
@@ -105,7 +118,9 @@ def handle(request: dict[str, Any]) -> dict[str, Any]:
     except Exception as exc:
         print(f"[{request['function']}] raised:", file=sys.stderr)
         traceback.print_exc()
-        return {"ok": False, "kind": "raised", "detail": _describe(exc)}
+        detail = (_missing_module(exc, request) if isinstance(exc, ModuleNotFoundError)
+                  else _describe(exc))
+        return {"ok": False, "kind": "raised", "detail": detail}
     return {"ok": True, "result": result}
 
 

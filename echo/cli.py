@@ -338,9 +338,19 @@ def handler(event, context):
 '''
 
 
+JS_TEMPLATE = '''// {name}: an echo function, as Ekko wrote them. `message` is the published message;
+// return the new one, or null to drop it. `context.clientContext.custom` has app, channel, uuid.
+exports.handler = async (message, context) => {{
+  return message;
+}};
+'''
+
+
 @functions_app.command("new")
 def functions_new(
     name: Annotated[str, typer.Argument(help="Function name (letters, digits, - _).")],
+    lang: Annotated[str, typer.Option("--lang", help="python, or js (Node.js, as Ekko's "
+                                                     "functions)")] = "python",
     project: ProjectOption = Path("."),
 ) -> None:
     """Create functions/NAME with a handler that passes messages through."""
@@ -348,16 +358,20 @@ def functions_new(
 
     if not FUNCTION_NAME.match(name):
         fail(f"{name!r} is not a function name", "use letters, digits, - and _ (up to 64)")
+    if lang not in ("python", "py", "js", "javascript"):
+        fail(f"--lang {lang!r} is not python or js")
     settings = settings_for(project)
     folder = settings.path(settings.functions_dir) / name
     if folder.exists():
         fail(f"{folder} already exists", "pick another name, or edit the existing function")
     folder.mkdir(parents=True)
-    (folder / "handler.py").write_text(HANDLER_TEMPLATE.format(name=name), encoding="utf-8")
+    source = "index.js" if lang in ("js", "javascript") else "handler.py"
+    template = JS_TEMPLATE if source == "index.js" else HANDLER_TEMPLATE
+    (folder / source).write_text(template.format(name=name), encoding="utf-8")
     (folder / "function.toml").write_text(
         f'description = "{name}"\ntimeout = {settings.function_timeout:g}\n', encoding="utf-8"
     )
-    out.print(f"[green]created[/] {folder}/handler.py")
+    out.print(f"[green]created[/] {folder}/{source}")
     out.print(f"next: add it to a channel in {settings.associations} and publish on that channel")
 
 

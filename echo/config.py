@@ -318,7 +318,23 @@ def load_settings(
         if raw is not None:
             values[key] = _convert(key, f"--{key.replace('_', '-')}", raw)
 
+    if "functions_dir" not in values and is_ekko_functions_folder(project_dir):
+        values["functions_dir"] = Path(".")  # Ekko's layout: the functions beside the file
     return Settings(project_dir=project_dir, **values)
+
+
+EKKO_MARKER = ".ekko_functions.txt"
+
+
+def is_ekko_functions_folder(folder: Path) -> bool:
+    """An Ekko project's ``ekko_functions/``: its function folders (``index.js``) sit beside
+    its ``associations.json`` (and Ekko's CLI marks it with ``.ekko_functions.txt``)."""
+    if (folder / "functions").is_dir():
+        return False
+    if (folder / EKKO_MARKER).exists():
+        return True
+    return (folder / "associations.json").exists() and any(
+        (child / "index.js").exists() for child in folder.iterdir() if child.is_dir())
 
 
 def with_dev_secret(settings: Settings) -> Settings:

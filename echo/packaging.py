@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -57,6 +59,29 @@ def _add(archive: zipfile.ZipFile, arcname: str, path: Path) -> None:
     archive.writestr(info, path.read_bytes(), compresslevel=9)
 
 
+def _npm_packages(spec: FunctionSpec, scratch: Path) -> list[tuple[str, Path]]:
+    """A JavaScript function's production dependencies, installed afresh (not whatever its
+    own node_modules holds), as ``node_modules/...`` entries."""
+    assert spec.path is not None
+    manifest = json.loads((spec.path / "package.json").read_text(encoding="utf-8"))
+    if not manifest.get("dependencies"):
+        return []
+    shutil.copytree(spec.path, scratch, ignore=shutil.ignore_patterns("node_modules"))
+    locked = (scratch / "package-lock.json").exists()
+    npm = shutil.which("npm")
+    if npm is None:
+        raise PackagingError(f"{spec.name}: its package.json needs npm, which is not on PATH")
+    result = subprocess.run(
+        [npm, "ci" if locked else "install", "--omit=dev", "--no-audit", "--no-fund",
+         *([] if locked else ["--no-package-lock"])],
+        cwd=scratch, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise PackagingError(f"{spec.name}: npm could not install package.json: "
+                             f"{(result.stderr or result.stdout).strip()[-400:]}")
+    return [(f"node_modules/{name}", path) for name, path in _files(scratch / "node_modules")
+            if name != ".package-lock.json"]
+
+
 def build_zip(spec: FunctionSpec) -> Package:
     if spec.path is None or not spec.path.is_dir():
         raise PackagingError(f"{spec.name}: no function folder to package")
@@ -79,6 +104,8 @@ def build_zip(spec: FunctionSpec) -> Package:
             entries += [(name, path) for name, path in _files(target)
                         if not name.split("/", 1)[0].endswith((".dist-info", ".egg-info"))]
             entries.sort()
+        if spec.language == "javascript" and (spec.path / "package.json").exists():
+            entries = sorted([*entries, *_npm_packages(spec, Path(scratch) / "npm")])
         buffer = io.BytesIO()
         with zipfile.ZipFile(buffer, "w") as archive:
             for arcname, path in entries:

@@ -1,4 +1,5 @@
-"""Echo functions on disk: ``functions/NAME/handler.py`` plus an optional ``function.toml``.
+"""Echo functions on disk: ``functions/NAME/handler.py`` (or, in JavaScript, ``index.js`` /
+``index.mjs`` as Ekko wrote them) plus an optional ``function.toml``.
 
 The folder is the unit everything works with: the local runner runs it, the Lambda packager
 zips it, the pipeline reads its policy. ``function.toml`` keys (all optional)::
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 import ast
 import re
+import shutil
+import subprocess
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +30,9 @@ from typing import Any
 from echo.core.associations import FUNCTION_NAME, Associations
 
 SPEC_FILE = "function.toml"
+PYTHON_RUNTIME = "python3.12"
+NODE_RUNTIME = "nodejs20.x"
+JS_EXTENSIONS = (".mjs", ".js", ".cjs")
 ON_ERROR = ("error", "drop", "pass")
 _HANDLER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*$")
 _KEYS = {"handler", "timeout", "retries", "on_error", "concurrency", "runner", "url",
@@ -51,12 +57,24 @@ class FunctionSpec:
     runner: str | None = None
     url: str | None = None
     description: str = ""
-    runtime: str = "python3.12"
+    runtime: str = PYTHON_RUNTIME
     memory: int = 128
 
     @property
+    def language(self) -> str:
+        """``python`` or ``javascript``, from the runtime (as Lambda names it)."""
+        return "javascript" if self.runtime.startswith("nodejs") else "python"
+
+    @property
     def module_file(self) -> Path | None:
-        return self.path / (self.handler.split(".", 1)[0] + ".py") if self.path else None
+        if self.path is None:
+            return None
+        module = self.handler.split(".", 1)[0]
+        if self.language == "javascript":
+            found = [self.path / (module + ext) for ext in JS_EXTENSIONS
+                     if (self.path / (module + ext)).exists()]
+            return found[0] if found else self.path / (module + ".js")
+        return self.path / (module + ".py")
 
 
 def _number(spec_file: Path, key: str, value: Any, low: float, high: float, whole: bool) -> Any:
@@ -83,7 +101,9 @@ def load_spec(path: Path, default_timeout: float = 3.0) -> FunctionSpec:
             raise FunctionConfigError(
                 f"{spec_file}: unknown key {sorted(unknown)[0]!r} (known: {', '.join(sorted(_KEYS))})"
             )
-    handler = values.get("handler", "handler.handler")
+    javascript = "runtime" not in values and not (path / "handler.py").exists() and any(
+        (path / f"index{ext}").exists() for ext in JS_EXTENSIONS)  # Ekko's layout
+    handler = values.get("handler", "index.handler" if javascript else "handler.handler")
     if not isinstance(handler, str) or not _HANDLER.match(handler):
         raise FunctionConfigError(f"{spec_file}: handler must look like 'module.function'")
     timeout = values.get("timeout", default_timeout)
@@ -110,11 +130,12 @@ def load_spec(path: Path, default_timeout: float = 3.0) -> FunctionSpec:
         runner=runner,
         url=values.get("url"),
         description=values.get("description", ""),
-        runtime=values.get("runtime", "python3.12"),
+        runtime=values.get("runtime", NODE_RUNTIME if javascript else PYTHON_RUNTIME),
         memory=_number(spec_file, "memory", values.get("memory", 128), 128, 10_240, whole=True),
     )
     if runner in (None, "local", "lambda") and not spec.module_file.exists():  # type: ignore[union-attr]
-        raise FunctionConfigError(f"{path}: no {spec.module_file.name} (handler {handler!r})")  # type: ignore[union-attr]
+        raise FunctionConfigError(f"{path}: no {spec.module_file.name} (handler {handler!r}; a "  # type: ignore[union-attr]
+                                  "function is handler.py, or index.js / index.mjs)")
     return spec
 
 
@@ -149,6 +170,8 @@ def source_problem(spec: FunctionSpec) -> str | None:
     file = spec.module_file
     if file is None or spec.runner not in (None, "local", "lambda") or not file.exists():
         return None
+    if spec.language == "javascript":
+        return _javascript_problem(file, spec.handler.split(".", 1)[1])
     try:
         tree = ast.parse(file.read_bytes(), filename=str(file))
     except SyntaxError as exc:
@@ -160,6 +183,28 @@ def source_problem(spec: FunctionSpec) -> str | None:
     if names is not None and function not in names:
         return (f"{file}: no top-level {function!r} (the handler is {spec.handler!r}: "
                 f"define `def {function}(message, context):`)")
+    return None
+
+
+def _javascript_problem(file: Path, export: str) -> str | None:
+    """``node --check`` for syntax (it parses, never runs), and a word-level look for the
+    export: a module that never says ``handler`` cannot export it."""
+    node = shutil.which("node")
+    if node is None:
+        return f"{file}: a JavaScript function needs Node.js (`node` is not on PATH)"
+    try:
+        checked = subprocess.run([node, "--check", str(file)], capture_output=True, text=True,
+                                 timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{file}: could not be checked with node ({exc})"
+    if checked.returncode != 0:
+        lines = [line for line in checked.stderr.splitlines() if line.strip()]
+        where = lines[0].replace(str(file), file.name) if lines else ""
+        what = next((line for line in lines if "Error" in line), "a syntax error")
+        return f"{file}: {what} ({where})"
+    if not re.search(rf"\b{re.escape(export)}\b", file.read_text(errors="replace")):
+        return (f"{file}: no {export!r} export (write `exports.{export} = async (message) => "
+                "message`, or `export const {export} = ...`)")
     return None
 
 
@@ -183,7 +228,7 @@ def discover(functions_dir: Path, default_timeout: float = 3.0) -> dict[str, Fun
     if not functions_dir.is_dir():
         return specs
     for path in sorted(functions_dir.iterdir()):
-        if path.is_dir() and not path.name.startswith((".", "_")):
+        if path.is_dir() and not path.name.startswith((".", "_")) and path.name != "node_modules":
             specs[path.name] = load_spec(path, default_timeout)
     return specs
 

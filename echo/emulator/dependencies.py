@@ -1,4 +1,6 @@
-"""A function's own Python packages: ``functions/NAME/requirements.txt``, installed for it.
+"""A function's own packages: ``requirements.txt`` (Python) or ``package.json`` (JavaScript).
+
+**Python**: ``functions/NAME/requirements.txt``, installed for that function alone.
 
 Each function gets an isolated target, ``.echo/deps/NAME-<hash of the file>/`` (pip
 ``--target``), on the worker's ``sys.path`` ahead of the server's packages, so what one
@@ -9,12 +11,18 @@ until the new one is ready) and the old is then removed. The Lambda zip gets the
 
 Modules are still shared within a worker process: two functions pinning different versions
 of one package get whichever a worker imported first.
+
+**JavaScript**: a ``package.json`` with dependencies is installed where Node looks for it,
+``functions/NAME/node_modules/`` (``npm ci`` when there is a lock file, else ``npm install``),
+as Lambda's zip layout has it; a marker there records the hash of what was installed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import json
 import logging
 import shutil
 import sys
@@ -28,6 +36,10 @@ DEPS_DIR = Path(".echo") / "deps"
 DONE = ".installed"
 """Written last: a target without it is an install that did not finish."""
 SHOWN_LINES = 40
+
+
+PACKAGE_JSON = "package.json"
+NPM_MARKER = ".echo-installed"
 
 
 class InstallError(Exception):
@@ -49,8 +61,11 @@ def installed(target: Path) -> bool:
 
 
 async def ensure(project_dir: Path, function_dir: Path) -> Path | None:
-    """Install the function's requirements if this version of the file is not yet; the
-    target, or None without a requirements.txt. Progress goes to the log as pip reports it."""
+    """Install the function's packages if this version of its file is not yet: for Python the
+    target (None without a requirements.txt). Progress goes to the log as the installer
+    reports it."""
+    if (function_dir / PACKAGE_JSON).exists():
+        await ensure_npm(function_dir)
     target = target_of(project_dir, function_dir)
     if target is None or installed(target):
         return target
@@ -85,3 +100,49 @@ async def ensure(project_dir: Path, function_dir: Path) -> Path | None:
             shutil.rmtree(old, ignore_errors=True)
     log.info("%s: requirements installed in %.1f s", name, time.monotonic() - started)
     return target
+
+
+def _npm_digest(function_dir: Path) -> str:
+    digest = hashlib.sha256()
+    for name in (PACKAGE_JSON, "package-lock.json"):
+        with contextlib.suppress(OSError):
+            digest.update((function_dir / name).read_bytes())
+    return digest.hexdigest()
+
+
+async def ensure_npm(function_dir: Path) -> None:
+    """``npm ci`` / ``npm install`` in the function's folder, once per version of its
+    package.json (and lock file)."""
+    try:
+        manifest = json.loads((function_dir / PACKAGE_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InstallError(f"{function_dir.name}: {function_dir / PACKAGE_JSON} is not JSON "
+                           f"({exc})") from None
+    if not isinstance(manifest, dict) or not manifest.get("dependencies"):
+        return
+    marker = function_dir / "node_modules" / NPM_MARKER
+    digest = _npm_digest(function_dir)
+    with contextlib.suppress(OSError):
+        if marker.read_text().strip() == digest:
+            return
+    npm = shutil.which("npm")
+    if npm is None:
+        raise InstallError(f"{function_dir.name}: its package.json needs npm, which is not on PATH")
+    locked = (function_dir / "package-lock.json").exists()
+    command = [npm, "ci" if locked else "install", "--omit=dev", "--no-audit", "--no-fund",
+               *([] if locked else ["--no-package-lock"])]
+    log.info("%s: installing %s (npm %s)…", function_dir.name, function_dir / PACKAGE_JSON,
+             command[1])
+    started = time.monotonic()
+    process = await asyncio.create_subprocess_exec(
+        *command, cwd=str(function_dir), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT)
+    output, _ = await process.communicate()
+    if process.returncode != 0:
+        tail = " | ".join(line for line in output.decode(errors="replace").splitlines()
+                          if line.strip())[-600:]
+        raise InstallError(f"{function_dir.name}: npm could not install "
+                           f"{function_dir / PACKAGE_JSON}: {tail}")
+    marker.parent.mkdir(exist_ok=True)
+    marker.write_text(digest + "\n")
+    log.info("%s: packages installed in %.1f s", function_dir.name, time.monotonic() - started)

@@ -26,6 +26,7 @@ import contextlib
 import itertools
 import logging
 import os
+import shutil
 import sys
 from collections import deque
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from echo.emulator import dependencies
 log = logging.getLogger("echo.runner.local")
 
 MAX_BATCH = 32
+NODE_WORKER = Path(__file__).with_name("node_worker.mjs")
 _READ_LIMIT = 64 * 1024 * 1024
 
 
@@ -91,9 +93,16 @@ class LocalRunner(Runner):
         max_workers: int = 4,
         python: str = sys.executable,
         project_dir: Path | None = None,
+        language: str = "python",
     ) -> None:
         self.functions_dir = functions_dir
         self.project_dir = project_dir or functions_dir.parent
+        self.language = language
+        self.command = ([python, "-m", "echo.emulator.worker"] if language == "python"
+                        else [shutil.which("node") or "node", str(NODE_WORKER)])
+        self._other: LocalRunner | None = None
+        """The pool of the other language's workers (made on first use): Node processes
+        for JavaScript functions, beside the Python ones, with the same rules."""
         self._deps: dict[Path, str | None] = {}
         """Function folder -> its installed requirements target (read once per reload)."""
         self.default_timeout = default_timeout
@@ -128,6 +137,8 @@ class LocalRunner(Runner):
         self._idle.append(await self._spawn())
 
     async def close(self) -> None:
+        if self._other is not None:
+            await self._other.close()
         self._closed = True
         while self._waiting:
             call = self._waiting.popleft()
@@ -143,6 +154,8 @@ class LocalRunner(Runner):
 
     def reload(self, functions: set[str] | None = None) -> None:
         """Retire every worker: the next invocation runs the code as it is now on disk."""
+        if self._other is not None:
+            self._other.reload(functions)
         self._generation += 1
         self._deps.clear()
         for worker in self._idle:
@@ -162,7 +175,20 @@ class LocalRunner(Runner):
         self._idle.append(worker)
         self._dispatch()
 
+    def _pool_for(self, spec: FunctionSpec) -> LocalRunner:
+        if spec.language == self.language:
+            return self
+        if self._other is None:
+            self._other = LocalRunner(self.functions_dir, default_timeout=self.default_timeout,
+                                      max_workers=self.max_workers, python=self.command[0],
+                                      project_dir=self.project_dir, language=spec.language)
+            self._other._closed = self._closed
+        return self._other
+
     async def invoke(self, spec: FunctionSpec, event: Any, context: InvocationContext) -> Any:
+        pool = self._pool_for(spec)
+        if pool is not self:
+            return await pool.invoke(spec, event, context)
         function = spec.name
         if spec.path is None:
             raise FunctionError(function, FunctionErrorKind.NOT_FOUND,
@@ -330,9 +356,7 @@ class LocalRunner(Runner):
         """Start a worker; the caller has already counted it in ``_count``."""
         env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
         process = await asyncio.create_subprocess_exec(
-            self.python,
-            "-m",
-            "echo.emulator.worker",
+            *self.command,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             env=env,

@@ -39,8 +39,12 @@ def changed_functions(functions_dir: Path, paths: set[str]) -> set[str]:
             relative = Path(raw).resolve().relative_to(functions_dir.resolve())
         except ValueError:
             continue
-        if relative.parts and not relative.parts[0].startswith((".", "_")):
-            names.add(relative.parts[0])
+        parts = relative.parts
+        if not parts or parts[0].startswith((".", "_")) or "node_modules" in parts:
+            continue  # hidden, private, or installed packages (not the function's code)
+        if len(parts) == 1 and not (functions_dir / parts[0]).is_dir():
+            continue  # a file beside the functions (an Ekko folder's associations.json)
+        names.add(parts[0])
     return names
 
 
@@ -67,6 +71,9 @@ class LastGoodCode:
         try:
             shutil.rmtree(copy, ignore_errors=True)
             shutil.copytree(self.functions_dir / name, copy, ignore=NOT_COPIED)
+            installed = self.functions_dir / name / "node_modules"
+            if installed.is_dir():  # the copy resolves packages where the function has them
+                (copy / "node_modules").symlink_to(installed.resolve(), target_is_directory=True)
         except OSError as exc:
             log.warning("%s: no copy of its working code kept (%s)", name, exc)
 
@@ -126,8 +133,9 @@ async def watch_functions(
     guard = LastGoodCode(server, functions_dir, server.settings.path(Path(".echo/last-good")))
     present = {p.name for p in functions_dir.iterdir()
                if p.is_dir() and not p.name.startswith((".", "_"))}
-    _, mistakes = await check_functions(guard, present)  # at start: copies kept, mistakes said
+    installed, mistakes = await check_functions(guard, present)  # copies kept, mistakes said
     await report_mistakes(server, mistakes)
+    server.reload_functions(installed)  # workers warmed before the packages were in: retired
     async for changes in watchfiles.awatch(
         functions_dir, stop_event=stop, debounce=DEBOUNCE_MS, step=30, recursive=True
     ):

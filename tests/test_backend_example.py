@@ -148,6 +148,27 @@ def test_verify_webhook_names_what_is_wrong() -> None:
         assert refused.value.code == "bad_signature" and expected in refused.value.message
     with pytest.raises(EchoError, match="does not match"):
         verify_webhook(HOOK_SECRET, good, body + b" ")  # one byte changed after signing
+    for hostile in ({**good, "echo-webhook-timestamp": "9" * 400},
+                    {**good, "echo-webhook-signature": "v1=\u00e9"}):
+        with pytest.raises(EchoError):  # never another exception (a 500 in a receiver)
+            verify_webhook(HOOK_SECRET, hostile, body)
+
+
+@pytest.mark.unit
+def test_the_sdk_renews_a_token_it_mints_and_names_an_unreachable_server() -> None:
+    from echo.core.auth import verify_token
+    from echo.sdk.server_api import BearerToken
+
+    minted = BearerToken(TEST_APP, None, SECRET)
+    first = minted.current()
+    assert verify_token(SECRET, first, app=TEST_APP).admin and minted.current() == first
+    minted.expires = time.time() + 30  # inside the renewal window: minted again
+    renewed = minted.current()
+    assert verify_token(SECRET, renewed, app=TEST_APP).admin and minted.expires > time.time() + 3000
+    with ServerApi(f"http://127.0.0.1:{free_port()}", TEST_APP, secret=SECRET) as api:
+        with pytest.raises(EchoError) as refused:
+            api.presence("plain")
+    assert refused.value.code == "unreachable"
 
 
 async def test_every_server_api_route_through_the_sdk_with_a_token_minted_from_the_secret(

@@ -90,6 +90,18 @@ async def test_every_route_refuses_wrong_tokens_bad_json_and_oversize_bodies(
             assert huge.status_code == 413 and huge.json()["error"]["code"] == "too_large"
             wrong = await http.post(path, json=["not", "an", "object"])
             assert wrong.status_code == 400
+            # strict JSON, as on the socket: never a 500, never a NaN passed on to webhooks
+            for body in (b'{"channel": "plain", "message": ' + b"[" * 100_000 + b"]" * 100_000
+                         + b"}", b'{"channel": "plain", "message": NaN}'):
+                odd = await http.post(path, content=body)
+                assert odd.status_code == 400, (path, odd.text[:200])
+        newline = await http.post("/publish", json={"channel": "plain\n", "message": 1})
+        assert newline.status_code == 400 and newline.json()["error"]["code"] == "bad_channel"
+    limited = echo_server.token(admin=True, capabilities={"news": ["subscribe"]})
+    async with api(echo_server, limited) as http:  # an admin token held to its capabilities
+        refused = await http.post("/publish", json={"channel": "plain", "message": 1})
+        assert refused.status_code == 403 and "may not publish" in refused.json()["error"]["message"]
+        assert (await http.get("/presence", params={"channel": "plain"})).status_code == 403
 
 
 async def test_a_backend_publish_runs_the_functions_and_reaches_subscribers(
@@ -166,6 +178,9 @@ async def test_history_over_http_says_whether_nothing_is_missing(
         wrong = (await http.get("/history", params={"channel": channel, "since": 2,
                                                     "epoch": "another"})).json()
         assert wrong["recovered"] is False
+        cut = (await http.get("/history", params={"channel": channel, "since": 0, "limit": 2,
+                                                  "epoch": epoch})).json()
+        assert len(cut["publications"]) == 2 and cut["recovered"] is False  # not all of them
         newest = (await http.get("/history", params={"channel": channel, "limit": 2,
                                                      "reverse": "true"})).json()
         assert [p["offset"] for p in newest["publications"]] == [5, 4]

@@ -30,7 +30,7 @@ HOOK_SECRET = "webhook-secret-0123456789abcdef-0123"
 class Receiver:
     """Records every request; answers ``fail`` requests with 500 first (or all, while down)."""
 
-    def __init__(self) -> None:
+    def __init__(self, hang: float = 0) -> None:
         self.requests: list[dict[str, Any]] = []
         self.fail = 0
         self.down = False
@@ -39,6 +39,7 @@ class Receiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["content-length"]))
+                time.sleep(hang)  # a receiver that takes its time (or never answers in time)
                 failing = receiver.down or receiver.fail > 0
                 if not receiver.down and receiver.fail > 0:
                     receiver.fail -= 1
@@ -153,6 +154,37 @@ async def test_a_channel_is_occupied_by_its_first_subscriber_and_vacated_by_its_
 
 
 @pytest.mark.redis
+async def test_events_keep_their_order_batch_up_and_a_hung_receiver_delays_only_its_own(
+        tmp_path: Path, receiver: Receiver, redis_server: RedisServer,
+        clients: list[Client]) -> None:
+    hung = Receiver(hang=20)
+    events = ["connection", "subscribe", "unsubscribe", "disconnection"]
+    hooks = {"test-app": [{"url": hung.url, "events": events, "secret": HOOK_SECRET},
+                          {"url": receiver.url, "events": events, "secret": HOOK_SECRET}]}
+    server = EchoProcess(make_project(tmp_path), command="serve", env={
+        "ECHO_REDIS_URL": redis_server.url, "ECHO_WEBHOOKS": json.dumps(hooks)}).start()
+    try:
+        people = [await connect(server, uuid=f"user-{n}") for n in range(20)]
+        clients.extend(people)
+        for person in people:
+            await person.call("subscribe", {"channels": ["plain"]})
+        for person in people:
+            await person.call("unsubscribe", {"channels": ["plain"]})
+        for person in people:
+            await person.disconnect()
+        await wait_until(lambda: len(receiver.events()) >= 80, timeout=10)  # not held by `hung`
+        for n in range(20):
+            seen = [e["event"] for e in receiver.events() if e.get("uuid") == f"user-{n}"]
+            assert seen == events, (n, seen)
+        assert max(len(json.loads(r["body"])["events"]) for r in receiver.requests) > 1
+    finally:
+        server.stop()
+        hung.stop()
+        with redis.Redis.from_url(redis_server.url) as store:
+            store.flushall()
+
+
+@pytest.mark.redis
 async def test_occupied_and_vacated_fire_once_per_turn_across_nodes_joining_at_once(
         tmp_path: Path, receiver: Receiver, redis_server: RedisServer,
         clients: list[Client]) -> None:
@@ -217,7 +249,8 @@ async def test_pending_webhooks_survive_the_node_that_queued_them(
         # lease (30 s) runs out
         await wait_until(lambda: len([e for e in receiver.events() if e["event"] == "publish"]) >= 5,
                          timeout=LEASE + 20)
-        assert sorted(e["message"] for e in receiver.events()) == [f"kept-{n}" for n in range(5)]
+        once = {e["id"]: e["message"] for e in receiver.events() if e["event"] == "publish"}
+        assert list(once.values()) == [f"kept-{n}" for n in range(5)]  # once each, in order
     finally:
         first.stop()
         if second is not None:

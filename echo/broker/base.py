@@ -136,7 +136,8 @@ class Broker(abc.ABC):
 
     @abc.abstractmethod
     async def presence(self, app: str, channel: str) -> dict[str, dict[str, Any]]:
-        """Who is present in ``channel`` on every live node: ``{member: info}``."""
+        """Who is present in ``channel`` on every live node: ``{member: info}``; raises
+        when the cluster cannot be asked (never a partial answer)."""
 
     @abc.abstractmethod
     def publish_history(self, app: str, channel: str, head: str,

@@ -34,7 +34,8 @@ the nodes holding entries there. This node's writes go through a queue per serve
 (:mod:`echo.broker.presence_writes`: pipelined, ordered, bounded), so ``presence_add`` and
 ``presence_remove`` return at once; ``presence()`` answers this node's own members from its
 own record and the other live nodes' from Redis, deleting the entries of nodes whose
-registration expired, so a dead node's entries go within ``liveness`` (30 s) seconds.
+registration expired, so a dead node's entries go within ``liveness`` (30 s) seconds; with
+Redis unreachable it raises rather than answer with this node's members only.
 """
 
 from __future__ import annotations
@@ -913,10 +914,12 @@ class RedisBroker(Broker):
                 client, PRESENCE_READ, (keys.present, keys.presence),
                 (NODE_ID_BYTES, self.node_id)))
         except Exception as exc:
+            # a partial answer would be a wrong one ("on every node"): the caller says
+            # unavailable, and the asker retries
             self.presence_failures += 1
-            self.warn.warning("presence read", 1, "%d presence read(s) answered with this "
-                              "node's members only: Redis unreachable (%s)", exc)
-            flat = []
+            self.warn.warning("presence read", 1, "%d presence read(s) refused: Redis "
+                              "unreachable (%s)", exc)
+            raise ConnectionError(f"presence of {channel[:80]!r}: Redis unreachable") from exc
         found: dict[str, dict[str, Any]] = {}
         for index in range(0, len(flat) - 1, 2):
             try:

@@ -158,7 +158,7 @@ def verify_token(secrets: str | Sequence[str], token: object, *, app: str | None
     if not isinstance(admin, bool) or not isinstance(manage, bool):
         raise AuthError("token admin and manage claims must be true or false")
     if app is not None and token_app != app:
-        raise AuthError(f"token is for app {token_app!r}, not {app!r}")
+        raise AuthError(f"token is for app {token_app[:80]!r}, not {app[:80]!r}")
     capabilities = None
     if "capabilities" in payload:
         capabilities = Capabilities.parse(payload["capabilities"])

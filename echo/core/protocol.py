@@ -17,7 +17,7 @@ import orjson
 
 ADMIN_CHANNEL = "admin"
 PRESENCE_SUFFIX = "#presence"
-CHANNEL_NAME = re.compile(r"^[A-Za-z0-9_\-:.@=/]{1,200}$")
+CHANNEL_NAME = re.compile(r"^[A-Za-z0-9_\-:.@=/]{1,200}\Z")  # \Z: no trailing newline
 MAX_CHANNELS_PER_REQUEST = 100
 
 

@@ -274,21 +274,31 @@ class Realtime:
             "ts": envelope.ts,
         }
         metrics.MESSAGES_DELIVERED.inc(envelope.app)
-        if self.webhooks is not None and self.webhooks.wants(envelope.app, "publish"):
-            self.webhooks.emit(envelope.app, "publish", {
-                "channel": envelope.channel, "message": envelope.message, "uuid": envelope.uuid,
-                "messageId": envelope.id, "seq": envelope.seq})
+        hooked = self.webhooks is not None and self.webhooks.wants(envelope.app, "publish")
         rule = envelope.rule or self.pipeline.rule(envelope.app, envelope.channel)
         policy = self.history_policy(rule)
         if policy is None:
             self.broker.publish(envelope.app, envelope.channel,
                                 Frame.event("/" + envelope.app, "message", payload))
+            if hooked:
+                self._publish_webhook(envelope)
             return
         # the broker numbers it: the packet up to the offset, which it completes
         head = Frame.event("/" + envelope.app, "message", payload).text[:-2] + ',"offset":'
         envelope.position = self.broker.publish_history(envelope.app, envelope.channel, head,
                                                         policy)
         metrics.HISTORY_APPENDED.inc(envelope.app)
+        if hooked:  # only once it is kept: a refused write is not delivered, nor announced
+            envelope.position.add_done_callback(
+                lambda done: None if done.cancelled() or done.exception() is not None
+                else self._publish_webhook(envelope, done.result().offset))
+
+    def _publish_webhook(self, envelope: Envelope, offset: int | None = None) -> None:
+        assert self.webhooks is not None
+        self.webhooks.emit(envelope.app, "publish", {
+            "channel": envelope.channel, "message": envelope.message, "uuid": envelope.uuid,
+            "messageId": envelope.id, "seq": envelope.seq,
+            **({"offset": offset} if offset is not None else {})})
 
     def history_policy(self, rule: Rule) -> HistoryPolicy | None:
         """A rule's history with the settings' defaults filled in (None: not kept)."""

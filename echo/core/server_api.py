@@ -11,10 +11,10 @@ other, with the backend's own rate limit (``backend_publish_rate`` per app and n
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -97,10 +97,20 @@ class ServerApi:
                 raise ProtocolError(ErrorCode.UNAUTHORIZED, str(app_refusal)) from None
             if not claims.manage:
                 raise ProtocolError(ErrorCode.UNAUTHORIZED, str(app_refusal)) from None
+            request.state.claims = None  # a management token: every operation
             return
+        request.state.claims = claims
         if not claims.admin:
             raise ProtocolError(ErrorCode.FORBIDDEN, "a user token may not use the server API: "
                                 "send the app's admin token (or a management token)")
+
+    @staticmethod
+    def _may(request: Request, operation: str, channel: str) -> None:
+        """An admin token limited by ``capabilities`` is held to them here too."""
+        claims = getattr(request.state, "claims", None)
+        if claims is not None and not claims.may(operation, channel):
+            raise ProtocolError(ErrorCode.FORBIDDEN,
+                                f"this token may not {operation} on {channel[:80]!r}")
 
     async def _body(self, request: Request) -> dict[str, Any]:
         raw = b""
@@ -108,9 +118,9 @@ class ServerApi:
             raw += chunk
             if len(raw) > MAX_BODY_BYTES:
                 raise ProtocolError(ErrorCode.TOO_LARGE, f"the body is over {MAX_BODY_BYTES} bytes")
-        try:
-            data = json.loads(raw)
-        except ValueError as exc:
+        try:  # strict, as the socket's: no NaN, nesting and integers bounded
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"the body is not JSON: {exc}") from None
         if not isinstance(data, dict):
             raise ProtocolError(ErrorCode.BAD_REQUEST, "the body must be a JSON object")
@@ -127,6 +137,7 @@ class ServerApi:
         uuid = _uuid(data, default=BACKEND_UUID)
         fields = {k: v for k, v in data.items() if k != "uuid"}
         publish = protocol.parse_publish(fields, self.server.settings.max_message_bytes)
+        self._may(request, "publish", publish.channel)
         self._take(app)
         self._refuse_draining()
         metrics.MESSAGES_PUBLISHED.inc(app)
@@ -147,6 +158,8 @@ class ServerApi:
         limit = self.server.settings.max_message_bytes
         requests = [protocol.parse_publish({"channel": channel, "message": data["message"]}, limit)
                     for channel in channels]  # every name checked before anything is sent
+        for publish in requests:
+            self._may(request, "publish", publish.channel)
         self._refuse_draining()
         results: dict[str, Any] = {}
         for publish in requests:
@@ -160,6 +173,7 @@ class ServerApi:
 
     async def presence(self, request: Request, app: str) -> dict[str, Any]:
         channel = protocol.check_channel(request.query_params.get("channel"), "channel")
+        self._may(request, "presence", channel)
         return await self.server.realtime.presence_of(app, channel)
 
     async def channels(self, request: Request, app: str) -> dict[str, Any]:
@@ -187,13 +201,16 @@ class ServerApi:
                 raise ProtocolError(ErrorCode.BAD_REQUEST, "reverse must be true or false")
             query["reverse"] = reverse in ("true", "1")
         ask = protocol.parse_history(query)
+        self._may(request, "subscribe", ask.channel)
         reply = await self.server.realtime.read_history(app, ask)
         epoch = request.query_params.get("epoch")
         if epoch is not None and ask.since is not None and not ask.reverse:
             # as a recovery would: are the messages after `since` all there, from its epoch?
-            first = [p.get("offset") for p in reply["publications"][:1]]
+            # (every one of them: a `limit` that cuts them short is not a recovery)
+            offsets = [p.get("offset") for p in reply["publications"]]
+            missed = reply["offset"] - ask.since
             reply["recovered"] = reply["epoch"] == epoch and ask.since <= reply["offset"] and (
-                reply["offset"] == ask.since or first == [ask.since + 1])
+                missed == 0 or offsets == list(range(ask.since + 1, reply["offset"] + 1)))
         return reply
 
     async def disconnect(self, request: Request, app: str) -> dict[str, Any]:

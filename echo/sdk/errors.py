@@ -7,7 +7,8 @@ from typing import Any
 
 class EchoError(Exception):
     """Echo refused a request (``code`` as in the README's error codes), or it timed out
-    (``timeout``) or answered something that is not an ack (``bad_reply``)."""
+    (``timeout``), could not be reached (``unreachable``), or answered something that is not
+    an ack (``bad_reply``)."""
 
     def __init__(self, code: str, message: str, details: dict[str, Any] | None = None) -> None:
         super().__init__(f"{code}: {message}")

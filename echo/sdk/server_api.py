@@ -96,6 +96,13 @@ def _base_url(url: str, app: str) -> str:
     return f"{url.rstrip('/')}/api/{app}"
 
 
+def _unreachable(exc: httpx.HTTPError, what: str) -> EchoError:
+    """No answer at all: ``timeout``, or ``unreachable`` (the request may not have arrived;
+    a publish with an idempotency key is safe to retry)."""
+    code = "timeout" if isinstance(exc, httpx.TimeoutException) else "unreachable"
+    return EchoError(code, f"{what}: {type(exc).__name__}: {str(exc)[:200]}")
+
+
 def _answer(response: httpx.Response, what: str) -> dict[str, Any]:
     try:
         body = response.json()
@@ -116,7 +123,11 @@ class ServerApi:
                                  auth=BearerToken(app, token, secret))
 
     def send(self, call: Call) -> dict[str, Any]:
-        response = self.http.request(call.method, call.path, json=call.json, params=call.params)
+        try:
+            response = self.http.request(call.method, call.path, json=call.json,
+                                         params=call.params)
+        except httpx.HTTPError as exc:
+            raise _unreachable(exc, call.what) from exc
         return _answer(response, call.what)
 
     def publish(self, channel: str, message: Any, *, uuid: str | None = None,
@@ -170,8 +181,11 @@ class AsyncServerApi:
                                       auth=BearerToken(app, token, secret))
 
     async def send(self, call: Call) -> dict[str, Any]:
-        response = await self.http.request(call.method, call.path, json=call.json,
-                                           params=call.params)
+        try:
+            response = await self.http.request(call.method, call.path, json=call.json,
+                                               params=call.params)
+        except httpx.HTTPError as exc:
+            raise _unreachable(exc, call.what) from exc
         return _answer(response, call.what)
 
     async def publish(self, channel: str, message: Any, *, uuid: str | None = None,

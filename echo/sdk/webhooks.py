@@ -27,11 +27,11 @@ def verify_webhook(secret: str, headers: Mapping[str, str], body: bytes, *,
     if not timestamp or not sent:
         raise EchoError("bad_signature", "not an Echo webhook: echo-webhook-timestamp or "
                                          "echo-webhook-signature header missing")
-    try:
-        age = abs(time.time() - int(timestamp))
-    except ValueError:
-        raise EchoError("bad_signature", "echo-webhook-timestamp is not unix seconds") from None
-    if not hmac.compare_digest(signature(secret, timestamp, body), sent):
+    if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 12):
+        raise EchoError("bad_signature", "echo-webhook-timestamp is not unix seconds")
+    age = abs(time.time() - int(timestamp))
+    expected = signature(secret, timestamp, body).encode()
+    if not hmac.compare_digest(expected, sent.encode("utf-8", "replace")):
         raise EchoError("bad_signature", "the signature does not match (another secret, or "
                                          "the body was changed)")
     if age > tolerance:

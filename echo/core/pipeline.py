@@ -28,7 +28,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 from echo.broker.base import Position
 from echo.core import metrics
@@ -75,6 +75,29 @@ Deliver = Callable[[Envelope], Awaitable[None]]
 ReportError = Callable[[Envelope, FunctionError, float], Awaitable[None]]
 
 
+@dataclass(slots=True)
+class Hop:
+    """One function's part in a message's chain, as a tracer sees it."""
+
+    function: str
+    given: Any
+    result: Any = None
+    error: FunctionError | None = None
+    seconds: float = 0.0
+    notes: dict[str, Any] = field(default_factory=dict)
+    """What the runner could tell: ``logs`` (lines printed or logged), ``traceback``."""
+
+
+class Tracer(Protocol):
+    """Watches messages through the pipeline (the dev inspector); off unless given."""
+
+    def started(self, envelope: Envelope) -> None: ...
+
+    def hop(self, envelope: Envelope, hop: Hop) -> None: ...
+
+    def finished(self, envelope: Envelope, outcome: Outcome) -> None: ...
+
+
 _SKIPPED = None
 """A finished message with nothing (left) to deliver in order: filtered, failed, unordered."""
 
@@ -107,6 +130,7 @@ class Pipeline:
         max_tracked_channels: int = 100_000,
     ) -> None:
         self._runner = runner
+        self.tracer: Tracer | None = None
         self._catalog = catalog
         self._associations = associations
         self._deliver = deliver
@@ -172,10 +196,15 @@ class Pipeline:
                 message=message,
                 rule=rule,
             )
+            tracer = self.tracer
+            if tracer is not None:
+                tracer.started(envelope)
             if rule.functions:
                 outcome = await self._run_chain(envelope, rule.functions)
             else:
                 outcome = Outcome(envelope, delivered=True)
+            if tracer is not None:
+                tracer.finished(envelope, outcome)
             if outcome.delivered and not rule.ordered:
                 await self._deliver(outcome.envelope)
                 to_deliver = _SKIPPED
@@ -260,15 +289,24 @@ class Pipeline:
             app=envelope.app, channel=envelope.channel, uuid=envelope.uuid, message_id=envelope.id
         )
         value = envelope.message
+        tracer = self.tracer
         for function in chain:
             started = time.perf_counter()
             spec: FunctionSpec | None = None
+            hop = Hop(function, value) if tracer is not None else None
             try:
                 spec = self._catalog.get(function)
-                value = await self._invoke(spec, value, context)
+                value = await self._invoke(spec, value, context if hop is None
+                                           else replace(context, notes=hop.notes))
+                if hop is not None and tracer is not None:
+                    hop.result, hop.seconds = value, time.perf_counter() - started
+                    tracer.hop(envelope, hop)
             except Exception as exc:
                 error = _as_function_error(function, exc)
                 elapsed = time.perf_counter() - started
+                if hop is not None and tracer is not None:
+                    hop.error, hop.seconds = error, elapsed
+                    tracer.hop(envelope, hop)
                 metrics.FUNCTION_ERRORS.labels(function, error.kind).inc()
                 await self._report_error(envelope, error, elapsed)
                 policy = spec.on_error if spec is not None else "error"

@@ -8,7 +8,7 @@ cloud deployment a Lambda runner, and a third party can add its own package.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
@@ -28,6 +28,9 @@ class InvocationContext:
     channel: str
     uuid: str | None
     message_id: str
+    notes: dict[str, Any] | None = field(default=None, compare=False)
+    """Given (the dev inspector): a runner that can, writes what the invocation printed or
+    logged (``logs``: lines) and, when it raised, the ``traceback`` here."""
 
     def as_dict(self) -> dict[str, Any]:
         return {

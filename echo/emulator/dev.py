@@ -22,6 +22,7 @@ from echo.core.app import EchoServer, build_server
 from echo.core.auth import issue_token
 from echo.core.protocol import CHANNEL_NAME, ErrorCode, error
 from echo.core.runners import Runner
+from echo.emulator.inspector import Inspector
 from echo.emulator.local_runner import LocalRunner
 from echo.emulator.localstack import LocalStackFunctions, localstack_settings
 from echo.emulator.watch import watch_associations, watch_functions
@@ -31,7 +32,7 @@ DEV_TOKEN_TTL = 24 * 3600
 log = logging.getLogger("echo.dev")
 
 
-def _dev_routes(settings: Settings, apps_dir: Path) -> list[BaseRoute]:
+def _dev_routes(settings: Settings, apps_dir: Path, inspector: Inspector) -> list[BaseRoute]:
     async def dev_token(request: Request) -> JSONResponse:
         app = request.query_params.get("app", "")
         if not CHANNEL_NAME.match(app):
@@ -54,6 +55,7 @@ def _dev_routes(settings: Settings, apps_dir: Path) -> list[BaseRoute]:
     routes: list[BaseRoute] = [
         Route("/", index),
         Route("/dev/token", dev_token),
+        *inspector.routes(),
     ]
     if apps_dir.is_dir():
         routes.append(Mount("/apps", app=StaticFiles(directory=apps_dir, html=True)))
@@ -83,6 +85,7 @@ def build_dev_server(settings: Settings, functions: str = "local") -> EchoServer
         runner = LocalRunner.from_settings(settings)
     stop = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
+    inspector = Inspector()
 
     async def start_watching() -> None:
         stop.clear()
@@ -90,7 +93,8 @@ def build_dev_server(settings: Settings, functions: str = "local") -> EchoServer
         if emulator is not None:
             await emulator.deploy_all()
             on_change = emulator.redeploy
-        tasks.append(asyncio.create_task(watch_functions(server, functions_dir, stop, on_change)))
+        tasks.append(asyncio.create_task(watch_functions(server, functions_dir, stop, on_change,
+                                                         inspector=inspector)))
         tasks.append(asyncio.create_task(watch_associations(server, associations, stop)))
         for task in tasks:
             task.add_done_callback(_say_if_it_died)
@@ -104,10 +108,11 @@ def build_dev_server(settings: Settings, functions: str = "local") -> EchoServer
     server = build_server(
         settings,
         runner,
-        routes=_dev_routes(settings, settings.path(settings.apps_dir)),
+        routes=_dev_routes(settings, settings.path(settings.apps_dir), inspector),
         on_startup=[start_watching],
         on_shutdown=[stop_watching],
     )
+    inspector.attach(server)
     if functions == "localstack":
         emulator = LocalStackFunctions(settings, server.functions)
     return server

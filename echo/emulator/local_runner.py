@@ -176,13 +176,12 @@ class LocalRunner(Runner):
         self._dispatch()
 
     def _pool_for(self, spec: FunctionSpec) -> LocalRunner:
-        if spec.language == self.language:
-            return self
+        if spec.language == self.language or self._closed:
+            return self  # (closed: invoke says so)
         if self._other is None:
             self._other = LocalRunner(self.functions_dir, default_timeout=self.default_timeout,
                                       max_workers=self.max_workers, python=self.command[0],
                                       project_dir=self.project_dir, language=spec.language)
-            self._other._closed = self._closed
         return self._other
 
     async def invoke(self, spec: FunctionSpec, event: Any, context: InvocationContext) -> Any:
@@ -205,11 +204,16 @@ class LocalRunner(Runner):
             "timeout": spec.timeout,
             "event": event,
             "context": context.as_dict(),
+            **({"capture": True} if context.notes is not None else {}),
         }
         answer = asyncio.get_running_loop().create_future()
         self._waiting.append(_Call(spec, call_id, orjson.dumps(request) + b"\n", answer))
         self._dispatch()
         response = await answer
+        if context.notes is not None:
+            for key in ("logs", "traceback"):
+                if key in response:
+                    context.notes[key] = response[key]
         if not response.get("ok"):
             raise FunctionError(function, response.get("kind", "raised"), response.get("detail", ""))
         return response.get("result")

@@ -15,8 +15,16 @@ import { join } from "node:path";
 import { format } from "node:util";
 
 const protocolOut = process.stdout.write.bind(process.stdout);
-const toConsole = (...args) => process.stderr.write(format(...args) + "\n");
-console.log = console.info = console.debug = console.warn = toConsole;
+const MAX_CAPTURED_LINES = 200;
+let captured = null; // while an invocation asks for it (the dev inspector): what it printed
+const toConsole = (...args) => {
+  const text = format(...args);
+  if (captured && captured.length < MAX_CAPTURED_LINES) {
+    captured.push(...text.split("\n").slice(0, MAX_CAPTURED_LINES - captured.length).map((l) => l.slice(0, 2000)));
+  }
+  process.stderr.write(text + "\n");
+};
+console.log = console.info = console.debug = console.warn = console.error = toConsole;
 process.stdout.write = (chunk, ...rest) => process.stderr.write(chunk, ...rest);
 
 const handlers = new Map();
@@ -64,7 +72,7 @@ async function handle(request) {
     handler = await loadHandler(request);
   } catch (error) {
     const missing = error?.code === "ERR_MODULE_NOT_FOUND" || error?.code === "MODULE_NOT_FOUND";
-    console.error(error?.stack ?? String(error));
+    process.stderr.write(`${error?.stack ?? String(error)}\n`);
     return { ok: false, kind: "load_failed", detail: describe(error) +
       (missing ? `: add it to ${join(request.path, "package.json")} (echoctl dev installs it)` : "") };
   }
@@ -72,10 +80,22 @@ async function handle(request) {
   try {
     result = await handler(request.event, contextFor(request));
   } catch (error) {
-    console.error(`[${request.function}] threw:`, error?.stack ?? String(error));
-    return { ok: false, kind: "raised", detail: describe(error) };
+    const stack = error?.stack ?? String(error);
+    process.stderr.write(`[${request.function}] threw: ${stack}\n`);
+    return { ok: false, kind: "raised", detail: describe(error),
+      ...(request.capture ? { traceback: String(stack).slice(-8000) } : {}) };
   }
   return { ok: true, result: result === undefined ? null : result };
+}
+
+async function handleCapturing(request) {
+  if (!request.capture) return handle(request);
+  captured = [];
+  try {
+    return { ...(await handle(request)), logs: captured };
+  } finally {
+    captured = null;
+  }
 }
 
 function encode(id, response) {
@@ -93,7 +113,7 @@ lines.on("line", (line) => {
   if (!line.trim()) return;
   queue = queue.then(async () => {
     const request = JSON.parse(line);
-    const response = await handle(request);
+    const response = await handleCapturing(request);
     protocolOut(encode(request.id, response) + "\n");
   });
 });

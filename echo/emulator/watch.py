@@ -23,6 +23,7 @@ from echo.core.associations import AssociationsError
 from echo.core.functions import FunctionConfigError, load_spec, source_problem
 from echo.core.store import FileStore
 from echo.emulator import dependencies
+from echo.emulator.inspector import Inspector
 
 log = logging.getLogger("echo.watch")
 
@@ -128,6 +129,7 @@ async def watch_functions(
     functions_dir: Path,
     stop: asyncio.Event,
     on_change: Callable[[set[str]], Awaitable[object]] | None = None,
+    inspector: Inspector | None = None,
 ) -> None:
     functions_dir.mkdir(parents=True, exist_ok=True)
     guard = LastGoodCode(server, functions_dir, server.settings.path(Path(".echo/last-good")))
@@ -136,6 +138,8 @@ async def watch_functions(
     installed, mistakes = await check_functions(guard, present)  # copies kept, mistakes said
     await report_mistakes(server, mistakes)
     server.reload_functions(installed)  # workers warmed before the packages were in: retired
+    if inspector is not None and mistakes:
+        inspector.reloaded([], mistakes)
     async for changes in watchfiles.awatch(
         functions_dir, stop_event=stop, debounce=DEBOUNCE_MS, step=30, recursive=True
     ):
@@ -144,6 +148,8 @@ async def watch_functions(
             continue
         reload, mistakes = await check_functions(guard, names)
         await report_mistakes(server, mistakes)
+        if inspector is not None:
+            inspector.reloaded(sorted(reload - set(mistakes)), mistakes)
         if reload:
             server.reload_functions(reload)
             if on_change is not None:

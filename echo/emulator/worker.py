@@ -13,8 +13,11 @@ never more than ``HOLD`` seconds, so the server's per-call timeout still sees ea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
+import io
 import json
+import logging
 import os
 import select
 import sys
@@ -98,15 +101,77 @@ def _missing_module(exc: ModuleNotFoundError, request: dict[str, Any]) -> str:
             "(echoctl dev installs it for this function, and it goes into the Lambda zip)")
 
 
+MAX_CAPTURED_LINES = 200
+MAX_LINE = 2000
+
+
+class _Capture(io.TextIOBase):
+    """What a handler prints or logs during one invocation, for the dev inspector; it still
+    reaches the console too."""
+
+    def __init__(self, console: Any) -> None:
+        self.console = console
+        self.lines: list[str] = []
+        self._partial = ""
+
+    def write(self, text: str) -> int:
+        self.console.write(text)
+        *complete, self._partial = (self._partial + text).split("\n")
+        for line in complete:
+            if len(self.lines) < MAX_CAPTURED_LINES:
+                self.lines.append(line[:MAX_LINE])
+        return len(text)
+
+    def flush(self) -> None:
+        self.console.flush()
+
+    def done(self) -> list[str]:
+        if self._partial and len(self.lines) < MAX_CAPTURED_LINES:
+            self.lines.append(self._partial[:MAX_LINE])
+        return self.lines
+
+
+class _LogToCapture(logging.Handler):
+    def __init__(self, capture: _Capture) -> None:
+        super().__init__()
+        self.capture = capture
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):
+            self.capture.write(f"{record.levelname} {record.name}: {record.getMessage()}\n")
+
+
 def handle(request: dict[str, Any]) -> dict[str, Any]:
+    if not request.get("capture"):
+        return _handle(request)
+    capture = _Capture(sys.stderr)
+    handler = _LogToCapture(capture)
+    root = logging.getLogger()
+    saved = sys.stdout, sys.stderr
+    sys.stdout = sys.stderr = capture
+    root.addHandler(handler)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+    try:
+        response = _handle(request, traceback_wanted=True)
+    finally:
+        sys.stdout, sys.stderr = saved
+        root.removeHandler(handler)
+    response["logs"] = capture.done()
+    return response
+
+
+def _handle(request: dict[str, Any], traceback_wanted: bool = False) -> dict[str, Any]:
     try:
         handler = _load_handler(request)
     except ModuleNotFoundError as exc:
-        traceback.print_exc()
-        return {"ok": False, "kind": "load_failed", "detail": _missing_module(exc, request)}
+        traceback.print_exception(exc, file=sys.__stderr__)
+        return {"ok": False, "kind": "load_failed", "detail": _missing_module(exc, request),
+                **({"traceback": traceback.format_exc()[-8000:]} if traceback_wanted else {})}
     except Exception as exc:
-        traceback.print_exc()
-        return {"ok": False, "kind": "load_failed", "detail": _describe(exc)}
+        traceback.print_exception(exc, file=sys.__stderr__)
+        return {"ok": False, "kind": "load_failed", "detail": _describe(exc),
+                **({"traceback": traceback.format_exc()[-8000:]} if traceback_wanted else {})}
     context = LambdaContext(
         request["function"], request["context"].get("messageId", ""), request["timeout"],
         request["context"],
@@ -116,11 +181,18 @@ def handle(request: dict[str, Any]) -> dict[str, Any]:
         if inspect.isawaitable(result):
             result = asyncio.run(_await(result))
     except Exception as exc:
-        print(f"[{request['function']}] raised:", file=sys.stderr)
-        traceback.print_exc()
+        # the server's console, not the invocation's captured output
+        print(f"[{request['function']}] raised:", file=sys.__stderr__)
+        traceback.print_exception(exc, file=sys.__stderr__)
         detail = (_missing_module(exc, request) if isinstance(exc, ModuleNotFoundError)
                   else _describe(exc))
-        return {"ok": False, "kind": "raised", "detail": detail}
+        answer: dict[str, Any] = {"ok": False, "kind": "raised", "detail": detail}
+        if traceback_wanted:
+            # from the handler's own frame on (the worker's call into it says nothing)
+            frames = exc.__traceback__.tb_next if exc.__traceback__ else None
+            answer["traceback"] = "".join(
+                traceback.format_exception(type(exc), exc, frames))[-8000:]
+        return answer
     return {"ok": True, "result": result}
 
 

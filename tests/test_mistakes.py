@@ -66,6 +66,12 @@ async def test_a_broken_save_keeps_the_previous_code_in_force_and_says_why(
     assert "function demo-angry:" in log and "not reloaded: the previous code stays in force" in log
     # reported when the server started: it never had a working version
     assert "function never-worked:" in log and "no working version yet" in log
+    # and in the inspector's list of reloads
+    reloads = httpx.get(server.url + "/dev/reloads").json()["reloads"]
+    said = {name: text for entry in reloads for name, text in entry["mistakes"].items()}
+    assert "line 4" in said["demo-angry"] or "no top-level 'handler'" in said["demo-angry"]
+    assert "no working version yet" in said["never-worked"]
+    assert any(entry["functions"] == ["demo-angry"] for entry in reloads)
 
 
 async def test_associations_naming_a_missing_function_are_refused_everywhere(

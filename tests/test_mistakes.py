@@ -67,7 +67,8 @@ async def test_a_broken_save_keeps_the_previous_code_in_force_and_says_why(
     # reported when the server started: it never had a working version
     assert "function never-worked:" in log and "no working version yet" in log
     # and in the inspector's list of reloads
-    reloads = httpx.get(server.url + "/dev/reloads").json()["reloads"]
+    async with httpx.AsyncClient() as http:
+        reloads = (await http.get(server.url + "/dev/reloads")).json()["reloads"]
     said = {name: text for entry in reloads for name, text in entry["mistakes"].items()}
     assert "line 4" in said["demo-angry"] or "no top-level 'handler'" in said["demo-angry"]
     assert "no working version yet" in said["never-worked"]

@@ -14,7 +14,6 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
@@ -62,17 +61,12 @@ def settings_for(project: Path | None, dev: bool = True, **overrides: Any) -> Se
     return with_dev_secret(settings) if dev else settings
 
 
-def _logging(level: str) -> None:
-    """rich for a person at a terminal; plain one-line records for files and collectors
-    (rich wraps long lines at the console width, which splits a record across lines)."""
-    handler: logging.Handler
-    if err.is_terminal:
-        handler = RichHandler(console=err, show_path=False, markup=False)
-        layout = "%(name)s: %(message)s"
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-        layout = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=level.upper(), format=layout, handlers=[handler], force=True)
+def _logging(level: str, style: str = "auto") -> None:
+    """rich for a person at a terminal; plain one-line records for files and collectors;
+    every record bounded (echo/core/logs.py)."""
+    from echo.core import logs
+
+    logs.configure(level, style, terminal=err.is_terminal)
 
 
 def template_dir() -> Path:
@@ -145,7 +139,7 @@ def dev(
     settings = settings_for(project, dev=False, host=host, port=port, log_level=log_level)
     _refuse_a_folder_that_is_not_a_project(settings)  # before anything is written there
     settings = with_dev_secret(settings)
-    _logging(settings.log_level)
+    _logging(settings.log_level, settings.log_format)
     from echo.core import serving
 
     server = build_dev_server(settings, functions)
@@ -221,7 +215,7 @@ def serve(
         settings.require_secret()
     except ConfigError as exc:
         fail(str(exc), "generate one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'")
-    _logging(settings.log_level)
+    _logging(settings.log_level, settings.log_format)
     from echo.core import serving
     from echo.core.app import build_server
 

@@ -59,6 +59,8 @@ class Settings:
     max_pending_per_channel: int = 1000
     cors_origins: tuple[str, ...] = ("*",)
     log_level: str = "info"
+    log_format: str = "auto"
+    """``auto`` (rich on a terminal, else plain), ``plain``, ``json`` or ``rich``."""
     max_channels_per_connection: int = 100
     max_connections_per_app: int = 10_000
     publish_rate: float = 50.0
@@ -246,6 +248,11 @@ def _convert(key: str, name: str, raw: Any) -> Any:
             return Path(_to_str(name, raw))
         case "cors_origins":
             return _to_origins(name, raw)
+        case "log_format":
+            style = _to_str(name, raw).lower()
+            if style not in ("auto", "plain", "json", "rich"):
+                raise ConfigError(f"{name}: {style[:40]!r} is not auto, plain, json or rich")
+            return style
         case "log_level":
             level = _to_str(name, raw).lower()
             if level not in _LOG_LEVELS:

@@ -115,6 +115,15 @@ class Associations:
         }
 
 
+def _check_app_name(name: str, path: str) -> None:
+    """An app is a namespace ``/<app>``: the same characters as a channel name, 1-200."""
+    from echo.core.protocol import CHANNEL_NAME
+
+    if not CHANNEL_NAME.match(name):
+        raise AssociationsError(f"applications.{name[:80]}", "an app name is 1-200 characters "
+                                "of letters, digits and _ - : . @ = /")
+
+
 def _check_channel_name(name: str, path: str) -> None:
     """A rule for a name no client may use would never apply: refuse it here, not silently."""
     from echo.core.protocol import CHANNEL_NAME
@@ -167,6 +176,7 @@ def parse_associations(data: Any) -> Associations:
         app_path = f"applications.{app_name}"
         if not app_name:
             raise AssociationsError(app_path, "app name must not be empty")
+        _check_app_name(app_name, app_path)
         _expect(app_doc, dict, app_path, "an object with a 'channels' list")
         channels = _expect(app_doc.get("channels", []), list, f"{app_path}.channels", "a list")
         exact: dict[str, Rule] = {}

@@ -54,7 +54,9 @@ def fetch_associations(environ: dict[str, str], client: object | None = None) ->
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    from echo.core import logs
+
+    logs.configure("info", os.environ.get("ECHO_LOG_FORMAT", "plain"))
     environ = dict(os.environ)
     fetch_associations(environ)
     os.execvpe("echoctl", ["echoctl", "serve", *sys.argv[1:]], environ)

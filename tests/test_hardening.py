@@ -1,0 +1,98 @@
+"""Hardening (issue 17): what an attacker controls never freezes a node, fills its memory or
+its logs, or reaches another client. Each test reproduces one reported attack."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import pty
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import websockets
+
+from echo.core import logs
+from tests.conftest import SECRET, EchoProcess, free_port, make_project
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.mark.unit
+def test_every_log_record_is_bounded_and_on_one_line() -> None:
+    record = logging.LogRecord("echo.test", logging.INFO, __file__, 1,
+                               "refused /%s", ("a" * 1_000_000 + "\nFORGED 2026 ERROR",), None)
+    for formatter in (logs.BoundedFormatter("%(levelname)s %(message)s"), logs.JsonFormatter()):
+        text = formatter.format(record)
+        assert len(text) < logs.MAX_MESSAGE + 200 and "\n" not in text
+        assert "more characters" in text
+    record.args = ("x\nFORGED ERROR line",)
+    assert "\\nFORGED" in logs.BoundedFormatter("%(message)s").format(record)
+    assert json.loads(logs.JsonFormatter().format(record))["logger"] == "echo.test"
+    rich = logs.handler_for("rich", terminal=True)
+    from rich.highlighter import NullHighlighter
+    assert isinstance(rich.highlighter, NullHighlighter)  # type: ignore[attr-defined]
+
+
+def test_a_huge_namespace_or_app_name_does_not_freeze_dev_on_a_terminal(tmp_path: Path) -> None:
+    """On a terminal the dev server logs through rich; a 32k-character namespace and a 900 KB
+    app name in a PUT used to freeze it for seconds (rich's highlighter is quadratic)."""
+    project = make_project(tmp_path)
+    port = free_port()
+    leader, follower = pty.openpty()  # stderr a terminal, as for a person running it
+    process = subprocess.Popen(
+        [sys.executable, "-m", "echo", "dev", "--project", str(project), "--port", str(port)],
+        stdin=subprocess.DEVNULL, stdout=follower, stderr=follower,
+        env={**os.environ, "ECHO_SECRET": SECRET, "COLUMNS": "120"})
+    os.close(follower)
+    output = bytearray()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=0.5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline and process.poll() is None, "dev did not start"
+            time.sleep(0.1)
+
+        async def attack() -> float:
+            async with websockets.connect(f"ws://127.0.0.1:{port}/socket.io/?EIO=4&transport=websocket",
+                                          max_size=None) as ws:
+                await ws.recv()
+                await ws.send("40/" + "w" * 32_000 + ",{}")
+                await asyncio.wait_for(ws.recv(), 10)  # refused: no token
+            async with httpx.AsyncClient(timeout=10) as http:
+                token = EchoProcess(project).management_token()
+                refused = await http.put(url + "/associations",
+                                         headers={"authorization": f"Bearer {token}"},
+                                         json={"applications": {"a" * 900_000: {"channels": []}}})
+                assert refused.status_code == 400 and len(refused.text) < 1000
+                assert "an app name is 1-200 characters" in refused.text
+                started = time.monotonic()
+                assert (await http.get(url + "/health")).status_code == 200
+                return time.monotonic() - started
+
+        assert asyncio.run(attack()) < 2.0  # frozen for 3.5 s at 16k, 13 s at 32k before
+        os.set_blocking(leader, False)
+        time.sleep(0.5)
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except (BlockingIOError, OSError):
+                break
+            if not chunk:
+                break
+            output += chunk
+        assert b"w" * 3000 not in output  # what the client sent is cut in the log
+    finally:
+        process.terminate()
+        process.wait(10)
+        os.close(leader)

@@ -96,3 +96,20 @@ def test_a_huge_namespace_or_app_name_does_not_freeze_dev_on_a_terminal(tmp_path
         process.terminate()
         process.wait(10)
         os.close(leader)
+
+
+def test_dev_endpoints_answer_only_pages_of_this_machine(echo_server: EchoProcess) -> None:
+    """A page of another site open in the same browser could mint an admin token from
+    /dev/token (it answered any origin) and read or drive the inspector."""
+    here = f"http://127.0.0.1:{echo_server.port}"
+    for path, method in (("/dev/token?app=test-app&admin=1", "GET"), ("/dev/traces", "GET"),
+                         ("/dev/clients", "GET"), ("/dev/inspector/publish", "POST")):
+        for headers in ({"origin": "https://evil.example"},
+                        {"sec-fetch-site": "cross-site"}):
+            refused = httpx.request(method, echo_server.url + path, headers=headers, json={})
+            assert refused.status_code == 403, (path, headers)
+            assert "jwt" not in refused.text
+        for headers in ({}, {"origin": here}, {"origin": "http://localhost:5173"}):
+            allowed = httpx.request(method, echo_server.url + path, headers=headers,
+                                    json={"app": "test-app", "channel": "plain", "message": 1})
+            assert allowed.status_code == 200, (path, headers, allowed.text[:200])

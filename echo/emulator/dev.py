@@ -25,6 +25,7 @@ from echo.core.runners import Runner
 from echo.emulator.inspector import Inspector
 from echo.emulator.local_runner import LocalRunner
 from echo.emulator.localstack import LocalStackFunctions, localstack_settings
+from echo.emulator.origin import own_pages_only
 from echo.emulator.watch import watch_associations, watch_functions
 from echo.runners.lambda_runner import LambdaRunner
 
@@ -54,7 +55,7 @@ def _dev_routes(settings: Settings, apps_dir: Path, inspector: Inspector) -> lis
 
     routes: list[BaseRoute] = [
         Route("/", index),
-        Route("/dev/token", dev_token),
+        Route("/dev/token", own_pages_only(dev_token)),
         *inspector.routes(),
     ]
     if apps_dir.is_dir():

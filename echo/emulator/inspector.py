@@ -36,6 +36,7 @@ from echo.core import protocol
 from echo.core.pipeline import Envelope, Hop, Outcome
 from echo.core.protocol import ErrorCode, ProtocolError
 from echo.core.runners import FunctionError, InvocationContext
+from echo.emulator.origin import own_pages_only
 
 if TYPE_CHECKING:
     from echo.core.app import EchoServer
@@ -288,12 +289,12 @@ class Inspector:
             return JSONResponse({"ok": True, "reloads": list(self.reloads)})
 
         return [
-            Route("/dev/traces", traces),
-            Route("/dev/traces/stream", stream),
-            Route("/dev/traces/{trace}/replay", replay, methods=["POST"]),
-            Route("/dev/inspector/publish", publish, methods=["POST"]),
-            Route("/dev/clients", clients),
-            Route("/dev/reloads", reloads),
+            Route("/dev/traces", own_pages_only(traces)),
+            Route("/dev/traces/stream", own_pages_only(stream)),
+            Route("/dev/traces/{trace}/replay", own_pages_only(replay), methods=["POST"]),
+            Route("/dev/inspector/publish", own_pages_only(publish), methods=["POST"]),
+            Route("/dev/clients", own_pages_only(clients)),
+            Route("/dev/reloads", own_pages_only(reloads)),
             Mount("/dev/inspector", app=StaticFiles(directory=PAGE, html=True)),
         ]
 

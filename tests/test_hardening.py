@@ -113,3 +113,20 @@ def test_dev_endpoints_answer_only_pages_of_this_machine(echo_server: EchoProces
             allowed = httpx.request(method, echo_server.url + path, headers=headers,
                                     json={"app": "test-app", "channel": "plain", "message": 1})
             assert allowed.status_code == 200, (path, headers, allowed.text[:200])
+
+
+async def test_a_client_without_a_uuid_is_not_named_by_its_session_id(
+        echo_server: EchoProcess, clients: list) -> None:
+    """Its sid was its uuid, shown to everyone in presence and statuses."""
+    from tests.conftest import connect
+
+    admin = await connect(echo_server, admin=True)
+    anonymous = await connect(echo_server)  # no uuid in the handshake
+    clients.extend([admin, anonymous])
+    await admin.call("subscribe", {"channels": ["admin"]})
+    await anonymous.call("subscribe", {"channels": ["plain"]})
+    status = await admin.wait_for_match("status", event="subscribe", channels=["plain"])
+    sid = anonymous.sio.get_sid(namespace=anonymous.namespace)
+    assert status["uuid"].startswith("anon-") and status["uuid"] != sid
+    here = await admin.call("presence", {"channel": "plain"})
+    assert sid not in json.dumps(here)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -411,7 +412,7 @@ class Realtime:
                               "(leave uuid out, or send the token's)")
             uuid = claims.user
         elif not isinstance(uuid, str) or not uuid or len(uuid) > MAX_UUID_LENGTH:
-            uuid = conn.sid
+            uuid = "anon-" + secrets.token_urlsafe(12)  # never the sid: that is the session's
         client = Client(app=app, uuid=uuid, admin=claims.admin, claims=claims)
         client.bucket = self.publish_bucket(backend=claims.admin)
         conn.state = client

@@ -130,3 +130,48 @@ async def test_a_client_without_a_uuid_is_not_named_by_its_session_id(
     assert status["uuid"].startswith("anon-") and status["uuid"] != sid
     here = await admin.call("presence", {"channel": "plain"})
     assert sid not in json.dumps(here)
+
+
+GARBAGE_FUNCTIONS = {
+    "huge-result": "def handler(message, context):\n    return 'x' * (5 * 1024 * 1024)\n",
+    "big-int": "def handler(message, context):\n    return {'n': 2 ** 70}\n",
+    "deep": ("def handler(message, context):\n    value = []\n    for _ in range(10_000):\n"
+             "        value = [value]\n    return value\n"),
+    "not-a-number": "def handler(message, context):\n    return {'n': float('nan')}\n",
+}
+
+
+async def test_function_results_are_held_to_what_a_client_could_send(
+        tmp_path: Path, clients: list) -> None:
+    """A 5 MiB result was delivered (and cut python-socketio subscribers off); integers beyond
+    64 bits became floats; a deeply nested result was reported as crashed."""
+    from tests.conftest import STARTING_ASSOCIATIONS, connect
+
+    project = make_project(tmp_path)
+    document = json.loads(json.dumps(STARTING_ASSOCIATIONS))
+    for name, source in GARBAGE_FUNCTIONS.items():
+        (project / "functions" / name).mkdir()
+        (project / "functions" / name / "handler.py").write_text(source)
+        document["applications"]["test-app"]["channels"].append(
+            {"channelName": f"garbage-{name}", "functionNames": [name]})
+    (project / "associations.json").write_text(json.dumps(document))
+    server = EchoProcess(project).start()
+    try:
+        subscriber = await connect(server)
+        publisher = await connect(server)
+        clients.extend([subscriber, publisher])
+        await subscriber.call("subscribe", {"channels": [f"garbage-{n}" for n in GARBAGE_FUNCTIONS]
+                                            + ["plain"]})
+        expected = {"huge-result": "over max_message_bytes (65536)",
+                    "big-int": "Integer exceeds 64-bit range", "deep": "Recursion limit",
+                    "not-a-number": "Out of range float values"}
+        for name, wanted in expected.items():
+            ack = await publisher.call("publish", {"channel": f"garbage-{name}", "message": 1},
+                                       timeout=15)
+            assert ack["ok"] is False and ack["error"]["kind"] == "bad_result", (name, ack)
+            assert wanted in ack["error"]["message"], (name, ack)
+        assert (await publisher.call("publish", {"channel": "plain", "message": "fine"}))["ok"]
+        got = await subscriber.wait_for("message")
+        assert [m["message"] for m in got] == ["fine"] and subscriber.sio.connected
+    finally:
+        server.stop()

@@ -94,6 +94,7 @@ class EchoServer:
                 realtime.deliver,
                 realtime.report_function_error,
                 max_pending_per_channel=settings.max_pending_per_channel,
+                max_result_bytes=settings.max_message_bytes,
             ),
         )
         self.webhooks = Webhooks(settings.webhooks, self.broker, on_failure=lambda app, url, why:

@@ -30,6 +30,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+import orjson
+
 from echo.broker.base import Position
 from echo.core import metrics
 from echo.core.associations import Associations, Rule
@@ -128,8 +130,10 @@ class Pipeline:
         *,
         max_pending_per_channel: int = 1000,
         max_tracked_channels: int = 100_000,
+        max_result_bytes: int = 64 * 1024,
     ) -> None:
         self._runner = runner
+        self._max_result_bytes = max_result_bytes
         self.tracer: Tracer | None = None
         self._catalog = catalog
         self._associations = associations
@@ -298,6 +302,7 @@ class Pipeline:
                 spec = self._catalog.get(function)
                 value = await self._invoke(spec, value, context if hop is None
                                            else replace(context, notes=hop.notes))
+                self._check_size(function, value)
                 if hop is not None and tracer is not None:
                     hop.result, hop.seconds = value, time.perf_counter() - started
                     tracer.hop(envelope, hop)
@@ -320,6 +325,20 @@ class Pipeline:
             if value is None:
                 return Outcome(envelope, delivered=False, filtered_by=function)
         return Outcome(replace(envelope, message=value), delivered=True)
+
+    def _check_size(self, function: str, value: Any) -> None:
+        """A result is held to the size a publish is (``max_message_bytes``): a function must
+        not hand subscribers what no client could have sent."""
+        if value is None or isinstance(value, bool | int | float):
+            return
+        try:
+            size = len(orjson.dumps(value))
+        except (TypeError, ValueError) as exc:
+            raise FunctionError(function, FunctionErrorKind.BAD_RESULT, f"not JSON: {exc}") from None
+        if size > self._max_result_bytes:
+            raise FunctionError(function, FunctionErrorKind.BAD_RESULT,
+                                f"returned {size} bytes encoded, over max_message_bytes "
+                                f"({self._max_result_bytes})")
 
     async def _invoke(self, spec: FunctionSpec, event: Any, context: InvocationContext) -> Any:
         """One function with its retries and concurrency limit."""

@@ -275,17 +275,23 @@ def _serve(answers: _Answers) -> None:
         request = orjson.loads(line)  # written by the server with orjson: no big integers
         response = handle(request)
         response["id"] = request["id"]
-        try:
-            out = json.dumps(response, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            result = response.get("result")
-            out = json.dumps({
-                "id": request["id"],
-                "ok": False,
-                "kind": "bad_result",
-                "detail": f"returned {type(result).__name__}, which is not JSON ({exc})",
-            })
-        answers.add(out.encode() + b"\n", more_coming=more_coming)
+        answers.add(_encoded(response) + b"\n", more_coming=more_coming)
+
+
+def _encoded(response: dict[str, Any]) -> bytes:
+    """The answer as JSON the server reads exactly: no integer beyond 64 bits (it would
+    come back a float), no NaN, nesting within orjson's limit; otherwise ``bad_result``."""
+    try:
+        out = orjson.dumps(response)
+        if b"null" in out:  # orjson writes NaN and infinities as null: look closer
+            json.dumps(response.get("result"), allow_nan=False)
+        return out
+    except (TypeError, ValueError, RecursionError) as exc:
+        result = response.get("result")
+        return orjson.dumps({
+            "id": response["id"], "ok": False, "kind": "bad_result",
+            "detail": f"returned {type(result).__name__}, which is not JSON this server "
+                      f"carries ({str(exc)[:200]})"})
 
 
 if __name__ == "__main__":

@@ -175,3 +175,46 @@ async def test_function_results_are_held_to_what_a_client_could_send(
         assert [m["message"] for m in got] == ["fine"] and subscriber.sio.connected
     finally:
         server.stop()
+
+
+async def test_a_function_that_forks_still_times_out_and_stalls_nothing(
+        tmp_path: Path, clients: list) -> None:
+    """Its child kept the worker's pipe open: the timeout ack came after 40 s, other function
+    channels stalled meanwhile, and a child that never exits stalled them for good."""
+    from tests.conftest import STARTING_ASSOCIATIONS, connect
+
+    project = make_project(tmp_path)
+    folder = project / "functions" / "forker"
+    folder.mkdir()
+    (folder / "handler.py").write_text(
+        "import os, time\n\n\ndef handler(message, context):\n    if os.fork() == 0:\n"
+        f"        open({str(tmp_path / 'children')!r}, 'a').write(f'{{os.getpid()}}\\n')\n"
+        "        time.sleep(1000)  # never exits, holding the worker's pipes\n"
+        "        os._exit(0)\n    time.sleep(1000)\n")
+    (folder / "function.toml").write_text("timeout = 1\n")
+    document = json.loads(json.dumps(STARTING_ASSOCIATIONS))
+    document["applications"]["test-app"]["channels"].append(
+        {"channelName": "forks", "functionNames": ["forker"]})
+    (project / "associations.json").write_text(json.dumps(document))
+    server = EchoProcess(project, env={"ECHO_MAX_WORKERS": "1"}).start()  # one worker to stall
+    try:
+        client = await connect(server)
+        clients.append(client)
+        for _ in range(2):
+            started = time.monotonic()
+            ack = await client.call("publish", {"channel": "forks", "message": 1}, timeout=60)
+            assert ack["error"]["kind"] == "timeout" and time.monotonic() - started < 5, ack
+            angry = await client.call("publish", {"channel": "angry", "message": "hi"}, timeout=10)
+            assert angry["ok"], angry
+        children = [int(pid) for pid in (tmp_path / "children").read_text().split()]
+        assert len(children) == 2
+        await asyncio.sleep(0.5)
+        for pid in children:  # killed with their worker's process group (gone, or a zombie)
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()  # noqa: ASYNC240 - /proc, instant
+                state = stat.split(")")[-1].split()[0]
+            except FileNotFoundError:
+                continue
+            assert state == "Z", f"forked child {pid} is still running ({state})"
+    finally:
+        server.stop()

@@ -27,6 +27,7 @@ import itertools
 import logging
 import os
 import shutil
+import signal
 import sys
 from collections import deque
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ from echo.emulator import dependencies
 log = logging.getLogger("echo.runner.local")
 
 MAX_BATCH = 32
+KILL_GRACE = 1.0
+"""Seconds after a call's timeout that its answer is still read (the kill takes effect)."""
 NODE_WORKER = Path(__file__).with_name("node_worker.mjs")
 _READ_LIMIT = 64 * 1024 * 1024
 
@@ -62,6 +65,10 @@ class _Worker:
     def kill(self) -> None:
         if self.alive:
             self.killed = True
+            # the whole process group: a child the handler forked (or spawned) goes too, and
+            # with it the pipe it would otherwise hold open
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)
             with contextlib.suppress(ProcessLookupError):
                 self.process.kill()
             # reap it, so no zombie or unclosed transport is left behind
@@ -318,7 +325,14 @@ class LocalRunner(Runner):
         for index, call in enumerate(batch):
             timer = loop.call_later(call.spec.timeout, _expire, worker)
             try:
-                line = await process.stdout.readline()
+                # bounded even if the pipe outlives the worker (a descendant that escaped
+                # its group): the timeout, then a moment for the kill to close it
+                line = await asyncio.wait_for(process.stdout.readline(),
+                                              call.spec.timeout + KILL_GRACE)
+            except TimeoutError:
+                worker.timed_out = True
+                worker.kill()
+                line = b""
             except (ValueError, asyncio.LimitOverrunError) as exc:
                 worker.kill()
                 _answer(call, FunctionError(call.spec.name, FunctionErrorKind.CRASHED, str(exc)))
@@ -361,6 +375,7 @@ class LocalRunner(Runner):
         env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
         process = await asyncio.create_subprocess_exec(
             *self.command,
+            start_new_session=True,  # its own process group, killed whole (see _Worker.kill)
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             env=env,

@@ -209,6 +209,8 @@ async function start() {
       if (state === "connected") {
         wasConnected = true;
         setStatus("live", "live");
+        // an admin is not sent its own connection status (as in Ekko): count this page here
+        track({ event: "connection", uuid: echo.uuid, admin: true, ts: Date.now() });
       } else if (state === "connecting") {
         setStatus("connecting", "connecting…");
       } else if (state === "disconnected" || retrying) {

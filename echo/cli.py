@@ -141,6 +141,7 @@ def dev(
     settings = with_dev_secret(settings)
     _logging(settings.log_level, settings.log_format)
     from echo.core import serving
+    from echo.transport.http_guard import Guard
 
     server = build_dev_server(settings, functions)
     def banner() -> None:
@@ -162,7 +163,8 @@ def dev(
     recorded: list[Path] = []
     try:
         serving.run(server.asgi, settings.host, settings.port, settings.log_level, on_ready=banner,
-                    before_shutdown=server.drain, ws_max_size=server.options.max_payload)
+                    before_shutdown=server.drain, ws_max_size=server.options.max_payload,
+                    guard=Guard(settings.header_timeout, settings.max_connections_per_ip))
     except OSError as exc:
         _cannot_listen(settings, exc)
     finally:
@@ -218,6 +220,7 @@ def serve(
     _logging(settings.log_level, settings.log_format)
     from echo.core import serving
     from echo.core.app import build_server
+    from echo.transport.http_guard import Guard
 
     try:
         server = build_server(settings)
@@ -231,6 +234,7 @@ def serve(
                 settings.port, settings.transport, server.broker.describe(), settings.runner),
             before_shutdown=server.drain,
             ws_max_size=server.options.max_payload,
+                    guard=Guard(settings.header_timeout, settings.max_connections_per_ip),
         )
     except OSError as exc:
         _cannot_listen(settings, exc)

@@ -70,6 +70,10 @@ class Settings:
     backend publishes for many users, so the browser-sized limit does not fit it."""
     backend_publish_burst: int = 4000
     max_queued_packets: int = 1000
+    header_timeout: float = 10.0
+    """Seconds a client has to send a request's headers (slowloris)."""
+    max_connections_per_ip: int = 1000
+    """Connections one IP address may hold open at once (HTTP and WebSocket); 0: no cap."""
     transport: str = "native"
     ping_interval: float = 25.0
     ping_timeout: float = 20.0
@@ -232,8 +236,10 @@ def _convert(key: str, name: str, raw: Any) -> Any:
                 raise ConfigError(str(exc)) from None
         case "ping_interval" | "ping_timeout":  # seconds; the handshake carries whole ms
             return _to_float(name, raw, 0.01, 3600.0)
-        case "connect_timeout":
+        case "connect_timeout" | "header_timeout":
             return _to_float(name, raw, 0.01, 3600.0)
+        case "max_connections_per_ip":
+            return to_int(name, raw, 0, 10_000_000)
         case "history_size":
             return to_int(name, raw, 1, 10_000)
         case "history_ttl" | "history_meta_ttl":

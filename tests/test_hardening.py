@@ -218,3 +218,48 @@ async def test_a_function_that_forks_still_times_out_and_stalls_nothing(
             assert state == "Z", f"forked child {pid} is still running ({state})"
     finally:
         server.stop()
+
+
+def test_half_sent_requests_are_dropped_and_one_address_cannot_hold_every_socket(
+        tmp_path: Path) -> None:
+    """Slowloris: 1,006 of 1,100 partial requests were still held after 30 s, and a real
+    /health failed."""
+    import socket
+
+    server = EchoProcess(make_project(tmp_path), command="serve", env={
+        "ECHO_HEADER_TIMEOUT": "1", "ECHO_MAX_CONNECTIONS_PER_IP": "40"}).start()
+    held: list[socket.socket] = []
+    try:
+        for _ in range(60):
+            sock = socket.create_connection(("127.0.0.1", server.port))
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")  # never finished
+            sock.settimeout(5)
+            held.append(sock)
+        time.sleep(0.3)
+        closed_at_once = 0
+        for sock in held[40:]:  # over the cap: closed at once
+            try:
+                closed_at_once += sock.recv(1) == b""
+            except (ConnectionResetError, TimeoutError):
+                closed_at_once += 1
+        assert closed_at_once == 20
+        started = time.monotonic()
+        for sock in held[:40]:  # the rest: closed once their headers are late
+            try:
+                assert sock.recv(1) == b""
+            except ConnectionResetError:
+                pass
+        assert time.monotonic() - started < 4
+        assert httpx.get(server.url + "/health", timeout=5).status_code == 200
+        huge = socket.create_connection(("127.0.0.1", server.port))
+        huge.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000)
+        huge.settimeout(5)
+        try:
+            assert huge.recv(1) == b""  # over 64 KiB of headers: closed
+        except ConnectionResetError:
+            pass
+        huge.close()
+    finally:
+        for sock in held:
+            sock.close()
+        server.stop()

@@ -14,11 +14,14 @@ from typing import Any
 
 import uvicorn
 
+from echo.transport.http_guard import Guard, guarded_protocol
 from echo.transport.websocket_protocol import EchoWebSocketProtocol
+
+DEFAULT_HEADER_TIMEOUT = 10.0
 
 
 def uvicorn_config(app: Any, host: str, port: int, log_level: str = "info",
-                   ws_max_size: int = 16 * 1024 * 1024) -> uvicorn.Config:
+                   ws_max_size: int = 16 * 1024 * 1024, guard: Guard | None = None) -> uvicorn.Config:
     """``ws_max_size``: the largest WebSocket message uvicorn reads before the transport
     checks it: the transport's ``max_payload``, so an oversize message is refused (1009)
     before 16 MiB of it is buffered."""
@@ -29,7 +32,7 @@ def uvicorn_config(app: Any, host: str, port: int, log_level: str = "info",
         # uvicorn's info lines (one per websocket) drown Echo's own; keep its warnings
         log_level=log_level if log_level in ("debug", "warning", "error", "critical") else "warning",
         loop="auto",
-        http="auto",
+        http=guarded_protocol(guard or Guard(DEFAULT_HEADER_TIMEOUT, 0)),
         ws=EchoWebSocketProtocol,
         ws_per_message_deflate=False,
         ws_max_size=ws_max_size,
@@ -71,11 +74,11 @@ class EchoUvicorn(uvicorn.Server):
 def run(app: Any, host: str, port: int, log_level: str = "info",
         on_ready: Callable[[], None] | None = None,
         before_shutdown: Callable[[], Awaitable[None]] | None = None,
-        ws_max_size: int = 16 * 1024 * 1024) -> None:
+        ws_max_size: int = 16 * 1024 * 1024, guard: Guard | None = None) -> None:
     """Serve until SIGINT/SIGTERM; ``before_shutdown`` runs first (draining in-flight work).
     The socket is bound here, before anything starts, so a port in use raises OSError for
     the caller to explain (uvicorn would log it and exit)."""
-    config = uvicorn_config(app, host, port, log_level, ws_max_size)
+    config = uvicorn_config(app, host, port, log_level, ws_max_size, guard)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     listening = socket.create_server((host, port), family=family, backlog=config.backlog)
     EchoUvicorn(config, on_ready, before_shutdown).run(sockets=[listening])

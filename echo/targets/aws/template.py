@@ -225,6 +225,9 @@ def _service(opts: AwsOptions, architecture: str) -> Json:
         {"Name": "ECHO_PORT", "Value": str(PORT)},
         {"Name": "ECHO_REDIS_URL", "Value": redis_url},
         {"Name": "ECHO_RUNNER", "Value": "lambda"},
+        # every connection arrives from the load balancer's addresses: a per-IP cap would
+        # cap the whole service
+        {"Name": "ECHO_MAX_CONNECTIONS_PER_IP", "Value": "0"},
         {"Name": "ECHO_LAMBDA_PREFIX", "Value": opts.lambda_prefix},
         {"Name": "ECHO_AWS_REGION", "Value": _ref("AWS::Region")},
         {"Name": "ECHO_ASSOCIATIONS", "Value": "/app/associations.json"},

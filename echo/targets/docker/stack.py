@@ -215,6 +215,7 @@ class DockerTarget(Target):
         environment = {
             "ECHO_SECRET": secret, "ECHO_REDIS_URL": "redis://redis:6379/0",
             "ECHO_HOST": "0.0.0.0", "ECHO_PORT": str(ECHO_PORT),
+            "ECHO_MAX_CONNECTIONS_PER_IP": "0",  # all of it comes through the proxy
             "ECHO_FUNCTIONS_DIR": "/app/functions", "ECHO_ASSOCIATIONS": "/app/associations.json",
         }
         replicas = [

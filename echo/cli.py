@@ -164,7 +164,8 @@ def dev(
     try:
         serving.run(server.asgi, settings.host, settings.port, settings.log_level, on_ready=banner,
                     before_shutdown=server.drain, ws_max_size=server.options.max_payload,
-                    guard=Guard(settings.header_timeout, settings.max_connections_per_ip))
+                    guard=Guard(settings.header_timeout, settings.max_connections_per_ip,
+                                settings.body_timeout))
     except OSError as exc:
         _cannot_listen(settings, exc)
     finally:
@@ -234,7 +235,8 @@ def serve(
                 settings.port, settings.transport, server.broker.describe(), settings.runner),
             before_shutdown=server.drain,
             ws_max_size=server.options.max_payload,
-                    guard=Guard(settings.header_timeout, settings.max_connections_per_ip),
+                    guard=Guard(settings.header_timeout, settings.max_connections_per_ip,
+                                settings.body_timeout),
         )
     except OSError as exc:
         _cannot_listen(settings, exc)

@@ -227,7 +227,8 @@ def test_half_sent_requests_are_dropped_and_one_address_cannot_hold_every_socket
     import socket
 
     server = EchoProcess(make_project(tmp_path), command="serve", env={
-        "ECHO_HEADER_TIMEOUT": "1", "ECHO_MAX_CONNECTIONS_PER_IP": "40"}).start()
+        "ECHO_HEADER_TIMEOUT": "1", "ECHO_BODY_TIMEOUT": "1",
+        "ECHO_MAX_CONNECTIONS_PER_IP": "40"}).start()
     held: list[socket.socket] = []
     try:
         for _ in range(60):
@@ -259,6 +260,32 @@ def test_half_sent_requests_are_dropped_and_one_address_cannot_hold_every_socket
         except ConnectionResetError:
             pass
         huge.close()
+
+        # a body that never comes is dropped too; a big one that does is served whole
+        stalled = socket.create_connection(("127.0.0.1", server.port))
+        stalled.sendall(b"PUT /associations HTTP/1.1\r\nHost: x\r\nContent-Length: 100000"
+                        b"\r\n\r\n" + b"{" * 10)
+        stalled.settimeout(5)
+        started = time.monotonic()
+        try:
+            while stalled.recv(65536):
+                pass
+        except ConnectionResetError:
+            pass
+        assert time.monotonic() - started < 4
+        stalled.close()
+        document = {"applications": {f"app-{n}": {"channels": [
+            {"channelName": f"c{m}", "functionNames": []} for m in range(40)]} for n in range(100)}}
+        body = json.dumps(document).encode()
+        assert len(body) > 100_000
+        whole = socket.create_connection(("127.0.0.1", server.port))
+        token = server.management_token()
+        whole.sendall(b"PUT /associations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                      b"\r\nAuthorization: Bearer " + token.encode() + b"\r\nContent-Length: "
+                      + str(len(body)).encode() + b"\r\n\r\n" + body)  # one write, headers and all
+        whole.settimeout(10)
+        assert whole.recv(12) == b"HTTP/1.1 200"
+        whole.close()
     finally:
         for sock in held:
             sock.close()

@@ -7,8 +7,9 @@ protocol is uvicorn's own HTTP protocol (passed as ``http=``) with three rules a
 its public callbacks:
 
 - a request's headers must be complete within ``header_timeout`` seconds of the connection
-  (or of the request's first byte on a kept-alive one), else the connection is closed;
-- they must fit in :data:`MAX_HEADER_BYTES`;
+  (or of the request's first byte on a kept-alive one), and its body within
+  ``body_timeout`` seconds of its headers, else the connection is closed;
+- the request line and headers must fit in :data:`MAX_HEADER_BYTES`;
 - one IP address holds at most ``max_connections_per_ip`` connections (HTTP and the
   WebSockets upgraded from them; counted on the transports, which outlive the upgrade);
   more are closed at once. ``0`` turns the cap off.
@@ -29,8 +30,10 @@ MAX_HEADER_BYTES = 64 * 1024
 class Guard:
     """The limits, and the live connections per address (shared by a server's protocols)."""
 
-    def __init__(self, header_timeout: float, max_connections_per_ip: int) -> None:
+    def __init__(self, header_timeout: float, max_connections_per_ip: int,
+                 body_timeout: float = 30.0) -> None:
         self.header_timeout = header_timeout
+        self.body_timeout = body_timeout
         self.max_connections_per_ip = max_connections_per_ip
         self.open: defaultdict[str, weakref.WeakSet[asyncio.BaseTransport]] = defaultdict(
             weakref.WeakSet)
@@ -61,7 +64,8 @@ def guarded_protocol(guard: Guard) -> type[HttpToolsProtocol]:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._guard_timer: asyncio.TimerHandle | None = None
-            self._header_bytes: int | None = 0  # None once the headers are in
+            self._header_bytes = 0
+            self._has_body = False
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -70,45 +74,61 @@ def guarded_protocol(guard: Guard) -> type[HttpToolsProtocol]:
             if not guard.admit(address, transport):
                 transport.abort()  # uvicorn's connection_lost follows, as for any other
                 return
-            self._start_header_clock(transport)
+            self._clock(guard.header_timeout, "headers")
 
-        def _start_header_clock(self, transport: asyncio.BaseTransport) -> None:
+        def _clock(self, seconds: float, what: str) -> None:
+            """Close the connection unless ``what`` is in within ``seconds``."""
             if self._guard_timer is not None:
                 self._guard_timer.cancel()
-            self._header_bytes = 0
             self._guard_timer = asyncio.get_running_loop().call_later(
-                guard.header_timeout, self._headers_too_slow, transport)
+                seconds, self._too_slow, self.transport, what)
 
-        def _headers_too_slow(self, transport: asyncio.BaseTransport) -> None:
-            if self._header_bytes is not None and not transport.is_closing():
-                guard.timed_out += 1
-                transport.close()
-
-        def data_received(self, data: bytes) -> None:
-            if self._header_bytes is not None:
-                self._header_bytes += len(data)
-                if self._header_bytes > MAX_HEADER_BYTES:
-                    self._header_bytes = None
-                    if self.transport is not None:
-                        self.transport.close()
-                    return
-            super().data_received(data)
-
-        def on_message_begin(self) -> None:
-            super().on_message_begin()
-            if self._header_bytes is None and self.transport is not None:  # the next request
-                self._start_header_clock(self.transport)
-
-        def on_headers_complete(self) -> None:
-            self._header_bytes = None
+        def _stop_clock(self) -> None:
             if self._guard_timer is not None:
                 self._guard_timer.cancel()
                 self._guard_timer = None
+
+        def _too_slow(self, transport: asyncio.BaseTransport, what: str) -> None:
+            if transport is self.transport and not transport.is_closing():
+                guard.timed_out += 1
+                transport.close()
+
+        def _count(self, size: int) -> None:
+            self._header_bytes += size
+            if self._header_bytes > MAX_HEADER_BYTES and self.transport is not None:
+                self.transport.close()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._header_bytes = 0
+            self._has_body = False
+            self._clock(guard.header_timeout, "headers")  # (again, on a kept-alive one)
+
+        def on_url(self, url: bytes) -> None:
+            self._count(len(url))
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._count(len(name) + len(value) + 4)
+            lowered = name.lower()
+            if (lowered == b"content-length" and value.strip() not in (b"", b"0")) or (
+                    lowered == b"transfer-encoding" and b"chunked" in value.lower()):
+                self._has_body = True
+            super().on_header(name, value)
+
+        def on_headers_complete(self) -> None:
+            if self._has_body:
+                self._clock(guard.body_timeout, "body")
+            else:
+                self._stop_clock()
             super().on_headers_complete()
 
+        def on_message_complete(self) -> None:
+            self._stop_clock()
+            super().on_message_complete()
+
         def connection_lost(self, exc: Exception | None) -> None:
-            if self._guard_timer is not None:
-                self._guard_timer.cancel()
+            self._stop_clock()
             guard.forget_closed()
             super().connection_lost(exc)
 

@@ -104,8 +104,10 @@ def test_dev_endpoints_answer_only_pages_of_this_machine(echo_server: EchoProces
     here = f"http://127.0.0.1:{echo_server.port}"
     for path, method in (("/dev/token?app=test-app&admin=1", "GET"), ("/dev/traces", "GET"),
                          ("/dev/clients", "GET"), ("/dev/inspector/publish", "POST")):
+        rebound = f"rebind.evil.example:{echo_server.port}"  # DNS rebinding: same "origin"
         for headers in ({"origin": "https://evil.example"},
-                        {"sec-fetch-site": "cross-site"}):
+                        {"sec-fetch-site": "cross-site"},
+                        {"host": rebound, "origin": f"http://{rebound}"}):
             refused = httpx.request(method, echo_server.url + path, headers=headers, json={})
             assert refused.status_code == 403, (path, headers)
             assert "jwt" not in refused.text
@@ -290,3 +292,20 @@ def test_half_sent_requests_are_dropped_and_one_address_cannot_hold_every_socket
         for sock in held:
             sock.close()
         server.stop()
+
+
+def test_hostile_associations_bodies_get_400_never_500(echo_server: EchoProcess) -> None:
+    """Deeply nested or 5,000-digit bodies were 500s with a logged traceback (also without
+    any token, through Ekko's {token} form); a NaN version was stored and broke GET."""
+    url = echo_server.url + "/associations"
+    manage = {"authorization": "Bearer " + echo_server.management_token()}
+    bodies = [b"[" * 3000 + b"]" * 3000, b'{"applications": ' + b"[" * 100_000 + b"}",
+              b'{"applications": {}, "version": ' + b"9" * 5000 + b"}",
+              b'{"applications": {}, "version": NaN}', b'{"applications": {}, "version": 1.5}']
+    before = len(echo_server.log())
+    for body in bodies:
+        for headers in (manage, {}):
+            reply = httpx.put(url, content=body, headers=headers)
+            assert reply.status_code in (400, 401), (body[:40], headers, reply.text[:200])
+    assert httpx.get(url, headers=manage).status_code == 200
+    assert "Traceback" not in echo_server.log()[before:]

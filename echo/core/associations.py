@@ -169,6 +169,9 @@ def parse_associations(data: Any) -> Associations:
         raise AssociationsError(sorted(unknown)[0], "unknown key (expected 'applications')")
     if "applications" not in data:
         raise AssociationsError("applications", "missing")
+    version = data.get("version", 0)
+    if isinstance(version, bool) or not isinstance(version, int) or not 0 <= version < 2**63:
+        raise AssociationsError("version", "must be a whole number (the store sets it)")
     applications = _expect(data["applications"], dict, "applications", "an object of apps")
 
     apps: dict[str, AppChains] = {}
@@ -227,11 +230,20 @@ def parse_associations(data: Any) -> Associations:
 def parse_associations_text(text: str | bytes, source: str = "associations") -> Associations:
     """Parse JSON text; a syntax error names the line and column."""
     try:
-        data = json.loads(text)
+        data = json.loads(text, parse_constant=_no_constants)
     except json.JSONDecodeError as exc:
         raise AssociationsError(
             "", f"{source} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
         ) from None
     except UnicodeDecodeError:
         raise AssociationsError("", f"{source} is not UTF-8 text") from None
+    except RecursionError:
+        raise AssociationsError("", f"{source} is nested too deeply to be an associations "
+                                    "document") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise AssociationsError("", f"{source} is not valid JSON ({str(exc)[:120]})") from None
     return parse_associations(data)
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")

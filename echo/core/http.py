@@ -61,7 +61,7 @@ def _signed_document(body: bytes, secrets: tuple[str, ...]) -> dict[str, object]
                             "{\"token\": <the document signed as a JWT>}")
     try:
         wrapper = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return unauthorised
     if not isinstance(wrapper, dict) or set(wrapper) != {"token"}:
         return unauthorised

@@ -9,6 +9,7 @@ on this machine (another localhost port: a front-end's own dev server) are let i
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
@@ -24,9 +25,25 @@ Endpoint = Callable[[Request], Awaitable[Response]]
 LOOPBACK = {"localhost", "127.0.0.1", "::1", "[::1]"}
 
 
+def _named_by_ip_or_localhost(host: str) -> bool:
+    """A Host a DNS rebinding cannot forge: an IP literal, or localhost."""
+    name = urlsplit(f"//{host}").hostname or ""
+    if name == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
 def foreign(request: Request) -> bool:
     """Sent by a page of another site: not this server's own pages, nor a page served on
-    this machine (a front-end dev server on another localhost port is allowed)."""
+    this machine (a front-end dev server on another localhost port is allowed). A request
+    for this server under another DNS name (``Host: rebound.example``) is foreign too: a
+    rebound name would make a foreign page look same-origin."""
+    if not _named_by_ip_or_localhost(request.headers.get("host", "")):
+        return True
     origin = request.headers.get("origin")
     if origin is None:
         # same-origin GET, curl, scripts; a browser marks a cross-site one anyway

@@ -309,3 +309,46 @@ def test_hostile_associations_bodies_get_400_never_500(echo_server: EchoProcess)
             assert reply.status_code in (400, 401), (body[:40], headers, reply.text[:200])
     assert httpx.get(url, headers=manage).status_code == 200
     assert "Traceback" not in echo_server.log()[before:]
+
+
+@pytest.mark.redis
+def test_an_accepted_put_survives_redis_restarting_empty(tmp_path: Path) -> None:
+    """Redis restarted empty and a node with an older durable copy re-seeded it with a newer
+    version number: the accepted PUT was silently reverted everywhere."""
+    from tests.conftest import RedisServer
+
+    (tmp_path / "redis").mkdir()
+    redis_server = RedisServer(tmp_path / "redis").start()
+    nodes = [EchoProcess(make_project(tmp_path / name), command="serve",
+                         env={"ECHO_REDIS_URL": redis_server.url}).start() for name in ("a", "b")]
+    try:
+        manage = {"authorization": "Bearer " + nodes[0].management_token()}
+        from tests.conftest import TEST_ASSOCIATIONS
+
+        document = json.loads(json.dumps(TEST_ASSOCIATIONS))
+        document["applications"]["put-added"] = {"channels": []}
+        assert httpx.put(nodes[0].url + "/associations", json=document,
+                         headers=manage).status_code == 200
+
+        def everywhere(name: str, servers: list[EchoProcess], timeout: float = 15) -> None:
+            deadline = time.monotonic() + timeout
+            while not all(name in httpx.get(s.url + "/associations", headers=manage)
+                          .json()["applications"] for s in servers):
+                assert time.monotonic() < deadline, f"{name} not on every node"
+                time.sleep(0.2)
+
+        everywhere("put-added", nodes)
+        redis_server.stop()
+        redis_server.start()  # empty
+        time.sleep(3)  # the nodes reconnect, re-read, one re-seeds
+        everywhere("put-added", nodes)
+        late = EchoProcess(make_project(tmp_path / "c"), command="serve",  # a stale file
+                           env={"ECHO_REDIS_URL": redis_server.url}).start()
+        try:
+            everywhere("put-added", [late])
+        finally:
+            late.stop()
+    finally:
+        for node in nodes:
+            node.stop()
+        redis_server.stop()

@@ -172,7 +172,17 @@ class EchoServer:
             return False
         current = self.associations
         if associations.version < current.version:
-            return False  # never go back to an older shared document
+            # never go back to an older shared document; the store lost ours (Redis restarted
+            # empty, then re-seeded from an older copy): give it back
+            try:
+                if await self.store.offer(current):
+                    log.warning("the associations store held v%d, older than this node's v%d "
+                                "(emptied and re-seeded?): restored v%d", associations.version,
+                                current.version, current.version)
+            except Exception as exc:
+                log.warning("associations v%d could not be restored to %s: %s",
+                            current.version, self.store.describe(), exc)
+            return False
         if (
             associations.document != current.document
             or associations.version != current.version  # same text, newer version: record it

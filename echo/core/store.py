@@ -47,6 +47,11 @@ class AssociationsStore(abc.ABC):
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
 
+    async def offer(self, associations: Associations) -> bool:
+        """This node holds ``associations``, newer than what the store gave it: put it back
+        if the store still has older (a shared store that lost its data). True if it did."""
+        return False
+
     def fallback(self) -> AssociationsStore | None:
         """Where a last known good copy is kept when this store is unreachable, if anywhere."""
         return None
@@ -111,13 +116,25 @@ redis.call('HSET', KEYS[2], 'document', ARGV[1], 'version', string.format('%d', 
 redis.call('PUBLISH', ARGV[2], string.format('%d', version))
 return string.format('%d', version)
 """
-# The first node up with an empty Redis seeds it from the durable store; later ones find it.
+# The first node up with an empty Redis seeds it from its durable copy, as the oldest
+# version there is (1): a node still running with a newer document (Redis restarted empty
+# under it) then sees an older one, and offers its own back (_OFFER); later nodes find it.
 _SEED = """
 if redis.call('EXISTS', KEYS[2]) == 0 then
-""" + _NEXT_VERSION + """
-  redis.call('HSET', KEYS[2], 'document', ARGV[1], 'version', string.format('%d', version))
+  redis.call('HSET', KEYS[2], 'document', ARGV[1], 'version', '1')
+  if (tonumber(redis.call('GET', KEYS[1])) or 0) < 1 then redis.call('SET', KEYS[1], '1') end
 end
 return redis.call('HMGET', KEYS[2], 'document', 'version')
+"""
+# A node's newer document replaces an older one (never a newer one), and every node re-reads.
+_OFFER = """
+local stored = tonumber(redis.call('HGET', KEYS[2], 'version')) or 0
+local offered = tonumber(ARGV[2])
+if stored >= offered then return 0 end
+redis.call('HSET', KEYS[2], 'document', ARGV[1], 'version', ARGV[2])
+if (tonumber(redis.call('GET', KEYS[1])) or 0) < offered then redis.call('SET', KEYS[1], ARGV[2]) end
+redis.call('PUBLISH', ARGV[3], ARGV[2])
+return 1
 """
 
 
@@ -145,6 +162,8 @@ class RedisStore(AssociationsStore):
         tag = f"{{{prefix}:associations}}" if cluster else f"{prefix}:associations"
         self.keys = (f"{tag}:version", tag)
         self.channel = f"{prefix}:associations:changed"
+        self._durable_version = -1
+        """The shared version last written to the durable copy."""
 
     def describe(self) -> str:
         return f"Redis (durable copy: {self.durable.describe()})"
@@ -160,8 +179,23 @@ class RedisStore(AssociationsStore):
             document, version = await self.redis.eval(
                 _SEED, 2, *self.keys, json.dumps(seed.document)
             )
-        associations = parse_associations_text(document, source="associations in Redis")
-        return dataclasses.replace(associations, version=int(version))
+        associations = dataclasses.replace(
+            parse_associations_text(document, source="associations in Redis"), version=int(version))
+        if associations.version > self._durable_version:
+            # every node's durable copy follows the shared document, so whichever node seeds
+            # an emptied Redis seeds the current one
+            try:
+                await self.durable.save(associations)
+                self._durable_version = associations.version
+            except Exception as exc:
+                log.warning("associations v%d not written to %s: %s", associations.version,
+                            self.durable.describe(), exc)
+        return associations
+
+    async def offer(self, associations: Associations) -> bool:
+        taken = await self.redis.eval(_OFFER, 2, *self.keys, json.dumps(associations.document),
+                                      str(associations.version), self.channel)
+        return bool(int(taken))
 
     async def save(self, associations: Associations) -> Associations:
         version = await self.redis.eval(

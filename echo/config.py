@@ -63,6 +63,8 @@ class Settings:
     """``auto`` (rich on a terminal, else plain), ``plain``, ``json`` or ``rich``."""
     max_channels_per_connection: int = 100
     max_connections_per_app: int = 10_000
+    max_namespaces_per_connection: int = 8
+    """Apps one Engine.IO connection may join at once (native transport)."""
     publish_rate: float = 50.0
     publish_burst: int = 100
     backend_publish_rate: float = 2000.0
@@ -212,6 +214,8 @@ def _convert(key: str, name: str, raw: Any) -> Any:
             return to_int(name, raw, 1, 1_000_000)
         case "max_channels_per_connection" | "max_queued_packets":
             return to_int(name, raw, 1, 100_000)
+        case "max_namespaces_per_connection":
+            return to_int(name, raw, 1, 1000)
         case "max_connections_per_app":
             return to_int(name, raw, 1, 10_000_000)
         case "publish_burst" | "backend_publish_burst":

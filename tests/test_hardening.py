@@ -352,3 +352,61 @@ def test_an_accepted_put_survives_redis_restarting_empty(tmp_path: Path) -> None
         for node in nodes:
             node.stop()
         redis_server.stop()
+
+
+WS_PATH = "/socket.io/?EIO=4&transport=websocket"
+
+
+async def test_one_socket_cannot_join_many_apps(echo_server: EchoProcess) -> None:
+    """One WebSocket held a namespace per app it had a token for (300 of them)."""
+    from echo.core.auth import issue_token
+
+    async with websockets.connect(f"ws://127.0.0.1:{echo_server.port}{WS_PATH}") as ws:
+        await ws.recv()
+        answers = []
+        for n in range(9):
+            await ws.send(f"40/app{n}," + json.dumps({"jwt": issue_token(SECRET, f"app{n}")}))
+            answers.append(await asyncio.wait_for(ws.recv(), 5))
+        assert all(a.startswith(f"40/app{n},") for n, a in enumerate(answers[:8])), answers
+        assert answers[8].startswith("44/app8,") and "8 namespaces already" in answers[8]
+
+
+async def test_a_publish_flood_is_read_no_faster_than_it_is_allowed(
+        echo_server: EchoProcess, clients: list) -> None:
+    """A flood at the rate limit was parsed and refused frame by frame (8 MB/s of refusals,
+    others' acks 100x slower): now the flooder's frames wait in its own socket."""
+    from tests.conftest import connect
+
+    victim = await connect(echo_server)
+    clients.append(victim)
+    async with websockets.connect(f"ws://127.0.0.1:{echo_server.port}{WS_PATH}") as flooder:
+        await flooder.recv()
+        await flooder.send("40/test-app," + json.dumps({"jwt": echo_server.token()}))
+        await flooder.recv()
+        frame = '42/test-app,{id}["publish",{{"channel":"plain","message":"x"}}]'
+        for n in range(5000):
+            await flooder.send(frame.format(id=n))
+        answered = 0
+        latencies = []
+        deadline = time.monotonic() + 2
+
+        async def count_answers() -> None:
+            nonlocal answered
+            while time.monotonic() < deadline:
+                try:
+                    message = await asyncio.wait_for(flooder.recv(), 0.2)
+                except TimeoutError:
+                    continue
+                answered += isinstance(message, str) and message.startswith("43/test-app,")
+
+        counting = asyncio.create_task(count_answers())
+        for _ in range(20):
+            started = time.monotonic()
+            ack = await victim.call("publish", {"channel": "plain", "message": "me"})
+            latencies.append(time.monotonic() - started)
+            assert ack["ok"], ack
+        await counting
+    latencies.sort()
+    print(f"\nflood: {answered} of 5000 answered in 2 s; victim ack p50 "
+          f"{latencies[len(latencies) // 2] * 1000:.1f} ms")
+    assert answered < 1000  # ~burst 100 + 50/s allowed + one refusal per hold

@@ -58,6 +58,7 @@ def transport_options(settings: Settings) -> TransportOptions:
         connect_timeout=settings.connect_timeout,
         max_backlog=settings.max_queued_packets,
         cors_origins=settings.cors_origins,
+        max_namespaces=settings.max_namespaces_per_connection,
     )
 
 

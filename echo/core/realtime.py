@@ -703,7 +703,11 @@ class Realtime:
         if self.draining:
             raise ProtocolError(ErrorCode.SERVER_SHUTDOWN,
                                 "this node is shutting down; publish again after reconnecting")
-        spend(client.bucket, "publishes/s")
+        try:
+            spend(client.bucket, "publishes/s")
+        except ProtocolError as refused:  # cheap and fair: stop reading it until allowed again
+            request.conn.throttle(refused.details.get("retryAfterMs", 0) / 1000)
+            raise
         metrics.MESSAGES_PUBLISHED.inc(client.app)
         rule = self.pipeline.rule(client.app, publish.channel)
         if self.pipeline.may_wait(client.app, publish.channel, rule) or (self.broker.remote and (

@@ -136,6 +136,11 @@ class Connection(abc.ABC):
     def backlog(self) -> int:
         """Packets accepted for this connection and not yet written to its socket."""
 
+    def throttle(self, seconds: float) -> None:  # noqa: B027 - optional
+        """Read nothing more from this client for ``seconds`` (at most a second): a flood's
+        frames wait in its own socket, not in the server's loop. A transport that cannot
+        leaves it."""
+
     @abc.abstractmethod
     async def close(self) -> None:
         """Disconnect this namespace connection from the server side (DISCONNECT packet)."""
@@ -176,6 +181,8 @@ class TransportOptions:
     """Binary attachments one Socket.IO packet may announce."""
     max_backlog: int = 1000
     """Packets waiting for one slow connection beyond which it is cut off (0: no limit)."""
+    max_namespaces: int = 8
+    """Namespaces (apps) one Engine.IO session may connect to at once."""
     cors_origins: tuple[str, ...] = ("*",)
 
 

@@ -36,6 +36,8 @@ from echo.transport.websocket_protocol import EchoWebSocketProtocol
 if TYPE_CHECKING:
     from echo.transport.native.server import NativeTransport
 
+MAX_HOLD = 1.0
+"""Longest a throttled client goes unread (seconds)."""
 log = logging.getLogger("echo.transport")
 
 Send = Callable[[Message], Awaitable[None]]
@@ -57,7 +59,7 @@ class EngineSession:
     """The Engine.IO side of one client, on polling or WebSocket (after an upgrade)."""
 
     __slots__ = (
-        "awaiting_pong", "buffer", "close_reason", "closed", "drain_task", "getting",
+        "awaiting_pong", "buffer", "close_reason", "closed", "drain_task", "getting", "held_until",
         "poll_waiter", "posting", "probe_answered", "probe_send", "reader", "server", "sid", "stalled",
         "timer", "transport", "ws_direct", "ws_send",
     )
@@ -85,10 +87,17 @@ class EngineSession:
         """``3probe`` went out: the client is switching, so a GET is answered at once."""
         self.reader: asyncio.Task[Any] | None = None
         """The task reading the WebSocket, while it waits for the client's next message."""
+        self.held_until = 0.0
+        """Loop time before which the client's next message is not read (throttled)."""
         self.timer: asyncio.TimerHandle | None = None
         self.awaiting_pong = False
         self.closed = False
         self.close_reason = ""
+
+    def hold(self, seconds: float) -> None:
+        """Read nothing more for ``seconds`` (at most one: the heartbeat's PONGs wait too)."""
+        until = asyncio.get_running_loop().time() + min(max(seconds, 0.0), MAX_HOLD)
+        self.held_until = max(self.held_until, until)
 
     # --- heartbeat -----------------------------------------------------------------------
 

@@ -125,6 +125,9 @@ class NativeConnection(Connection):
     def backlog(self) -> int:
         return self.session.backlog() + len(self.early or ())
 
+    def throttle(self, seconds: float) -> None:
+        self.session.hold(seconds)
+
     async def close(self) -> None:
         session = self.session
         if not self.connected:
@@ -252,6 +255,11 @@ class Session(EngineSession):
         namespace = packet.namespace
         if namespace in self.namespaces:
             log.debug("session %s: second CONNECT to %r ignored", self.sid, namespace[:80])
+            return
+        limit = self.server.options.max_namespaces
+        if len(self.namespaces) >= limit:  # one socket must not hold many apps' slots
+            self.write_all(packets.encode(packets.CONNECT_ERROR, namespace, {
+                "message": f"this connection is in {limit} namespaces already (the limit)"}))
             return
         conn = NativeConnection(self, namespace)
         error: dict[str, Any] | None = None

@@ -117,9 +117,13 @@ async def _read(server: NativeTransport, session: Session, receive: Receive) -> 
     limit = server.options.max_payload
     quarter = limit // 4  # no text this short can be over the limit in UTF-8
     task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
     while not session.closed:
         session.reader = task
         try:
+            held = session.held_until - loop.time()
+            if held > 0:  # throttled (a flood): its next frames wait in its socket
+                await asyncio.sleep(held)
             message = await receive()
         except asyncio.CancelledError:
             if task is not None and session.closed and task.uncancel() == 0:

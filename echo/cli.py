@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 import echo
-from echo.config import ConfigError, Settings, load_settings, with_dev_secret
+from echo.config import ConfigError, Settings, is_set, load_settings, with_dev_secret
 
 app = typer.Typer(
     help="Echo: real-time messaging with in-transit middleware. Start with `echoctl dev`.",
@@ -139,6 +139,8 @@ def dev(
     settings = settings_for(project, dev=False, host=host, port=port, log_level=log_level)
     _refuse_a_folder_that_is_not_a_project(settings)  # before anything is written there
     settings = with_dev_secret(settings)
+    if not is_set(settings.project_dir, "public_status"):  # a laptop's own status: public
+        settings = dataclasses.replace(settings, public_status=True)
     _logging(settings.log_level, settings.log_format)
     from echo.core import serving
     from echo.transport.http_guard import Guard

@@ -59,6 +59,9 @@ class Settings:
     max_pending_per_channel: int = 1000
     cors_origins: tuple[str, ...] = ("*",)
     log_level: str = "info"
+    public_status: bool = False
+    """``/ready``'s problems and ``/metrics`` for everyone; otherwise for management tokens
+    only. ``echoctl dev`` turns it on unless set."""
     log_format: str = "auto"
     """``auto`` (rich on a terminal, else plain), ``plain``, ``json`` or ``rich``."""
     max_channels_per_connection: int = 100
@@ -224,7 +227,7 @@ def _convert(key: str, name: str, raw: Any) -> Any:
             if raw in (0, "0", 0.0):
                 return 0.0
             return _to_float(name, raw, 0.0, 1_000_000.0)
-        case "redis_cluster":
+        case "redis_cluster" | "public_status":
             return to_bool(name, raw)
         case "transport":
             value = _to_str(name, raw)
@@ -343,6 +346,18 @@ def load_settings(
 
 
 EKKO_MARKER = ".ekko_functions.txt"
+
+
+def is_set(project_dir: Path, key: str, environ: Mapping[str, str] | None = None) -> bool:
+    """Whether ``key`` is given in echo.toml or the environment (not left to its default)."""
+    environ = os.environ if environ is None else environ
+    if ENV_PREFIX + key.upper() in environ:
+        return True
+    config_path = project_dir / CONFIG_FILE
+    try:
+        return key in tomllib.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError):
+        return False
 
 
 def is_ekko_functions_folder(folder: Path) -> bool:

@@ -153,6 +153,10 @@ class EchoProcess:
     def management_token(self) -> str:
         return issue_management_token(SECRET)
 
+    def operator(self) -> dict[str, str]:
+        """Headers for /ready's details and /metrics on a ``serve`` node."""
+        return {"authorization": "Bearer " + self.management_token()}
+
 
 TRANSPORTS = ("native", "python-socketio")
 """Echo's two wire implementations; modules with ``WIRE_TESTS = True`` run on both."""

@@ -83,7 +83,7 @@ def with_plain_chain(*functions: str) -> dict[str, Any]:
 async def metric(node: EchoProcess, name: str) -> float:
     """A counter without labels from a node's /metrics."""
     async with httpx.AsyncClient() as http:
-        text = (await http.get(node.url + "/metrics")).text
+        text = (await http.get(node.url + "/metrics", headers=node.operator())).text
     values = [line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")]
     assert values, f"{name} is not in /metrics"
     return float(values[0])
@@ -216,7 +216,7 @@ async def test_redis_restart_resumes_delivery_and_sync_without_restarting_nodes(
         assert ack["ok"] and ack["delivered"]
         assert (await local.wait_for("message", 2))[-1]["message"] == "during"
         async with httpx.AsyncClient() as http:
-            ready = await http.get(nodes[0].url + "/ready")
+            ready = await http.get(nodes[0].url + "/ready", headers=nodes[0].operator())
         assert ready.status_code == 503
         assert any(p.startswith("redis ") and "unreachable" in p
                    for p in ready.json()["problems"]), ready.json()
@@ -246,7 +246,7 @@ async def test_metrics_count_connections_messages_and_functions(
     clients.append(client)
     await client.call("publish", {"channel": "raise", "message": "x"})
     async with httpx.AsyncClient() as http:
-        text = (await http.get(nodes[0].url + "/metrics")).text
+        text = (await http.get(nodes[0].url + "/metrics", headers=nodes[0].operator())).text
     assert 'echo_connections{app="test-app"}' in text
     assert 'echo_messages_published_total{app="test-app"}' in text
     assert 'echo_function_errors_total{function="fail-raise",kind="raised"} 1.0' in text

@@ -128,7 +128,7 @@ async def test_unreachable_store_at_start_serves_last_known_good_and_says_so(
                          command="serve").start(timeout=40)
     try:
         async with httpx.AsyncClient() as http:
-            ready = await http.get(server.url + "/ready")
+            ready = await http.get(server.url + "/ready", headers=server.operator())
         assert ready.status_code == 503
         problems = " ".join(ready.json()["problems"])
         assert "serving the last known good copy from" in problems

@@ -410,3 +410,26 @@ async def test_a_publish_flood_is_read_no_faster_than_it_is_allowed(
     print(f"\nflood: {answered} of 5000 answered in 2 s; victim ack p50 "
           f"{latencies[len(latencies) // 2] * 1000:.1f} ms")
     assert answered < 1000  # ~burst 100 + 50/s allowed + one refusal per hold
+
+
+def test_status_details_are_for_operators_on_serve_and_public_on_dev(tmp_path: Path) -> None:
+    """/metrics and /ready told anyone, cross-origin, the hosts, paths and versions."""
+    (tmp_path / "serve").mkdir()
+    (tmp_path / "dev").mkdir()
+    production = EchoProcess(make_project(tmp_path / "serve"), command="serve", env={
+        "ECHO_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}).start(timeout=40)  # down
+    laptop = EchoProcess(make_project(tmp_path / "dev")).start()
+    try:
+        ready = httpx.get(production.url + "/ready")
+        assert ready.status_code == 503 and "problems" not in ready.json()
+        assert "redis" not in ready.text and "management token" in ready.json()["detail"]
+        assert httpx.get(production.url + "/metrics").status_code == 401
+        told = httpx.get(production.url + "/ready", headers=production.operator())
+        assert any("redis 127.0.0.1" in p for p in told.json()["problems"])
+        metrics = httpx.get(production.url + "/metrics", headers=production.operator())
+        assert metrics.status_code == 200 and "echo_connections" in metrics.text
+        assert httpx.get(laptop.url + "/metrics").status_code == 200
+        assert "problems" in httpx.get(laptop.url + "/ready").json()
+    finally:
+        production.stop()
+        laptop.stop()

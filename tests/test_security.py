@@ -171,7 +171,7 @@ async def test_a_client_that_stops_reading_is_disconnected_and_others_are_served
             publisher.call("publish", {"channel": "slowpoke", "message": big}) for _ in range(20)))
         sent += sum(1 for r in replies if r["ok"])
         async with httpx.AsyncClient() as http:
-            text = (await http.get(guarded.url + "/metrics")).text
+            text = (await http.get(guarded.url + "/metrics", headers=guarded.operator())).text
         if "echo_slow_consumers_disconnected_total 1.0" in text:
             break
     else:

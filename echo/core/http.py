@@ -77,9 +77,20 @@ def routes(server: EchoServer) -> list[Route]:
     async def health(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
+    def detail_allowed(request: Request) -> bool:
+        """Hosts, paths, versions and counters are for operators: a management token, or
+        everyone where ``public_status`` says so (the dev server's default)."""
+        if server.settings.public_status:
+            return True
+        return not isinstance(_management_claims(request, secrets), JSONResponse)
+
     async def ready(request: Request) -> JSONResponse:
         problems = await server.readiness_problems()
-        body = {"ready": not problems, "problems": problems}
+        body: dict[str, object] = {"ready": not problems}
+        if detail_allowed(request):
+            body["problems"] = problems
+        elif problems:
+            body["detail"] = "send a management token for the problems (`echoctl jwt --manage`)"
         return JSONResponse(body, status_code=503 if problems else 200)
 
     async def get_associations(request: Request) -> JSONResponse:
@@ -131,6 +142,9 @@ def routes(server: EchoServer) -> list[Route]:
         )
 
     async def metrics_endpoint(request: Request) -> Response:
+        if not detail_allowed(request):
+            return _problem(401, ErrorCode.UNAUTHORIZED, "/metrics needs a management token "
+                            "(Authorization: Bearer, `echoctl jwt --manage`), or public_status")
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return [

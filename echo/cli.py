@@ -167,7 +167,7 @@ def dev(
         serving.run(server.asgi, settings.host, settings.port, settings.log_level, on_ready=banner,
                     before_shutdown=server.drain, ws_max_size=server.options.max_payload,
                     guard=Guard(settings.header_timeout, settings.max_connections_per_ip,
-                                settings.body_timeout))
+                                settings.body_timeout, settings.keep_alive_timeout))
     except OSError as exc:
         _cannot_listen(settings, exc)
     finally:
@@ -238,7 +238,7 @@ def serve(
             before_shutdown=server.drain,
             ws_max_size=server.options.max_payload,
                     guard=Guard(settings.header_timeout, settings.max_connections_per_ip,
-                                settings.body_timeout),
+                                settings.body_timeout, settings.keep_alive_timeout),
         )
     except OSError as exc:
         _cannot_listen(settings, exc)

@@ -77,6 +77,8 @@ class Settings:
     max_queued_packets: int = 1000
     header_timeout: float = 10.0
     """Seconds a client has to send a request's headers (slowloris)."""
+    keep_alive_timeout: float = 5.0
+    """Seconds an idle HTTP connection is kept; behind a balancer, above its idle timeout."""
     body_timeout: float = 30.0
     """Seconds a client has, after its headers, to send a request's body."""
     max_connections_per_ip: int = 1000
@@ -245,7 +247,7 @@ def _convert(key: str, name: str, raw: Any) -> Any:
                 raise ConfigError(str(exc)) from None
         case "ping_interval" | "ping_timeout":  # seconds; the handshake carries whole ms
             return _to_float(name, raw, 0.01, 3600.0)
-        case "connect_timeout" | "header_timeout" | "body_timeout":
+        case "connect_timeout" | "header_timeout" | "body_timeout" | "keep_alive_timeout":
             return _to_float(name, raw, 0.01, 3600.0)
         case "max_connections_per_ip":
             return to_int(name, raw, 0, 10_000_000)

@@ -166,9 +166,16 @@ def test_template_wiring(tmp_path: Path) -> None:
     attributes = {a["Key"]: a["Value"] for a in alb["Properties"]["LoadBalancerAttributes"]}
     assert int(attributes["idle_timeout.timeout_seconds"]) > 45
     assert alb["Properties"]["Scheme"] == "internet-facing"
-    # target group: /ready health check, no stickiness unless long-polling is on
+    # target group: /health (liveness) check, no stickiness unless long-polling is on
     (group,) = resources_of(template, "AWS::ElasticLoadBalancingV2::TargetGroup").values()
-    assert group["Properties"]["HealthCheckPath"] == "/ready"
+    assert group["Properties"]["HealthCheckPath"] == "/health"  # liveness, not readiness
+    service = template["Resources"]["Service"]["Properties"]
+    assert "DesiredCount" not in service  # a deploy must not scale a service back in
+    environment = {e["Name"]: e["Value"] for e in template["Resources"]["TaskDefinition"][
+        "Properties"]["ContainerDefinitions"][0]["Environment"]}
+    idle = next(a["Value"] for a in template["Resources"]["LoadBalancer"]["Properties"][
+        "LoadBalancerAttributes"] if a["Key"] == "idle_timeout.timeout_seconds")
+    assert float(environment["ECHO_KEEP_ALIVE_TIMEOUT"]) > float(idle)
     tg_attributes = {a["Key"]: a["Value"] for a in group["Properties"]["TargetGroupAttributes"]}
     assert tg_attributes["stickiness.enabled"] == "false"
     sticky = synth(project, tmp_path / "sticky", "long_polling=true")
@@ -448,7 +455,7 @@ def test_deploy_status_push_functions_redeploy_teardown(moto: MotoServer, tmp_pa
     assert listener["Port"] == 80
     (group,) = elbv2.describe_target_groups(
         TargetGroupArns=[listener["DefaultActions"][0]["TargetGroupArn"]])["TargetGroups"]
-    assert (group["HealthCheckPath"], group["Port"], group["TargetType"]) == ("/ready", 3000, "ip")
+    assert (group["HealthCheckPath"], group["Port"], group["TargetType"]) == ("/health", 3000, "ip")
     deployed_template = cfn.get_template(StackName=stack)["TemplateBody"]
     if isinstance(deployed_template, str):
         deployed_template = json.loads(deployed_template)

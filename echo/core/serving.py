@@ -43,6 +43,7 @@ def uvicorn_config(app: Any, host: str, port: int, log_level: str = "info",
         lifespan="on",
         access_log=False,
         timeout_graceful_shutdown=5,
+        timeout_keep_alive=int(guard.keep_alive_timeout) if guard else 5,
     )
 
 

@@ -31,9 +31,10 @@ class Guard:
     """The limits, and the live connections per address (shared by a server's protocols)."""
 
     def __init__(self, header_timeout: float, max_connections_per_ip: int,
-                 body_timeout: float = 30.0) -> None:
+                 body_timeout: float = 30.0, keep_alive_timeout: float = 5.0) -> None:
         self.header_timeout = header_timeout
         self.body_timeout = body_timeout
+        self.keep_alive_timeout = keep_alive_timeout
         self.max_connections_per_ip = max_connections_per_ip
         self.open: defaultdict[str, weakref.WeakSet[asyncio.BaseTransport]] = defaultdict(
             weakref.WeakSet)

@@ -14,7 +14,8 @@ What it creates (see the README's "Deploy to AWS"):
   ALB and the Fargate tasks sit in them (tasks get a public IP to pull their image, but
   their security group only admits the ALB), so there is no NAT gateway to pay for;
 - an internet-facing ALB: idle timeout above Socket.IO's ping interval + timeout, health
-  check on ``/ready``, a sticky target group when long-polling is on;
+  check on ``/health`` (liveness: a Redis blip must not replace every task), a sticky target
+  group when long-polling is on;
 - an ECS cluster and a Fargate service running the server (``echoctl serve`` through
   :mod:`echo.targets.aws.bootstrap`), with CPU and memory target-tracking autoscaling and
   the deployment circuit breaker (a broken image fails the stack instead of hanging it);
@@ -228,6 +229,8 @@ def _service(opts: AwsOptions, architecture: str) -> Json:
         # every connection arrives from the load balancer's addresses: a per-IP cap would
         # cap the whole service
         {"Name": "ECHO_MAX_CONNECTIONS_PER_IP", "Value": "0"},
+        # idle HTTP connections outlive the balancer's, so it never reuses one we closed (502)
+        {"Name": "ECHO_KEEP_ALIVE_TIMEOUT", "Value": str(ALB_IDLE_TIMEOUT + 10)},
         {"Name": "ECHO_LAMBDA_PREFIX", "Value": opts.lambda_prefix},
         {"Name": "ECHO_AWS_REGION", "Value": _ref("AWS::Region")},
         {"Name": "ECHO_ASSOCIATIONS", "Value": "/app/associations.json"},
@@ -262,7 +265,9 @@ def _service(opts: AwsOptions, architecture: str) -> Json:
             "Tags": _tags(opts, "alb")}},
         "TargetGroup": {"Type": "AWS::ElasticLoadBalancingV2::TargetGroup", "Properties": {
             "VpcId": _ref("Vpc"), "TargetType": "ip", "Protocol": "HTTP", "Port": PORT,
-            "HealthCheckPath": "/ready", "HealthCheckProtocol": "HTTP",
+            # liveness, not readiness: a Redis blip (an ElastiCache maintenance reboot) fails
+            # /ready on every task at once, and ECS would replace them all, dropping every socket
+            "HealthCheckPath": "/health", "HealthCheckProtocol": "HTTP",
             "HealthCheckIntervalSeconds": 15, "HealthCheckTimeoutSeconds": 5,
             "HealthyThresholdCount": 2, "UnhealthyThresholdCount": 3,
             "Matcher": {"HttpCode": "200"},
@@ -300,7 +305,9 @@ def _service(opts: AwsOptions, architecture: str) -> Json:
                     "DependsOn": [*listeners, "PublicRoute"],
                     "Properties": {
             "Cluster": _ref("Cluster"), "TaskDefinition": _ref("TaskDefinition"),
-            "LaunchType": "FARGATE", "DesiredCount": opts.min_tasks,
+            # no DesiredCount: it would reset a scaled-out service to min_tasks on every deploy;
+            # the scalable target's MinCapacity keeps at least min_tasks running
+            "LaunchType": "FARGATE",
             "HealthCheckGracePeriodSeconds": 30,
             "DeploymentConfiguration": {
                 "MinimumHealthyPercent": 100, "MaximumPercent": 200,

@@ -8,6 +8,8 @@ keep serving.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -134,3 +136,51 @@ def test_live_server_still_serves_after_the_fuzzing(live: LiveClient,
 
     asyncio.run(assert_still_serving(echo_server))
     assert live.client.sio.connected
+
+
+# -- raw Engine.IO / Socket.IO frames, over a real WebSocket -----------------------------
+
+packet_types = st.sampled_from([*"0123456789", "", "x", "\x00"])
+namespaces = st.sampled_from(["", "/test-app,", "/nope,", "//test-app,", "/" + "n" * 300 + ","])
+frame_bodies = st.one_of(
+    st.text(max_size=200),
+    json_values.map(json.dumps),
+    st.builds(lambda event, payload: json.dumps([event, payload]),
+              st.sampled_from(["publish", "subscribe", "history", "presence", "x"]),
+              st.one_of(publish_like, subscribe_like)),
+)
+raw_frames = st.one_of(
+    st.builds(lambda engine, socketio, namespace, ack, body: f"{engine}{socketio}{namespace}{ack}{body}",
+              packet_types, packet_types, namespaces,
+              st.one_of(st.just(""), st.integers(0, 10**12).map(str)), frame_bodies),
+    st.binary(max_size=300),
+)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                     HealthCheck.function_scoped_fixture])
+@given(frames=st.lists(raw_frames, min_size=1, max_size=6), authenticate=st.booleans())
+def test_raw_frames_never_crash_the_server_or_reach_another_client(
+        live: LiveClient, echo_server: EchoProcess, frames: list[Any], authenticate: bool) -> None:
+    """Anything a socket may send, before or after its CONNECT: the session may be closed,
+    the server never is, and a normal client on it still gets its answers."""
+    import websockets
+
+    async def send_all() -> None:
+        url = f"ws://127.0.0.1:{echo_server.port}/socket.io/?EIO=4&transport=websocket"
+        async with websockets.connect(url, open_timeout=5) as ws:
+            await ws.recv()  # the Engine.IO open packet
+            if authenticate:
+                await ws.send("40/test-app," + json.dumps({"jwt": echo_server.token()}))
+                await asyncio.wait_for(ws.recv(), 5)
+            for frame in frames:
+                try:
+                    await ws.send(frame)
+                except websockets.ConnectionClosed:
+                    return  # the session was closed: allowed
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.recv(), 0.05)
+
+    live.run(send_all())
+    reply = live.run(live.client.call("publish", {"channel": "plain", "message": "still here"}))
+    assert reply["ok"] is True, reply

@@ -35,11 +35,14 @@ READY_TIMEOUT = 90.0
 LB_PORT = 8080
 ECHO_PORT = 3000
 
+STOP_GRACE = 20
+"""Seconds a replaced replica has to drain (Echo's own drain is 10 s) before it is killed."""
 NGINX_CONF = """\
-worker_processes 1;
+worker_processes auto;
+worker_rlimit_nofile 200000;
 pid /tmp/echo-lb.pid;
 error_log stderr warn;
-events {{ worker_connections 4096; }}
+events {{ worker_connections 65536; }}
 http {{
   access_log off;
   client_body_temp_path /tmp/lb-body;
@@ -165,6 +168,9 @@ class DockerTarget(Target):
                     existing.start()
                 return existing
             progress(f"replacing {name}")
+            # SIGTERM first: the replica drains and tells its clients, who reconnect to the
+            # others; only then is it removed
+            existing.stop(timeout=STOP_GRACE)
             existing.remove(force=True)
         progress(f"creating {name}")
         files = spec.pop("files", {})
@@ -218,24 +224,29 @@ class DockerTarget(Target):
             "ECHO_MAX_CONNECTIONS_PER_IP": "0",  # all of it comes through the proxy
             "ECHO_FUNCTIONS_DIR": "/app/functions", "ECHO_ASSOCIATIONS": "/app/associations.json",
         }
-        replicas = [
-            self._ensure(f"{self.prefix}-{index}", f"echo-{index}",
-                         _fingerprint(image_id, environment), progress,
-                         image=image_id, labels={ROLE: "echo"}, environment=environment)
-            for index in range(1, self.replicas + 1)
-        ]
+        lb = self._running_lb()
+        # one replica at a time, each ready before the next goes: the others keep serving
+        replicas = []
+        for index in range(1, self.replicas + 1):
+            before = self._container_id(f"{self.prefix}-{index}")
+            container = self._ensure(f"{self.prefix}-{index}", f"echo-{index}",
+                                     _fingerprint(image_id, environment), progress,
+                                     image=image_id, labels={ROLE: "echo"},
+                                     environment=environment, stop_timeout=STOP_GRACE)
+            self._wait_replicas([container], progress)
+            if lb is not None and container.id != before:
+                self._reload_lb(lb, progress)  # nginx resolves names at (re)load only
+            replicas.append(container)
         for extra in self._containers("echo"):
             if extra.id not in {c.id for c in replicas}:
                 progress(f"removing {extra.name}")
+                extra.stop(timeout=STOP_GRACE)
                 extra.remove(force=True)
-        self._wait_replicas(replicas, progress)
 
         lb_image = self._image(self.lb_image, progress)
         conf = nginx_conf(self.replicas)
         self._ensure(
-            # nginx resolves the replicas' names once, at start: new replicas, new nginx
-            f"{self.prefix}-lb", "lb", _fingerprint(lb_image.id, conf, self.port,
-                                                     [c.id for c in replicas]), progress,
+            f"{self.prefix}-lb", "lb", _fingerprint(lb_image.id, conf, self.port), progress,
             image=lb_image.id, labels={ROLE: "lb"},
             entrypoint=["nginx"], command=["-c", "/tmp/echo-lb.conf", "-g", "daemon off;"],
             ports={f"{LB_PORT}/tcp": ("127.0.0.1", self.port)}, files={"echo-lb.conf": conf},
@@ -248,6 +259,31 @@ class DockerTarget(Target):
                    "replicas": self.replicas, "network": self.prefix}
         self.save_state({"endpoint": endpoint, "secret": secret, "details": details})
         return Outputs(endpoint, secret, details)
+
+    def _container_id(self, name: str) -> str | None:
+        import docker.errors
+
+        try:
+            return str(self.client.containers.get(name).id)
+        except docker.errors.NotFound:
+            return None
+
+    def _running_lb(self) -> Any:
+        import docker.errors
+
+        try:
+            lb = self.client.containers.get(f"{self.prefix}-lb")
+        except docker.errors.NotFound:
+            return None
+        return lb if lb.status == "running" and lb.labels.get(LABEL) == self.project else None
+
+    def _reload_lb(self, lb: Any, progress: Progress) -> None:
+        """A graceful nginx reload: new workers resolve the replicas' names afresh, the old
+        ones finish their connections."""
+        progress("reloading the load balancer")
+        result = lb.exec_run(["nginx", "-c", "/tmp/echo-lb.conf", "-s", "reload"])
+        if result.exit_code != 0:
+            raise TargetError(f"nginx did not reload: {result.output.decode(errors='replace')[-300:]}")
 
     def _wait_replicas(self, replicas: list[Any], progress: Progress) -> None:
         probe = ["python", "-c", "import urllib.request as u; "

@@ -293,9 +293,12 @@ def context_digest(project: Path) -> str:
     return hashlib.sha256(build_context(load_settings(project), echo_source())).hexdigest()
 
 
-def replica_connections(container: Any) -> float:
-    probe = ("import urllib.request as u; print(u.urlopen('http://127.0.0.1:3000/metrics')"
-             ".read().decode())")
+def replica_connections(container: Any, secret: str) -> float:
+    from echo.core.auth import issue_management_token
+
+    operator = issue_management_token(secret)  # /metrics is for operators on `serve`
+    probe = ("import urllib.request as u; print(u.urlopen(u.Request('http://127.0.0.1:3000/"
+             f"metrics', headers={{'Authorization': 'Bearer {operator}'}})).read().decode())")
     text = container.exec_run(["python", "-c", probe]).output.decode()
     return sum(float(line.split()[-1]) for line in text.splitlines()
                if line.startswith(f'echo_connections{{app="{TEST_APP}"}}'))
@@ -344,7 +347,7 @@ async def test_deploy_chat_through_two_replicas_status_and_teardown(
         assert endpoint.startswith("http://127.0.0.1:")
         subscribers: list[Client] = []
         deadline = time.monotonic() + 30
-        while not all(replica_connections(r) >= 1 for r in replicas):  # nginx round-robins
+        while not all(replica_connections(r, state["secret"]) >= 1 for r in replicas):  # nginx round-robins
             assert time.monotonic() < deadline and len(subscribers) < 8, "a replica got no client"
             subscriber = await connect_to(endpoint, TEST_APP, tokens["jwt"])
             subscribers.append(subscriber)

@@ -232,7 +232,7 @@ class DockerTarget(Target):
             container = self._ensure(f"{self.prefix}-{index}", f"echo-{index}",
                                      _fingerprint(image_id, environment), progress,
                                      image=image_id, labels={ROLE: "echo"},
-                                     environment=environment, stop_timeout=STOP_GRACE)
+                                     environment=environment)
             self._wait_replicas([container], progress)
             if lb is not None and container.id != before:
                 self._reload_lb(lb, progress)  # nginx resolves names at (re)load only

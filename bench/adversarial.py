@@ -65,7 +65,8 @@ async def normal_phase(port: int, seconds: float, subscribers: int, rate: int) -
         client = socketio.AsyncClient(reconnection=False)
 
         def on_message(message: Any) -> None:
-            sent = message.get("message", {}).get("t") if isinstance(message, dict) else None
+            body = message.get("message") if isinstance(message, dict) else None
+            sent = body.get("t") if isinstance(body, dict) else None  # (the flood's are strings)
             if isinstance(sent, float):
                 latencies.append(time.time() - sent)
                 number = message["message"]["n"]
@@ -146,11 +147,14 @@ async def _garbage(port: int, stop: float) -> None:
         await asyncio.sleep(0.02)
 
 
-def hostile(port: int, seconds: float) -> None:
+ATTACKS = {"flood": _flood, "slowloris": _slowloris, "garbage": _garbage}
+
+
+def hostile(port: int, seconds: float, attacks: list[str]) -> None:
     async def run() -> None:
         stop = time.monotonic() + seconds
-        await asyncio.gather(_flood(port, stop), _flood(port, stop), _slowloris(port, stop),
-                             _garbage(port, stop), return_exceptions=True)
+        await asyncio.gather(*(ATTACKS[name](port, stop) for name in attacks),
+                             return_exceptions=True)
     asyncio.run(run())
 
 
@@ -159,12 +163,15 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--subscribers", type=int, default=20)
     parser.add_argument("--rate", type=int, default=50)
+    parser.add_argument("--attacks", default="flood,flood,slowloris,garbage",
+                        help=f"comma-separated, of {', '.join(ATTACKS)}")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
+    attacks = [a for a in args.attacks.split(",") if a]
     server, port = start_server(workdir())
     try:
         quiet = asyncio.run(normal_phase(port, args.seconds, args.subscribers, args.rate))
-        attacker = multiprocessing.Process(target=hostile, args=(port, args.seconds + 3))
+        attacker = multiprocessing.Process(target=hostile, args=(port, args.seconds + 3, attacks))
         attacker.start()
         time.sleep(1)  # the attacks are running
         attacked = asyncio.run(normal_phase(port, args.seconds, args.subscribers, args.rate))
@@ -175,12 +182,13 @@ def main() -> int:
         server.wait()
     ratio = (attacked["p99_ms"] / quiet["p99_ms"]) if quiet["p99_ms"] and attacked["p99_ms"] else None
     result = {"quiet": quiet, "attacked": attacked, "p99_ratio": ratio and round(ratio, 2),
-              "server_survived": alive, "seconds": args.seconds,
+              "server_survived": alive, "seconds": args.seconds, "attacks": attacks,
               "subscribers": args.subscribers, "rate": args.rate}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "adversarial.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["# Adversarial soak", "", f"{args.subscribers} subscribers, {args.rate} msg/s, "
-             f"{args.seconds:g} s per phase, one `serve` node on its default limits.", "",
+             f"{args.seconds:g} s per phase, one `serve` node on its default limits; attacks: "
+             f"{', '.join(attacks)}.", "",
              "| phase | published | delivered / expected | lost | p50 ms | p99 ms |",
              "|---|---:|---:|---:|---:|---:|"]
     for name, phase in (("quiet", quiet), ("under attack", attacked)):

@@ -49,6 +49,8 @@ class Settings:
     lambda_endpoint_url: str | None = None
     lambda_prefix: str = ""
     aws_region: str = "us-east-1"
+    associations_s3: str | None = None
+    """``s3://BUCKET/KEY``: the associations' durable copy in S3 (the AWS target sets it)."""
     http_url: str | None = None
     functions_dir: Path = Path("functions")
     apps_dir: Path = Path("apps")
@@ -286,6 +288,11 @@ def _convert(key: str, name: str, raw: Any) -> Any:
             value = _to_str(name, raw)
             if not re.fullmatch(r"[a-z][a-z0-9_-]*", value):
                 raise ConfigError(f"{name}: {raw!r} is not a runner name (e.g. local)")
+            return value
+        case "associations_s3":
+            value = _to_str(name, raw)
+            if not re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,62}/\S+", value):
+                raise ConfigError(f"{name}: {raw!r:.120} is not s3://BUCKET/KEY")
             return value
         case "lambda_endpoint_url" | "http_url":
             value = _to_str(name, raw)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -433,3 +434,30 @@ def test_status_details_are_for_operators_on_serve_and_public_on_dev(tmp_path: P
     finally:
         production.stop()
         laptop.stop()
+
+
+@pytest.mark.aws
+@pytest.mark.redis
+def test_on_aws_a_direct_put_is_kept_in_s3(tmp_path: Path, moto_server: Any) -> None:
+    """The durable copy was the container's own file: a PUT lived only in Redis."""
+    from tests.conftest import TEST_ASSOCIATIONS, RedisServer
+
+    s3 = moto_server.client("s3")
+    s3.create_bucket(Bucket="echo-durable")
+    (tmp_path / "redis").mkdir()
+    redis_server = RedisServer(tmp_path / "redis").start()
+    node = EchoProcess(make_project(tmp_path / "p"), command="serve", env={
+        "ECHO_REDIS_URL": redis_server.url, "ECHO_AWS_REGION": "us-east-1",
+        "ECHO_ASSOCIATIONS_S3": "s3://echo-durable/associations.json",
+        "ECHO_LAMBDA_ENDPOINT_URL": moto_server.url,
+        "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}).start(timeout=40)
+    try:
+        document = json.loads(json.dumps(TEST_ASSOCIATIONS))
+        document["applications"]["put-direct"] = {"channels": []}
+        assert httpx.put(node.url + "/associations", json=document,
+                         headers=node.operator()).status_code == 200
+        kept = json.loads(s3.get_object(Bucket="echo-durable", Key="associations.json")["Body"].read())
+        assert "put-direct" in kept["applications"]
+    finally:
+        node.stop()
+        redis_server.stop()

@@ -29,7 +29,7 @@ from echo.core.pipeline import Pipeline
 from echo.core.realtime import Realtime
 from echo.core.runners import Runner, RunnerSet, load_runner_class
 from echo.core.server_api import ServerApi
-from echo.core.store import AssociationsStore, FileStore, RedisStore
+from echo.core.store import AssociationsStore, FileStore, RedisStore, S3Store
 from echo.core.webhooks import Webhooks
 from echo.transport.base import Transport, TransportOptions, load_transport
 
@@ -250,8 +250,12 @@ class EchoServer:
 
 
 def make_store(settings: Settings) -> AssociationsStore:
-    """The project's file; shared through Redis (file as durable copy) when Redis is set."""
-    durable = FileStore(settings.path(settings.associations))
+    """The project's file (or the S3 object ``associations_s3`` names); shared through
+    Redis, with that as the durable copy, when Redis is set."""
+    durable: AssociationsStore = FileStore(settings.path(settings.associations))
+    if settings.associations_s3:
+        durable = S3Store(settings.associations_s3, settings.aws_region,
+                          settings.lambda_endpoint_url)
     if not settings.redis_url:
         return durable
     return RedisStore(redis_urls(settings.redis_url)[0], durable, cluster=settings.redis_cluster)

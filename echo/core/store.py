@@ -23,6 +23,7 @@ from redis.asyncio.cluster import RedisCluster
 from echo.broker.connection import POOL_SIZE, redis_client, subscription
 from echo.config import redis_urls
 from echo.core.associations import Associations, parse_associations_text
+from echo.extras import require
 
 log = logging.getLogger("echo.store")
 
@@ -98,6 +99,38 @@ class FileStore(AssociationsStore):
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+class S3Store(AssociationsStore):
+    """An object in S3 (``s3://BUCKET/KEY``): the AWS deployment's durable copy, so a PUT
+    outlives Redis and every task (a task's own file would not). A missing object is empty."""
+
+    def __init__(self, url: str, region: str, endpoint_url: str | None = None) -> None:
+        if not url.startswith("s3://") or "/" not in url[5:]:
+            raise ValueError(f"associations_s3 {url[:200]!r} is not s3://BUCKET/KEY")
+        self.bucket, _, self.key = url[5:].partition("/")
+        self.url = url
+        boto3 = require("boto3", "aws", "keeping associations in S3")
+        self.client = boto3.client("s3", region_name=region, endpoint_url=endpoint_url)
+
+    def describe(self) -> str:
+        return self.url
+
+    async def load(self) -> Associations:
+        return await asyncio.to_thread(self._load)
+
+    def _load(self) -> Associations:
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=self.key)["Body"].read()
+        except self.client.exceptions.NoSuchKey:
+            return Associations.empty()
+        return parse_associations_text(body, source=self.url)
+
+    async def save(self, associations: Associations) -> Associations:
+        body = (json.dumps(associations.document, indent=2) + "\n").encode()
+        await asyncio.to_thread(self.client.put_object, Bucket=self.bucket, Key=self.key,
+                                Body=body, ContentType="application/json")
+        return associations
 
 
 # Versions are Redis-clock microseconds, bumped past the last one: they keep increasing even

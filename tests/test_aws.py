@@ -592,6 +592,9 @@ def test_teardown_deletes_only_the_ecr_repository_deploy_created(moto: MotoServe
         target = AwsTarget(load_settings(project, environ={}), {"endpoint_url": moto.url})
         if created_by_deploy:
             ensure_repository(target.client("ecr"), target.repository, lines.append)
+            policy = json.loads(ecr.get_lifecycle_policy(
+                repositoryName=target.repository)["lifecyclePolicyText"])
+            assert policy["rules"][0]["selection"]["countNumber"] == 10  # old images expire
         else:
             ecr.create_repository(repositoryName=name)
         target.teardown(lines.append)

@@ -11,6 +11,7 @@ project pushes nothing and leaves the task definition (and so the stack) unchang
 from __future__ import annotations
 
 import base64
+import json
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -19,6 +20,8 @@ from echo.config import Settings
 from echo.targets.base import Progress, TargetError
 
 BUILD_TIMEOUT = 1800  # seconds one engine call (a build step, a layer upload) may stay silent
+KEPT_IMAGES = 10
+"""Images an ECR repository keeps (a lifecycle rule expires the older ones)."""
 ARCHITECTURES = {"amd64": "x86_64", "x86_64": "x86_64", "arm64": "arm64", "aarch64": "arm64"}
 
 
@@ -43,10 +46,17 @@ def ensure_repository(ecr: Any, name: str, progress: Progress) -> dict[str, Any]
         return ecr.describe_repositories(repositoryNames=[name])["repositories"][0]
     except ecr.exceptions.RepositoryNotFoundException:
         progress(f"creating ECR repository {name}")
-        return ecr.create_repository(
+        repository = ecr.create_repository(
             repositoryName=name, imageScanningConfiguration={"scanOnPush": True},
             tags=[{"Key": "echo:deployment", "Value": name}],
         )["repository"]
+        # every deploy of changed code pushes an image: keep the last few, not all of them
+        ecr.put_lifecycle_policy(repositoryName=name, lifecyclePolicyText=json.dumps(
+            {"rules": [{"rulePriority": 1, "description": f"keep the last {KEPT_IMAGES} images",
+                        "selection": {"tagStatus": "any", "countType": "imageCountMoreThan",
+                                      "countNumber": KEPT_IMAGES},
+                        "action": {"type": "expire"}}]}))
+        return repository
 
 
 def _pushed(ecr: Any, repository: str, tag: str) -> bool:

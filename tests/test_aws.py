@@ -489,7 +489,9 @@ def test_deploy_status_push_functions_redeploy_teardown(moto: MotoServer, tmp_pa
     status = json.loads(run("status", "--target", "aws").stdout)  # options remembered
     assert status["status"] == "CREATE_COMPLETE"
     assert status["endpoint"] == outputs["Endpoint"]
-    assert status["service"]["desired"] == 1
+    # the template sets no DesiredCount (a deploy must not scale a service in): AWS starts a
+    # new service at 1 and the scalable target's minimum holds min_tasks; moto leaves it at 0
+    assert status["service"]["desired"] in (0, 1)
     assert {n: f["state"] for n, f in status["functions"].items()} == {
         n: "up to date" for n in local}
 

@@ -351,28 +351,27 @@ class Realtime:
             durationMs=round(elapsed * 1000, 1),
         )
 
-    def _occupancy(self, app: str, channel: str) -> None:
+    async def _occupancy(self, app: str, channel: str) -> None:
         """After a join or leave: ``channel_occupied`` (its first subscriber, on any node) or
         ``channel_vacated`` (its last left) for the webhooks that want them; the broker says
-        whether this change turned the channel, once across the cluster."""
+        whether this change turned the channel, once across the cluster. Awaited before the
+        subscribe or unsubscribe is answered (for apps with such webhooks only): a join that
+        was acknowledged is counted everywhere, so another node's leave cannot see an empty
+        channel that is not."""
         hooks = self.webhooks
         if hooks is None or not (hooks.wants(app, "channel_occupied")
                                  or hooks.wants(app, "channel_vacated")):
             return
-
-        async def check() -> None:
-            try:
-                turned = await self.broker.occupancy_change(app, channel)
-            except Exception as exc:
-                log.warning("%s/%s: occupancy not checked: %s", app[:80], channel, exc)
-                return
-            if turned is None:
-                return
-            event = "channel_occupied" if turned else "channel_vacated"
-            if hooks.wants(app, event):
-                hooks.emit(app, event, {"channel": channel})
-
-        self._spawn(check())
+        try:
+            turned = await self.broker.occupancy_change(app, channel)
+        except Exception as exc:
+            log.warning("%s/%s: occupancy not checked: %s", app[:80], channel, exc)
+            return
+        if turned is None:
+            return
+        event = "channel_occupied" if turned else "channel_vacated"
+        if hooks.wants(app, event):
+            hooks.emit(app, event, {"channel": channel})
 
     def _presence(self, client: Client, channel: str, event_name: str) -> None:
         """Announce a join or leave of a ``withPresence`` subscriber, as Ekko did: to the
@@ -443,7 +442,7 @@ class Realtime:
         for channel in client.channels - {ADMIN_CHANNEL}:  # the status feed has no presence
             # gone from presence before "left" is said: whoever asks on hearing it agrees
             await self.broker.presence_remove(client.app, channel, conn.sid)
-            self._occupancy(client.app, channel)
+            await self._occupancy(client.app, channel)
             self._presence(client, channel, "left")
         await self._forget(conn, client)
         self.status(client.app, "disconnection", uuid=client.uuid, admin=client.admin)
@@ -570,7 +569,7 @@ class Realtime:
                 if channel != ADMIN_CHANNEL:
                     await self.broker.presence_add(client.app, channel, conn.sid,
                                                    {"uuid": client.uuid})
-                    self._occupancy(client.app, channel)
+                    await self._occupancy(client.app, channel)
             if announce:
                 self._presence(client, channel, "joined")
         self.status(client.app, "subscribe", uuid=client.uuid, admin=client.admin,
@@ -658,7 +657,7 @@ class Realtime:
             if channel in client.channels:
                 client.channels.discard(channel)
                 await self.broker.presence_remove(client.app, channel, conn.sid)
-                self._occupancy(client.app, channel)
+                await self._occupancy(client.app, channel)
                 self._presence(client, channel, "left")
         self.status(client.app, "unsubscribe", uuid=client.uuid, admin=client.admin,
                     channels=list(channels))

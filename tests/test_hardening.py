@@ -370,6 +370,12 @@ async def test_one_socket_cannot_join_many_apps(echo_server: EchoProcess) -> Non
             answers.append(await asyncio.wait_for(ws.recv(), 5))
         assert all(a.startswith(f"40/app{n},") for n, a in enumerate(answers[:8])), answers
         assert answers[8].startswith("44/app8,") and "8 namespaces already" in answers[8]
+    async with websockets.connect(f"ws://127.0.0.1:{echo_server.port}{WS_PATH}") as ws:
+        await ws.recv()
+        for alias in ("//test-app", "///test-app", "/test-app/", "/TEST-APP"):  # not the app
+            await ws.send(f"40{alias}," + json.dumps({"jwt": echo_server.token()}))
+            answer = await asyncio.wait_for(ws.recv(), 5)
+            assert answer.startswith(f"44{alias},") and "token is for app" in answer, answer
 
 
 async def test_a_publish_flood_is_read_no_faster_than_it_is_allowed(

@@ -52,10 +52,12 @@ class Guard:
         held.add(transport)
         return True
 
-    def forget_closed(self) -> None:
-        for address in [a for a, held in self.open.items() if not any(
-                not t.is_closing() for t in held)]:
-            del self.open[address]
+    def forget_closed(self, address: str | None) -> None:
+        """Drop ``address``'s entry once none of its connections is open (one address per
+        close: a disconnect storm stays linear)."""
+        held = self.open.get(address) if address is not None else None
+        if held is not None and not any(not t.is_closing() for t in held):
+            del self.open[address]  # type: ignore[arg-type]
 
 
 def guarded_protocol(guard: Guard) -> type[HttpToolsProtocol]:
@@ -67,11 +69,13 @@ def guarded_protocol(guard: Guard) -> type[HttpToolsProtocol]:
             self._guard_timer: asyncio.TimerHandle | None = None
             self._header_bytes = 0
             self._has_body = False
+            self._address: str | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             peer = transport.get_extra_info("peername")
             address = peer[0] if isinstance(peer, tuple) and peer else None
+            self._address = address
             if not guard.admit(address, transport):
                 transport.abort()  # uvicorn's connection_lost follows, as for any other
                 return
@@ -130,7 +134,7 @@ def guarded_protocol(guard: Guard) -> type[HttpToolsProtocol]:
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._stop_clock()
-            guard.forget_closed()
+            guard.forget_closed(self._address)
             super().connection_lost(exc)
 
     return GuardedHttpProtocol

@@ -188,8 +188,9 @@ def _refuse_a_folder_that_is_not_a_project(settings: Settings) -> None:
     """``echoctl dev`` started in the wrong folder: say what is missing, not serve nothing."""
     associations = settings.path(settings.associations)
     functions_dir = settings.path(settings.functions_dir)
-    has_functions = functions_dir.is_dir() and any(
-        p.is_dir() and not p.name.startswith((".", "_")) for p in functions_dir.iterdir())
+    from echo.core.functions import function_folders
+
+    has_functions = bool(function_folders(functions_dir))
     if associations.exists() or has_functions or settings.path(settings.apps_dir).is_dir():
         if not associations.exists():
             err.print(f"[yellow]note:[/] no {associations}: no channel runs a function until "

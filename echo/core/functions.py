@@ -222,15 +222,22 @@ def missing_functions(associations: Associations, functions_dir: Path) -> list[s
     return problems
 
 
+def is_function_name(name: str) -> bool:
+    """Whether a folder of that name in the functions folder is a function (not hidden, not
+    private, not installed packages)."""
+    return not name.startswith((".", "_")) and name != "node_modules"
+
+
+def function_folders(functions_dir: Path) -> list[Path]:
+    """The function folders in ``functions_dir``, sorted (none if it is missing)."""
+    if not functions_dir.is_dir():
+        return []
+    return sorted(p for p in functions_dir.iterdir() if p.is_dir() and is_function_name(p.name))
+
+
 def discover(functions_dir: Path, default_timeout: float = 3.0) -> dict[str, FunctionSpec]:
     """Every valid function folder; invalid ones raise, so a typo is never silently ignored."""
-    specs: dict[str, FunctionSpec] = {}
-    if not functions_dir.is_dir():
-        return specs
-    for path in sorted(functions_dir.iterdir()):
-        if path.is_dir() and not path.name.startswith((".", "_")) and path.name != "node_modules":
-            specs[path.name] = load_spec(path, default_timeout)
-    return specs
+    return {path.name: load_spec(path, default_timeout) for path in function_folders(functions_dir)}
 
 
 class FunctionCatalog:

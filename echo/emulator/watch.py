@@ -20,7 +20,13 @@ import watchfiles
 
 from echo.core.app import EchoServer
 from echo.core.associations import AssociationsError
-from echo.core.functions import FunctionConfigError, load_spec, source_problem
+from echo.core.functions import (
+    FunctionConfigError,
+    function_folders,
+    is_function_name,
+    load_spec,
+    source_problem,
+)
 from echo.core.store import FileStore
 from echo.emulator import dependencies
 from echo.emulator.inspector import Inspector
@@ -41,7 +47,7 @@ def changed_functions(functions_dir: Path, paths: set[str]) -> set[str]:
         except ValueError:
             continue
         parts = relative.parts
-        if not parts or parts[0].startswith((".", "_")) or "node_modules" in parts:
+        if not parts or not is_function_name(parts[0]) or "node_modules" in parts:
             continue  # hidden, private, or installed packages (not the function's code)
         if len(parts) == 1 and not (functions_dir / parts[0]).is_dir():
             continue  # a file beside the functions (an Ekko folder's associations.json)
@@ -133,8 +139,7 @@ async def watch_functions(
 ) -> None:
     functions_dir.mkdir(parents=True, exist_ok=True)
     guard = LastGoodCode(server, functions_dir, server.settings.path(Path(".echo/last-good")))
-    present = {p.name for p in functions_dir.iterdir()
-               if p.is_dir() and not p.name.startswith((".", "_"))}
+    present = {p.name for p in function_folders(functions_dir)}
     installed, mistakes = await check_functions(guard, present)  # copies kept, mistakes said
     await report_mistakes(server, mistakes)
     server.reload_functions(installed)  # workers warmed before the packages were in: retired

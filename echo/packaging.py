@@ -59,22 +59,39 @@ def _add(archive: zipfile.ZipFile, arcname: str, path: Path) -> None:
     archive.writestr(info, path.read_bytes(), compresslevel=9)
 
 
+def pip_install_command(target: Path, requirements: Path) -> list[str]:
+    """pip installing ``requirements`` into ``target`` alone (the zip, or a dev function's
+    own folder of packages)."""
+    return [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-input",
+            "--no-compile", "--progress-bar", "off", "--target", str(target), "-r", str(requirements)]
+
+
+def npm_dependencies(folder: Path) -> bool:
+    """Whether ``folder``'s package.json names dependencies (ValueError: not JSON)."""
+    manifest = json.loads((folder / "package.json").read_text(encoding="utf-8"))
+    return isinstance(manifest, dict) and bool(manifest.get("dependencies"))
+
+
+def npm_install_command(npm: str, folder: Path) -> list[str]:
+    """npm installing ``folder``'s production dependencies into its node_modules: ``ci``
+    when a lock file pins them, else ``install`` (writing no lock file into the folder)."""
+    locked = (folder / "package-lock.json").exists()
+    return [npm, "ci" if locked else "install", "--omit=dev", "--no-audit", "--no-fund",
+            *([] if locked else ["--no-package-lock"])]
+
+
 def _npm_packages(spec: FunctionSpec, scratch: Path) -> list[tuple[str, Path]]:
     """A JavaScript function's production dependencies, installed afresh (not whatever its
     own node_modules holds), as ``node_modules/...`` entries."""
     assert spec.path is not None
-    manifest = json.loads((spec.path / "package.json").read_text(encoding="utf-8"))
-    if not manifest.get("dependencies"):
+    if not npm_dependencies(spec.path):
         return []
     shutil.copytree(spec.path, scratch, ignore=shutil.ignore_patterns("node_modules"))
-    locked = (scratch / "package-lock.json").exists()
     npm = shutil.which("npm")
     if npm is None:
         raise PackagingError(f"{spec.name}: its package.json needs npm, which is not on PATH")
-    result = subprocess.run(
-        [npm, "ci" if locked else "install", "--omit=dev", "--no-audit", "--no-fund",
-         *([] if locked else ["--no-package-lock"])],
-        cwd=scratch, capture_output=True, text=True)
+    result = subprocess.run(npm_install_command(npm, scratch), cwd=scratch, capture_output=True,
+                            text=True)
     if result.returncode != 0:
         raise PackagingError(f"{spec.name}: npm could not install package.json: "
                              f"{(result.stderr or result.stdout).strip()[-400:]}")
@@ -90,11 +107,8 @@ def build_zip(spec: FunctionSpec) -> Package:
         requirements = spec.path / "requirements.txt"
         if requirements.exists():
             target = Path(scratch)
-            result = subprocess.run(
-                [sys.executable, "-m", "pip", "install", "--quiet", "--no-compile",
-                 "--disable-pip-version-check", "--target", str(target), "-r", str(requirements)],
-                capture_output=True, text=True,
-            )
+            result = subprocess.run(pip_install_command(target, requirements),
+                                    capture_output=True, text=True)
             if result.returncode != 0:
                 raise PackagingError(
                     f"{spec.name}: pip could not install requirements.txt: "

@@ -22,12 +22,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
 import shutil
-import sys
 import time
 from pathlib import Path
+
+from echo.packaging import npm_dependencies, npm_install_command, pip_install_command
 
 log = logging.getLogger("echo.deps")
 
@@ -75,8 +75,7 @@ async def ensure(project_dir: Path, function_dir: Path) -> Path | None:
     log.info("%s: installing %s (pip)…", name, function_dir / REQUIREMENTS)
     started = time.monotonic()
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-input",
-        "--progress-bar", "off", "--target", str(scratch), "-r", str(function_dir / REQUIREMENTS),
+        *pip_install_command(scratch, function_dir / REQUIREMENTS),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     assert process.stdout is not None
     tail: list[str] = []
@@ -114,12 +113,11 @@ async def ensure_npm(function_dir: Path) -> None:
     """``npm ci`` / ``npm install`` in the function's folder, once per version of its
     package.json (and lock file)."""
     try:
-        manifest = json.loads((function_dir / PACKAGE_JSON).read_text(encoding="utf-8"))
+        if not npm_dependencies(function_dir):
+            return
     except (OSError, ValueError) as exc:
         raise InstallError(f"{function_dir.name}: {function_dir / PACKAGE_JSON} is not JSON "
                            f"({exc})") from None
-    if not isinstance(manifest, dict) or not manifest.get("dependencies"):
-        return
     marker = function_dir / "node_modules" / NPM_MARKER
     digest = _npm_digest(function_dir)
     with contextlib.suppress(OSError):
@@ -128,9 +126,7 @@ async def ensure_npm(function_dir: Path) -> None:
     npm = shutil.which("npm")
     if npm is None:
         raise InstallError(f"{function_dir.name}: its package.json needs npm, which is not on PATH")
-    locked = (function_dir / "package-lock.json").exists()
-    command = [npm, "ci" if locked else "install", "--omit=dev", "--no-audit", "--no-fund",
-               *([] if locked else ["--no-package-lock"])]
+    command = npm_install_command(npm, function_dir)
     log.info("%s: installing %s (npm %s)…", function_dir.name, function_dir / PACKAGE_JSON,
              command[1])
     started = time.monotonic()

@@ -38,6 +38,9 @@ What this transport cannot do through the public API (the native transport does)
   (``max_backlog``) is native-only;
 - no namespace connect timeout (``connect_timeout`` is ignored): an Engine.IO session that
   never sends CONNECT lives as long as it answers pings;
+- :meth:`~PySocketIOConnection.throttle` cannot stop python-engineio reading the socket: a
+  throttled connection's events wait in its inbox instead (a flood fills it and is cut off at
+  ``INBOX_LIMIT``), so its frames are still parsed;
 - python-engineio refuses a whole polling POST of more than 16 packets (the python client
   reads server payloads under the same limit), logs an invalid packet instead of closing the
   connection, advertises a sub-second ``pingInterval`` as 0, and leaves the pending long-poll
@@ -87,6 +90,9 @@ ROOM_PREFIX = "#"
 
 SOCKETIO_PATH = "/socket.io/"
 """Where python-socketio's ASGI app serves (its default ``socketio_path``)."""
+
+MAX_HOLD = 1.0
+"""Longest a throttled connection's next event waits (seconds)."""
 
 ACK_QUEUED_TIMEOUT = 1.0
 """Seconds the writer waits for python-socketio to queue an ACK it was handed."""
@@ -179,6 +185,10 @@ class PySocketIOConnection(Connection):
         self.pending: dict[int, Pending] = {}
         self.ack_ids = itertools.count(1)
         self.last_transport = "polling"
+        self.eio_sid = ""
+        """The Engine.IO session it belongs to (one client may be in several namespaces)."""
+        self.held_until = 0.0
+        """Loop time before which its next event is not handed to the core (throttled)."""
 
     @property
     def connected(self) -> bool:
@@ -218,6 +228,10 @@ class PySocketIOConnection(Connection):
     def backlog(self) -> int:
         return self.queued
 
+    def throttle(self, seconds: float) -> None:
+        until = asyncio.get_running_loop().time() + min(max(seconds, 0.0), MAX_HOLD)
+        self.held_until = max(self.held_until, until)
+
     async def close(self) -> None:
         await self.transport.disconnect(self)
 
@@ -250,6 +264,8 @@ class PySocketIOTransport(Transport):
         self.sio.on("*", self.on_event, namespace="*")
         self.registry: dict[str, PySocketIOConnection] = {}
         """Every namespace connection by sid, from its CONNECT until the core was told it left."""
+        self.namespaces_of: dict[str, int] = {}
+        """Namespace connections per Engine.IO session (``max_namespaces`` holds them)."""
         self.members: dict[tuple[str, str], set[PySocketIOConnection]] = {}
         self.queue: asyncio.Queue[Job] = asyncio.Queue()
         self.writer: asyncio.Task[None] | None = None
@@ -450,6 +466,13 @@ class PySocketIOTransport(Transport):
 
     async def on_connect(self, namespace: str, sid: str, environ: Any = None, auth: Any = None) -> None:
         conn = PySocketIOConnection(self, sid, namespace)
+        eio_sid = str(self.sio.manager.eio_sid_from_sid(sid, namespace))
+        held = self.namespaces_of.get(eio_sid, 0)
+        limit = self.options.max_namespaces
+        if held >= limit:  # one socket must not hold many apps' slots
+            raise SocketIORefusal(f"this connection is in {limit} namespaces already (the limit)")
+        conn.eio_sid = eio_sid
+        self.namespaces_of[eio_sid] = held + 1
         self.registry[sid] = conn
         try:
             await self.handler.connect(conn, auth)
@@ -519,8 +542,13 @@ class PySocketIOTransport(Transport):
         task.add_done_callback(self.drains.discard)
 
     async def drain(self, conn: PySocketIOConnection) -> None:
+        loop = asyncio.get_running_loop()
         try:
             while conn.inbox:
+                held = conn.held_until - loop.time()
+                if held > 0 and isinstance(conn.inbox[0], Incoming):
+                    await asyncio.sleep(held)  # throttled: its events wait in its inbox
+                    continue
                 item = conn.inbox.popleft()
                 if isinstance(item, Incoming):
                     await self.deliver(conn, item)
@@ -561,6 +589,10 @@ class PySocketIOTransport(Transport):
             pending.future.set_result(GONE)
 
     def forget(self, conn: PySocketIOConnection) -> None:
+        if not conn.gone and conn.eio_sid:
+            left = self.namespaces_of.pop(conn.eio_sid, 1) - 1
+            if left > 0:
+                self.namespaces_of[conn.eio_sid] = left
         conn.accepted = False
         conn.gone = True
         if self.registry.get(conn.sid) is conn:

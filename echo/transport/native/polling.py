@@ -138,8 +138,15 @@ async def _post(server: NativeTransport, session: Session, scope: Scope, receive
 
 
 async def _handle(session: Session, body: str) -> None:
+    """Each packet of one POST in turn; a throttled session's next packet waits, and so
+    does the POST's answer (a long-polling client sends its next POST only after it)."""
     packets_in = packets.decode_payload(body)
+    loop = asyncio.get_running_loop()
     while not session.closed:
+        held = session.held_until - loop.time()
+        if held > 0:
+            await asyncio.sleep(held)
+            continue
         try:
             packet = next(packets_in)
         except StopIteration:

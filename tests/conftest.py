@@ -60,6 +60,10 @@ TEST_ASSOCIATIONS: dict[str, Any] = {
                 {"channelName": "hist-angry", "functionNames": ["demo-angry"], "history": True},
                 {"channelName": "hist-filtered", "functionNames": ["demo-filter-shouting"],
                  "history": True},
+                {"channelName": "secret", "encrypted": True, "history": True},
+                {"channelName": "secret:*", "encrypted": True},
+                {"channelName": "vault", "functionNames": ["demo-angry"],
+                 "trustedFunctions": ["demo-angry"], "encrypted": True, "history": True},
             ]
         },
     }

@@ -13,7 +13,9 @@ events), ``"ordered": false`` (Echo's extra): its messages are delivered as soon
 their chain finishes instead of in publish order, and ``"history": true`` or
 ``"history": {"size": 100, "ttl": 600}`` (Echo's extra): its last ``size`` messages, as
 delivered, are kept for ``ttl`` seconds for recovery and history reads (settings give what is
-left out).
+left out). ``"encrypted": true`` (Echo's extra) makes it an end-to-end encrypted channel:
+publishes must be envelopes (see :mod:`echo.sdk.e2e`), and a function may run on it only when
+listed in ``"trustedFunctions"`` too (it is given the key and decrypts; see the README).
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ class Rule:
     presence_counts_only: bool = False
     """``"presence": "count"``: no joined/left events and no member list, only the count
     (a big channel would otherwise send every subscriber every join and leave)."""
+    encrypted: bool = False
+    """End to end: the server accepts only envelopes here and never sees the plaintext."""
 
 
 NO_RULE = Rule()
@@ -161,6 +165,31 @@ def _history(value: Any, path: str) -> HistorySpec | None:
     return HistorySpec(size, None if ttl is None else float(ttl))
 
 
+def _encrypted(entry: dict[str, Any], functions: list[str], path: str) -> bool:
+    """``encrypted`` and ``trustedFunctions``: a function on an encrypted channel sees only
+    ciphertext, so each one must be trusted with the key explicitly."""
+    encrypted = entry.get("encrypted", False)
+    if not isinstance(encrypted, bool):
+        raise AssociationsError(f"{path}.encrypted", "must be true or false")
+    trusted = _expect(entry.get("trustedFunctions", []), list, f"{path}.trustedFunctions",
+                      "a list of function names")
+    if trusted and not encrypted:
+        raise AssociationsError(f"{path}.trustedFunctions",
+                                'only an encrypted channel has trusted functions ("encrypted": true)')
+    for position, name in enumerate(trusted):
+        if name not in functions:
+            raise AssociationsError(f"{path}.trustedFunctions[{position}]",
+                                    f"{str(name)[:80]!r} is not in this channel's functionNames")
+    if encrypted:
+        untrusted = [name for name in functions if name not in trusted]
+        if untrusted:
+            raise AssociationsError(
+                f"{path}.functionNames", f"{untrusted[0]!r} cannot run on an encrypted channel: "
+                "it would see only ciphertext. Remove it, or trust it with the channel's key by "
+                'listing it in "trustedFunctions" (its host then sees the plaintext)')
+    return encrypted
+
+
 def parse_associations(data: Any) -> Associations:
     """Validate a decoded JSON document; raise AssociationsError naming the bad path."""
     _expect(data, dict, "", "a JSON object with an 'applications' key")
@@ -207,14 +236,15 @@ def parse_associations(data: Any) -> Associations:
             if not isinstance(ordered, bool):
                 raise AssociationsError(f"{entry_path}.ordered", "must be true or false")
             unknown = set(entry) - {"channelName", "functionNames", "ordered", "history",
-                                    "presence"}
+                                    "presence", "encrypted", "trustedFunctions"}
             if unknown:
                 raise AssociationsError(f"{entry_path}.{sorted(unknown)[0]}", "unknown key")
             history = _history(entry.get("history", False), f"{entry_path}.history")
             presence = entry.get("presence", "full")
             if presence not in ("full", "count"):
                 raise AssociationsError(f"{entry_path}.presence", 'must be "full" or "count"')
-            rule = Rule(tuple(names), ordered, history, presence == "count")
+            encrypted = _encrypted(entry, names, entry_path)
+            rule = Rule(tuple(names), ordered, history, presence == "count", encrypted)
             if _GLOB_CHARS.search(name):
                 if any(p == name for p, _ in patterns):
                     raise AssociationsError(f"{entry_path}.channelName", f"{name!r} listed twice")

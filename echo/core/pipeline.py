@@ -35,6 +35,7 @@ import orjson
 from echo.broker.base import Position
 from echo.core import metrics
 from echo.core.associations import Associations, Rule
+from echo.core.envelope import envelope_problem
 from echo.core.functions import FunctionCatalog, FunctionConfigError, FunctionSpec
 from echo.core.runners import FunctionError, FunctionErrorKind, InvocationContext, Runner
 
@@ -67,6 +68,17 @@ class Outcome:
     filtered_by: str | None = None
     dropped_by: str | None = None
     error: FunctionError | None = None
+
+
+def _check_sealed(function: str, value: Any) -> None:
+    """On an encrypted channel a result is an envelope again (its host seals it): plaintext
+    from a misconfigured host must not reach subscribers or history."""
+    if value is None:
+        return
+    problem = envelope_problem(value)
+    if problem is not None:
+        raise FunctionError(function, FunctionErrorKind.BAD_RESULT,
+                            f"an encrypted channel's function must return an envelope ({problem})")
 
 
 class Overloaded(Exception):
@@ -289,8 +301,10 @@ class Pipeline:
             self.idle.set()
 
     async def _run_chain(self, envelope: Envelope, chain: tuple[str, ...]) -> Outcome:
+        encrypted = envelope.rule is not None and envelope.rule.encrypted
         context = InvocationContext(
-            app=envelope.app, channel=envelope.channel, uuid=envelope.uuid, message_id=envelope.id
+            app=envelope.app, channel=envelope.channel, uuid=envelope.uuid, message_id=envelope.id,
+            encrypted=encrypted,
         )
         value = envelope.message
         tracer = self.tracer
@@ -303,6 +317,8 @@ class Pipeline:
                 value = await self._invoke(spec, value, context if hop is None
                                            else replace(context, notes=hop.notes))
                 self._check_size(function, value)
+                if encrypted:
+                    _check_sealed(function, value)
                 if hop is not None and tracer is not None:
                     hop.result, hop.seconds = value, time.perf_counter() - started
                     tracer.hop(envelope, hop)

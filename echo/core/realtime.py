@@ -24,6 +24,7 @@ from echo.config import Settings
 from echo.core import metrics, protocol
 from echo.core.associations import HistorySpec, Rule
 from echo.core.auth import AuthError, Claims, verify_token
+from echo.core.envelope import refuse_plaintext
 from echo.core.limits import ConnectionCounts, TokenBucket
 from echo.core.pipeline import Envelope, Overloaded, Pipeline
 from echo.core.protocol import ADMIN_CHANNEL, ErrorCode, ProtocolError
@@ -722,6 +723,8 @@ class Realtime:
         """Publish through the channel's functions and answer with the ack (or raise a
         ProtocolError): the socket ``publish`` and the HTTP server API share it."""
         rule = rule if rule is not None else self.pipeline.rule(app, request.channel)
+        if rule.encrypted:
+            refuse_plaintext(request.channel, request.message)
         key = request.idempotency_key
         if key is None:
             return await self._publish_once(app, uuid, request, rule)

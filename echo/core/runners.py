@@ -28,17 +28,23 @@ class InvocationContext:
     channel: str
     uuid: str | None
     message_id: str
+    encrypted: bool = False
+    """An encrypted channel's (trusted) function: its host decrypts the event and seals the
+    result (:mod:`echo.runners.trusted`)."""
     notes: dict[str, Any] | None = field(default=None, compare=False)
     """Given (the dev inspector): a runner that can, writes what the invocation printed or
     logged (``logs``: lines) and, when it raised, the ``traceback`` here."""
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        fields: dict[str, Any] = {
             "app": self.app,
             "channel": self.channel,
             "uuid": self.uuid,
             "messageId": self.message_id,
         }
+        if self.encrypted:
+            fields["encrypted"] = True
+        return fields
 
 
 class FunctionErrorKind(StrEnum):

@@ -176,10 +176,23 @@ def _handle(request: dict[str, Any], traceback_wanted: bool = False) -> dict[str
         request["function"], request["context"].get("messageId", ""), request["timeout"],
         request["context"],
     )
+    event, sealer = request["event"], None
+    if request["context"].get("encrypted"):  # a trusted function on an encrypted channel
+        from echo.runners import trusted
+
+        try:
+            event, sealer = trusted.open_event(event, request["context"])
+        except (LookupError, ValueError) as exc:
+            return {"ok": False, "kind": "raised", "detail": f"could not decrypt its input: {exc}"}
+        except ImportError:
+            return {"ok": False, "kind": "raised", "detail": "could not decrypt its input: "
+                    "install the cryptography package (pip install 'echo-realtime[sdk]')"}
     try:
-        result = handler(request["event"], context)
+        result = handler(event, context)
         if inspect.isawaitable(result):
             result = asyncio.run(_await(result))
+        if sealer is not None:
+            result = sealer.seal(result)
     except Exception as exc:
         # the server's console, not the invocation's captured output
         print(f"[{request['function']}] raised:", file=sys.__stderr__)

@@ -6,17 +6,24 @@ raises :class:`EchoError`), and after a lost connection reconnects by itself (as
 channels, asks for what it missed since the last message it saw: those arrive first, in
 order, once. ``on("state", ...)`` hears ``connected`` (after a reconnect with
 ``recovered: {channel: bool}``) and ``disconnected``.
+
+``cipher={"secret": ChannelCipher(kid="k1", key=KEY), "private:*": ChannelCipher(...)}`` makes
+channels end-to-end encrypted on this side (exact names, or globs: the first listed that
+matches): publishes are sealed, messages and history opened, and what cannot be opened is an
+``error`` event with code ``decrypt_failed`` instead of a message (see :mod:`echo.sdk.e2e`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import socketio  # type: ignore[import-untyped]
 
+from echo.sdk import e2e
 from echo.sdk.errors import EchoError, checked
 
 log = logging.getLogger("echo.sdk")
@@ -30,7 +37,8 @@ class RealtimeClient:
 
     def __init__(self, url: str, app: str, *, token: str | None = None,
                  get_token: Callable[[], str | Awaitable[str]] | None = None,
-                 uuid: str | None = None, ack_timeout: float = 10.0) -> None:
+                 uuid: str | None = None, ack_timeout: float = 10.0,
+                 cipher: dict[str, e2e.ChannelCipher] | None = None) -> None:
         if (token is None) == (get_token is None):
             raise TypeError("give token= or get_token= (a callable for a fresh token)")
         self.url, self.app, self.uuid = url, app, uuid
@@ -42,6 +50,7 @@ class RealtimeClient:
         self.positions: dict[str, dict[str, Any]] = {}
         """Per history channel, the last ``{offset, epoch}`` seen: where a reconnect resumes."""
         self.state = "disconnected"
+        self.cipher = dict(cipher or {})
         self._listeners: dict[str, list[Listener]] = {}
         self._connected_before = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -92,6 +101,12 @@ class RealtimeClient:
 
     async def publish(self, channel: str, message: Any, *,
                       idempotency_key: str | None = None) -> dict[str, Any]:
+        cipher = self.cipher_for(channel)
+        if cipher is not None:
+            key = cipher.key_for(channel, cipher.kid)
+            if key is None:
+                raise EchoError("no_key", f"publish: no key for {channel!r} (kid {cipher.kid!r})")
+            message = e2e.encrypt(message, key, app=self.app, channel=channel, kid=cipher.kid)
         body: dict[str, Any] = {"channel": channel, "message": message}
         if idempotency_key is not None:
             body["idempotencyKey"] = idempotency_key
@@ -108,7 +123,21 @@ class RealtimeClient:
             body["limit"] = limit
         if since is not None:
             body["since"] = since
-        return await self._request("history", body)
+        reply = await self._request("history", body)
+        if self.cipher_for(channel) is not None and isinstance(reply.get("publications"), list):
+            opened = [await self._opened(m) for m in reply["publications"]]
+            reply["publications"] = [m for m in opened if m is not None]
+        return reply
+
+    def cipher_for(self, channel: str) -> e2e.ChannelCipher | None:
+        """The cipher of ``channel``: its exact entry, else the first glob that matches."""
+        found = self.cipher.get(channel)
+        if found is not None or not self.cipher:
+            return found
+        for pattern, cipher in self.cipher.items():
+            if fnmatch.fnmatchcase(channel, pattern):
+                return cipher
+        return None
 
     # -- inside -----------------------------------------------------------------------------
 
@@ -172,7 +201,28 @@ class RealtimeClient:
     async def _on_message(self, message: Any) -> None:
         if isinstance(message, dict) and not self._saw(message):
             return  # already seen (same epoch, not a later offset)
+        if self.cipher and isinstance(message, dict):
+            message = await self._opened(message)
+            if message is None:
+                return
         await self._emit("message", message)
+
+    async def _opened(self, message: dict[str, Any]) -> dict[str, Any] | None:
+        """``message`` with its plaintext (``encrypted: True``), unchanged on a channel without
+        a cipher, or None after an ``error`` event when it cannot be opened."""
+        channel = message.get("channel")
+        cipher = self.cipher_for(channel) if isinstance(channel, str) else None
+        if cipher is None or not isinstance(channel, str):
+            return message
+        try:
+            plaintext = e2e.decrypt(message.get("message"),
+                                    lambda kid: cipher.key_for(channel, kid),
+                                    app=self.app, channel=channel)
+        except e2e.DecryptFailed as exc:
+            await self._emit("error", {"code": exc.code, "channel": channel,
+                                       "id": message.get("id"), "message": exc.reason})
+            return None
+        return {**message, "message": plaintext, "encrypted": True}
 
     def _saw(self, message: dict[str, Any]) -> bool:
         channel, offset, epoch = message.get("channel"), message.get("offset"), message.get("epoch")

@@ -36,10 +36,11 @@ APP = "bench"
 WS = "/socket.io/?EIO=4&transport=websocket"
 
 
-def start_server(work: Path) -> tuple[subprocess.Popen[bytes], int]:
-    project = work / "project"
-    if not project.exists():
-        make_project(work)
+def start_server(work: Path, project: Path | None = None) -> tuple[subprocess.Popen[bytes], int]:
+    if project is None:
+        project = work / "project"
+        if not project.exists():
+            make_project(work)
     port = free_port()
     log = (work / f"adversarial-{port}.log").open("ab")
     process = subprocess.Popen(

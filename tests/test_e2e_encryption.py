@@ -160,6 +160,15 @@ class Monitor:
 def encrypted_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[EchoProcess, RedisServer]]:
     redis = RedisServer(tmp_path_factory.mktemp("redis")).start()
     project = make_project(tmp_path_factory.mktemp("e2e"))
+    shout = project / "functions" / "js-shout"  # Ekko's JavaScript form, trusted too
+    shout.mkdir()
+    (shout / "index.js").write_text(
+        "exports.handler = async (message) => ({ ...message, text: message.text.toUpperCase() });\n")
+    associations = json.loads((project / "associations.json").read_text())
+    associations["applications"][TEST_APP]["channels"].append(
+        {"channelName": "vault-js", "functionNames": ["js-shout"], "trustedFunctions": ["js-shout"],
+         "encrypted": True})
+    (project / "associations.json").write_text(json.dumps(associations))
     keys = json.dumps({kid: e2e.b64url(key) for kid, key in MASTER.items()})
     server = EchoProcess(project, env={"ECHO_REDIS_URL": redis.url, "ECHO_E2E_KEYS": keys}).start()
     yield server, redis
@@ -272,28 +281,33 @@ async def test_envelopes_reach_every_subscriber_and_nothing_readable_is_kept(
     assert SECRET_TEXT not in traces
 
 
+@pytest.mark.parametrize(("channel", "function", "shouted"), [
+    ("vault", "demo-angry", "QUIET PLEASE!!!"),   # Python
+    ("vault-js", "js-shout", "QUIET PLEASE"),     # JavaScript
+])
 async def test_a_trusted_function_transforms_what_subscribers_decrypt(
-        encrypted_server: tuple[EchoProcess, RedisServer]) -> None:
-    """``vault`` runs demo-angry, trusted with the key: the worker opens the envelope, the
-    function upper-cases the text, the worker seals the result; the server sees envelopes."""
+        encrypted_server: tuple[EchoProcess, RedisServer], channel: str, function: str,
+        shouted: str) -> None:
+    """The function is trusted with the key: its worker opens the envelope, the function
+    upper-cases the text, the worker seals the result; the server sees envelopes only."""
     server, redis = encrypted_server
     monitor = Monitor(redis.port)
-    cipher = {"vault": ChannelCipher(kid="k2", get_key=derived)}
+    cipher = {channel: ChannelCipher(kid="k2", get_key=derived)}
     publisher, subscriber = await sdk_client(server, cipher), await sdk_client(server, cipher)
     try:
         got = collector(subscriber, "message")
-        await subscriber.subscribe(["vault"])
-        ack = await publisher.publish("vault", {"text": "quiet please"})
+        await subscriber.subscribe([channel])
+        ack = await publisher.publish(channel, {"text": "quiet please"})
         assert ack["ok"], ack
         await until(lambda: got)
-        assert got[0]["message"] == {"text": "QUIET PLEASE!!!"}
+        assert got[0]["message"] == {"text": shouted}
     finally:
         await publisher.close()
         await subscriber.close()
     seen = monitor.close()
     assert b"QUIET PLEASE" not in seen and b"quiet please" not in seen
     traces = await dev_traces(server)
-    assert "demo-angry" in traces and "QUIET" not in traces and "quiet please" not in traces
+    assert function in traces and "QUIET" not in traces and "quiet please" not in traces
     assert "quiet please" not in server.log() and "QUIET" not in server.log()
 
 

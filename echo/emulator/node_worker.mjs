@@ -13,6 +13,7 @@ import { pathToFileURL } from "node:url";
 import { existsSync } from "node:fs";
 import { join } from "node:path";
 import { format } from "node:util";
+import { createCipheriv, createDecipheriv, hkdfSync, randomBytes } from "node:crypto";
 
 const protocolOut = process.stdout.write.bind(process.stdout);
 const MAX_CAPTURED_LINES = 200;
@@ -66,6 +67,40 @@ function contextFor(request) {
   };
 }
 
+// A trusted function on an encrypted channel (echo/runners/trusted.py has the same rules):
+// open the envelope with the channel's key, derived from the app's master key for its kid
+// in ECHO_E2E_KEYS, and seal the result under the same kid.
+const b64url = (bytes) => Buffer.from(bytes).toString("base64url");
+const associatedData = (app, channel, kid) => Buffer.from(`echo-e2e/1\n${app}\n${channel}\n${kid}`);
+
+function channelKey(master, app, channel) {
+  return Buffer.from(hkdfSync("sha256", master, Buffer.from("echo-e2e/1"), Buffer.from(`${app}\n${channel}`), 32));
+}
+
+function openForFunction(envelope, context) {
+  const text = process.env.ECHO_E2E_KEYS;
+  if (!text) throw new Error("this function runs on an encrypted channel but ECHO_E2E_KEYS is not set " +
+    'in its environment (e.g. {"k1": "<base64url master key>"})');
+  const kid = envelope?.kid;
+  const master = JSON.parse(text)[kid];
+  if (typeof master !== "string") throw new Error(`${context.channel}: no master key for kid ${JSON.stringify(kid)} in ECHO_E2E_KEYS`);
+  const key = channelKey(Buffer.from(master, "base64url"), context.app, context.channel);
+  const sealed = Buffer.from(envelope.ct, "base64url");
+  const decipher = createDecipheriv("aes-256-gcm", key, Buffer.from(envelope.iv, "base64url"));
+  decipher.setAAD(associatedData(context.app, context.channel, kid));
+  decipher.setAuthTag(sealed.subarray(sealed.length - 16));
+  const plaintext = Buffer.concat([decipher.update(sealed.subarray(0, sealed.length - 16)), decipher.final()]);
+  const seal = (result) => {
+    if (result === null || result === undefined) return null;
+    const iv = randomBytes(12);
+    const cipher = createCipheriv("aes-256-gcm", key, iv);
+    cipher.setAAD(associatedData(context.app, context.channel, kid));
+    const ct = Buffer.concat([cipher.update(Buffer.from(JSON.stringify(result))), cipher.final(), cipher.getAuthTag()]);
+    return { v: 1, alg: "A256GCM", kid, iv: b64url(iv), ct: b64url(ct) };
+  };
+  return { event: JSON.parse(plaintext.toString("utf8")), seal };
+}
+
 async function handle(request) {
   let handler;
   try {
@@ -76,9 +111,19 @@ async function handle(request) {
     return { ok: false, kind: "load_failed", detail: describe(error) +
       (missing ? `: add it to ${join(request.path, "package.json")} (echoctl dev installs it)` : "") };
   }
+  let event = request.event;
+  let seal = null;
+  if (request.context?.encrypted) {
+    try {
+      ({ event, seal } = openForFunction(event, request.context));
+    } catch (error) {
+      return { ok: false, kind: "raised", detail: `could not decrypt its input: ${describe(error)}` };
+    }
+  }
   let result;
   try {
-    result = await handler(request.event, contextFor(request));
+    result = await handler(event, contextFor(request));
+    if (seal) result = seal(result === undefined ? null : result);
   } catch (error) {
     const stack = error?.stack ?? String(error);
     process.stderr.write(`[${request.function}] threw: ${stack}\n`);

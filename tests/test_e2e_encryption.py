@@ -308,6 +308,14 @@ async def test_a_trusted_function_transforms_what_subscribers_decrypt(
     assert b"QUIET PLEASE" not in seen and b"quiet please" not in seen
     traces = await dev_traces(server)
     assert function in traces and "QUIET" not in traces and "quiet please" not in traces
+    # the inspector's replay runs the trusted function the same way, on ciphertext only
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
+        listed = (await http.get("/dev/traces", params={"channel": channel})).json()["traces"]
+        replayed = (await http.post(f"/dev/traces/{listed[0]['id']}/replay")).json()
+    assert replayed["ok"] and [h.get("error") for h in replayed["hops"]] == [None], replayed
+    assert envelope_problem(replayed["output"]) is None
+    assert e2e.decrypt(replayed["output"], derived(channel, "k2") or b"", app=TEST_APP,
+                       channel=channel) == {"text": shouted}
     assert "quiet please" not in server.log() and "QUIET" not in server.log()
 
 

@@ -8,7 +8,7 @@ cloud deployment a Lambda runner, and a third party can add its own package.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from enum import StrEnum
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
@@ -28,6 +28,7 @@ class InvocationContext:
     channel: str
     uuid: str | None
     message_id: str
+    _: KW_ONLY
     encrypted: bool = False
     """An encrypted channel's (trusted) function: its host decrypts the event and seals the
     result (:mod:`echo.runners.trusted`)."""

@@ -205,7 +205,7 @@ class Inspector:
         for function in rule.functions:
             notes: dict[str, Any] = {}
             context = InvocationContext(app, channel, original["uuid"], f"replay-{trace_id}",
-                                        notes)
+                                        encrypted=rule.encrypted, notes=notes)
             started = time.perf_counter()
             hop = Hop(function, value, notes=notes)
             try:

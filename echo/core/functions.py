@@ -12,6 +12,7 @@ zips it, the pipeline reads its policy. ``function.toml`` keys (all optional)::
                                   # pass:  the message goes on unchanged past this function
     concurrency = 0               # max invocations at once on this node (0 = no limit)
     runner = "local"              # override the project's runner for this function
+                                  # ("inline": in the server process, trusted code only)
     url = "https://..."           # for runner = "http"
     description = "..."
 """
@@ -133,7 +134,7 @@ def load_spec(path: Path, default_timeout: float = 3.0) -> FunctionSpec:
         runtime=values.get("runtime", NODE_RUNTIME if javascript else PYTHON_RUNTIME),
         memory=_number(spec_file, "memory", values.get("memory", 128), 128, 10_240, whole=True),
     )
-    if runner in (None, "local", "lambda") and not spec.module_file.exists():  # type: ignore[union-attr]
+    if runner in (None, "local", "lambda", "inline") and not spec.module_file.exists():  # type: ignore[union-attr]
         raise FunctionConfigError(f"{path}: no {spec.module_file.name} (handler {handler!r}; a "  # type: ignore[union-attr]
                                   "function is handler.py, or index.js / index.mjs)")
     return spec
@@ -168,7 +169,7 @@ def source_problem(spec: FunctionSpec) -> str | None:
     """What would stop the function's Python module from loading, found without running
     it: a syntax error (file and line) or no top-level handler. None when it looks fine."""
     file = spec.module_file
-    if file is None or spec.runner not in (None, "local", "lambda") or not file.exists():
+    if file is None or spec.runner not in (None, "local", "lambda", "inline") or not file.exists():
         return None
     if spec.language == "javascript":
         return _javascript_problem(file, spec.handler.split(".", 1)[1])

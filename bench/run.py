@@ -124,6 +124,28 @@ def run_loadgen(config: dict[str, Any], deadline: float,
     return result
 
 
+def gc_max_pause_ms(servers: list[Server]) -> float | None:
+    """The longest garbage-collector pause any Echo node saw since it started (its
+    ``echo_gc_pause_max_seconds``), or None when no node answered."""
+    import httpx
+
+    from bench.servers import SECRET
+    from echo.core.auth import issue_management_token
+
+    headers = {"authorization": "Bearer " + issue_management_token(SECRET)}
+    longest: float | None = None
+    for server in servers:
+        try:
+            text = httpx.get(server.url + "/metrics", headers=headers, timeout=5).text
+        except httpx.HTTPError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("echo_gc_pause_max_seconds{"):
+                value = float(line.rsplit(" ", 1)[1]) * 1000
+                longest = value if longest is None else max(longest, value)
+    return None if longest is None else round(longest, 1)
+
+
 def measure(scenario: Scenario, target: str, servers: list[Server], redis: Redis | None,
             workdir: Path, progress: Callable[[str], None]) -> list[dict[str, Any]]:
     """One scenario on one target (one or more nodes); returns its result rows."""
@@ -150,6 +172,8 @@ def measure(scenario: Scenario, target: str, servers: list[Server], redis: Redis
     marks = sampler.marks
     base = {"scenario": scenario.name, "target": target, "nodes": scenario.nodes,
             "connections": gen.get("connections", 0)}
+    if target.startswith("echo"):
+        base["gc_max_pause_ms"] = gc_max_pause_ms(servers)
     row: dict[str, Any] = {**base, "ok": bool(gen.get("ok")), "error": gen.get("error")}
     if dead:
         row.update(ok=False, error=f"server died during the run: {', '.join(dead)}")

@@ -218,3 +218,24 @@ async def test_memory_broker_reports_each_occupancy_turn_once() -> None:
     await broker.presence_remove("app", "news", "sid2")
     turns += [await broker.occupancy_change("app", "news") for _ in range(2)]
     assert turns == [True, None, None, False, None]
+
+
+@pytest.mark.unit
+def test_gc_pauses_are_timed_for_metrics() -> None:
+    """Issue 19 measures the collector's pauses (gc.callbacks) in /metrics."""
+    import gc
+
+    from prometheus_client import generate_latest
+
+    from echo.core import gc_pauses
+
+    gc_pauses.install()
+    gc_pauses.install()  # once only
+    assert gc.callbacks.count(gc_pauses.RECORDER) == 1
+    garbage = [[[] for _ in range(100)] for _ in range(2000)]
+    del garbage
+    gc.collect()
+    text = generate_latest().decode()
+    assert 'echo_gc_pause_seconds_count{generation="2"}' in text
+    assert gc_pauses.RECORDER.longest[2] > 0
+    assert 'echo_gc_pause_max_seconds{generation="2"}' in text

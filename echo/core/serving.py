@@ -14,6 +14,7 @@ from typing import Any
 
 import uvicorn
 
+from echo.core import gc_pauses
 from echo.transport.http_guard import Guard, guarded_protocol
 from echo.transport.websocket_protocol import EchoWebSocketProtocol
 
@@ -63,6 +64,7 @@ class EchoUvicorn(uvicorn.Server):
             # what exists now (modules, app, settings) lives as long as the process: keep it
             # out of every later full garbage collection, whose pause grows with the heap
             gc.freeze()
+            gc_pauses.install()
             if self.on_ready is not None:
                 self.on_ready()
 

@@ -284,6 +284,9 @@ def make_server(target: str, workdir: Path, redis_url: str | None = None, index:
             # seed-10k holds 10,001 connections in one app (Echo ignores ECHO_* it does not know)
             ECHO_PUBLISH_RATE="0",
             ECHO_MAX_CONNECTIONS_PER_APP="1000000",
+            # every load-generator connection comes from 127.0.0.1: the per-address cap
+            # (1,000 by default) would refuse the 1,001st
+            ECHO_MAX_CONNECTIONS_PER_IP="0",
         )
         # the transport is chosen here, never inherited from the shell (an older Echo ignores it)
         for inherited in ("ECHO_TRANSPORT", "ECHO_REDIS_URL", "ECHO_REDIS_CLUSTER"):

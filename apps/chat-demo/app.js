@@ -1,5 +1,7 @@
 // Echo chat demo: one chat per channel; the server's functions rewrite messages in transit.
 // The channels and their functions are set in the project's associations.json.
+// #secret is end-to-end encrypted ("encrypted": true there): its key is derived in this
+// browser from a passphrase the people share, and the server relays ciphertext only.
 
 const CHANNELS = [
   { name: "boring", functions: [], about: "No functions: messages arrive exactly as sent." },
@@ -8,7 +10,11 @@ const CHANNELS = [
   { name: "robot", functions: ["demo-robot"], about: "Speaks binary, 8 bits per byte." },
   { name: "emoji", functions: ["demo-angry", "demo-emojify"], about: "Two functions in a row: shout, then add angry faces." },
   { name: "polite", functions: ["demo-filter-shouting", "demo-capitalize"], about: "Drops messages typed in ALL CAPS, capitalizes the rest." },
+  { name: "secret", functions: [], encrypted: true, about: "End-to-end encrypted: the key comes from the passphrase you share, derived in this browser; the server relays ciphertext it cannot read." },
 ];
+const SECRET_KID = "p1"; // one key id: a passphrase is the key, and a wrong one does not open
+const LOCKED = "could not decrypt (wrong passphrase?)";
+const NO_KEY = "encrypted message: type the passphrase to read it";
 const STORAGE_KEY = "echo-chat-demo";
 const TAG_MARK = " · "; // a uuid is "🦊 Ada · 3f2a": what others' online lists show, and a tag
 
@@ -23,6 +29,13 @@ const save = () => sessionStorage.setItem(STORAGE_KEY, JSON.stringify(session));
 save();
 
 let echo = null;
+let e2e = null; // the client module, for keyFromPassphrase
+/** channel -> its key (a CryptoKey from the passphrase), for the encrypted channels */
+const keys = new Map();
+/** The cipher option of an encrypted channel: its key once a passphrase was typed. A new
+ *  passphrase sets a new entry, so the client forgets the key it had imported. */
+const cipherOf = (channel) => ({ kid: SECRET_KID, getKey: () => keys.get(channel) ?? null });
+const isEncrypted = (channel) => CHANNELS.some((c) => c.name === channel && c.encrypted);
 /** channel -> the uuids subscribed to it now, on every node (from the presence request) */
 const online = new Map();
 const refreshing = new Map(); // channel -> pending refresh timer
@@ -76,9 +89,51 @@ function selectChannel(name) {
   const info = $("#channel-info");
   info.replaceChildren(el("span", "", about + " "));
   for (const fn of functions) info.append(el("code", "fn", fn));
+  showPassphrase(name);
   showOnline();
   scrollDown(panel(name), true);
-  $("#message").focus();
+  if (isEncrypted(name) && !keys.has(name)) $("#passphrase").focus();
+  else $("#message").focus();
+}
+
+/** The passphrase line, under the channel's description, on encrypted channels only. */
+function showPassphrase(channel) {
+  const form = $("#passphrase-form");
+  form.hidden = !isEncrypted(channel);
+  form.dataset.channel = channel;
+  const state = keys.has(channel) ? "unlocked" : form.dataset.state === "deriving" ? "deriving" : "locked";
+  setPassphraseState(state);
+}
+
+function setPassphraseState(state, text) {
+  const form = $("#passphrase-form");
+  form.dataset.state = state;
+  $("#passphrase-state").textContent = text ?? {
+    locked: "Locked: type the passphrase you share with the others.",
+    deriving: "Deriving the key…",
+    unlocked: "🔑 Unlocked: the key was derived in this browser; the server never sees it.",
+  }[state];
+}
+
+/** Derives the channel's key from the passphrase (PBKDF2, 600,000 rounds: a moment). */
+async function unlock(event) {
+  event.preventDefault();
+  const channel = $("#passphrase-form").dataset.channel;
+  const input = $("#passphrase");
+  const passphrase = input.value;
+  if (!passphrase || !isEncrypted(channel)) return;
+  setPassphraseState("deriving");
+  try {
+    e2e ??= await import("/client/echo.js");
+    const key = await e2e.keyFromPassphrase(passphrase, "chat-demo", channel);
+    keys.set(channel, key);
+    echo?.setCipher(channel, cipherOf(channel)); // forget the key of an earlier passphrase
+    input.value = "";
+    setPassphraseState("unlocked");
+    $("#message").focus();
+  } catch (err) {
+    setPassphraseState(keys.has(channel) ? "unlocked" : "locked", `Could not derive a key: ${err.message}`);
+  }
 }
 
 /** The active channel's online list: everyone subscribed to it now, this tab first. */
@@ -126,14 +181,16 @@ function append(channel, item) {
   }
 }
 
-/** A delivered message: `{channel, message: {text, name, avatar}, uuid, id, seq, ts}`. */
-function showMessage({ channel, message, uuid, id, ts }) {
+/** A delivered message: `{channel, message: {text, name, avatar}, uuid, id, seq, ts}`
+ *  (and `encrypted: true` when the client opened it). */
+function showMessage({ channel, message, uuid, id, ts, encrypted }) {
   const body = typeof message === "object" && message !== null ? message : { text: message };
   const text = typeof body.text === "string" ? body.text : JSON.stringify(body.text ?? message);
   const item = el("li", "message");
   Object.assign(item.dataset, { id: id ?? "", uuid: uuid ?? "", mine: String(uuid === session.uuid) });
   const meta = el("div", "message-meta");
   meta.append(el("span", "message-name", String(body.name || "someone")));
+  if (encrypted) meta.append(Object.assign(el("span", "message-lock", "🔒"), { title: "end-to-end encrypted" }));
   const time = el("time", "message-time", new Date(ts || Date.now()).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" }));
   meta.append(time);
   const bubble = el("div", "message-body");
@@ -142,12 +199,16 @@ function showMessage({ channel, message, uuid, id, ts }) {
   append(channel, item);
 }
 
-/** A line from the app itself: kind "filtered" or "error". */
-function showNotice(channel, kind, text) {
+const ICONS = { error: "⚠️", filtered: "🚫", locked: "🔒" };
+
+/** A line from the app itself: kind "filtered", "error" or "locked" (a message that did
+ *  not decrypt: `id` is its id). */
+function showNotice(channel, kind, text, id) {
   const item = el("li", `notice notice-${kind}`);
   item.dataset.kind = kind;
-  item.dataset.mine = "true";
-  item.append(el("span", "notice-icon", kind === "error" ? "⚠️" : "🚫"), el("span", "notice-text", text));
+  item.dataset.mine = String(kind !== "locked");
+  if (id) item.dataset.id = id;
+  item.append(el("span", "notice-icon", ICONS[kind]), el("span", "notice-text", text));
   append(channel, item);
 }
 
@@ -188,6 +249,11 @@ async function send(event) {
   const text = input.value.trim();
   const channel = session.active;
   if (!text) return;
+  if (isEncrypted(channel) && !keys.has(channel)) {
+    showNotice(channel, "error", `Type the passphrase first: messages on #${channel} are encrypted in this browser.`);
+    $("#passphrase").focus();
+    return;
+  }
   if (!echo) {
     showNotice(channel, "error", "Not connected to Echo; the message was not sent.");
     return;
@@ -207,7 +273,8 @@ async function connect() {
   let token;
   let Echo;
   try {
-    ({ Echo } = await import("/client/echo.js"));
+    e2e = await import("/client/echo.js");
+    ({ Echo } = e2e);
     const response = await fetch("/dev/token?app=chat-demo");
     if (!response.ok) throw new Error(`/dev/token answered ${response.status}`);
     token = await response.json();
@@ -218,13 +285,16 @@ async function connect() {
     return;
   }
   let subscribed = false;
-  echo = new Echo({ host: location.origin, appName: token.appName, jwt: token.jwt, uuid: session.uuid });
+  const cipher = Object.fromEntries(CHANNELS.filter((c) => c.encrypted).map((c) => [c.name, cipherOf(c.name)]));
+  echo = new Echo({ host: location.origin, appName: token.appName, jwt: token.jwt, uuid: session.uuid, cipher });
   echo.addListener({
     message: showMessage,
     presence: ({ channel }) => refreshOnline(channel),
     error: (err) => {
+      // a message on an encrypted channel that this tab's key does not open (or no key yet)
+      if (err.code === "decrypt_failed") showNotice(err.channel, "locked", keys.has(err.channel) ? LOCKED : NO_KEY, err.id);
       // the node is going away: the status line shows the reconnect, no need for a notice
-      if (err.code !== "server_shutdown") showNotice(session.active, "error", `${err.code}: ${err.message}`);
+      else if (err.code !== "server_shutdown") showNotice(session.active, "error", `${err.code}: ${err.message}`);
     },
     state: ({ state, message, retrying }) => {
       if (state === "connected") {
@@ -271,6 +341,7 @@ $("#join-form").addEventListener("submit", (event) => {
 });
 $("#me").addEventListener("click", showJoin);
 $("#composer").addEventListener("submit", send);
+$("#passphrase-form").addEventListener("submit", unlock);
 if (session.name) {
   session.uuid = uuidOf(session.name, session.avatar);
   save();

@@ -63,6 +63,10 @@ FUNCTION_DURATION = Histogram(
 FUNCTION_ERRORS = Counter(
     "echo_function_errors_total", "Echo function failures, by kind", ["function", "kind"]
 )
+CHAIN_CALLS = Counter(
+    "echo_function_chain_calls_total",
+    "Chains of two or more functions run in one runner call (one worker round trip)",
+)
 ASSOCIATIONS_VERSION = Gauge("echo_associations_version", "Version of the associations in force")
 RATE_LIMITED = Counter("echo_publish_rate_limited_total", "Publishes refused by the rate limit")
 HISTORY_APPENDED = PlainCounter(

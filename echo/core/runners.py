@@ -65,6 +65,15 @@ class FunctionErrorKind(StrEnum):
     """The runner itself could not reach the function."""
 
 
+@dataclass(frozen=True)
+class ChainStep:
+    """One function of a chain run in one call: its result (or the FunctionError it ended
+    with) and how long it took."""
+
+    result: Any
+    seconds: float
+
+
 class FunctionError(Exception):
     """An echo function did not produce a usable result; ``kind`` says how."""
 
@@ -101,6 +110,17 @@ class Runner(abc.ABC):
 
     def reload(self, functions: set[str] | None = None) -> None:  # noqa: B027 - optional hook
         """Pick up changed code for ``functions`` (all when None) on the next invoke."""
+
+    def can_chain(self, specs: list[FunctionSpec]) -> bool:
+        """Whether :meth:`invoke_chain` can run these functions in one call (a runner whose
+        every call is a round trip to a worker saves all but one)."""
+        return False
+
+    async def invoke_chain(self, specs: list[FunctionSpec], event: Any,
+                           context: InvocationContext) -> list[ChainStep]:
+        """Each function's step in turn, up to the first None result or FunctionError (last
+        in the list); raises FunctionError when the call as a whole failed."""
+        raise NotImplementedError
 
 
 class RunnerSet(Runner):
@@ -139,6 +159,23 @@ class RunnerSet(Runner):
     def reload(self, functions: set[str] | None = None) -> None:
         for runner in self._runners.values():
             runner.reload(functions)
+
+    def _chain_backend(self, specs: list[FunctionSpec]) -> Runner | None:
+        names = {spec.runner or self.settings.runner for spec in specs}
+        if len(names) != 1:
+            return None
+        runner = self._runners.get(names.pop())
+        return runner if runner is not None and runner.can_chain(specs) else None
+
+    def can_chain(self, specs: list[FunctionSpec]) -> bool:
+        return self._chain_backend(specs) is not None
+
+    async def invoke_chain(self, specs: list[FunctionSpec], event: Any,
+                           context: InvocationContext) -> list[ChainStep]:
+        runner = self._chain_backend(specs)
+        if runner is None:
+            raise FunctionError(specs[0].name, FunctionErrorKind.FAILED, "no runner chains these")
+        return await runner.invoke_chain(specs, event, context)
 
     async def invoke(self, spec: FunctionSpec, event: Any, context: InvocationContext) -> Any:
         try:

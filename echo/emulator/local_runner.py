@@ -30,7 +30,7 @@ import shutil
 import signal
 import sys
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,13 @@ import orjson
 
 from echo.config import Settings
 from echo.core.functions import FunctionConfigError, FunctionSpec, discover
-from echo.core.runners import FunctionError, FunctionErrorKind, InvocationContext, Runner
+from echo.core.runners import (
+    ChainStep,
+    FunctionError,
+    FunctionErrorKind,
+    InvocationContext,
+    Runner,
+)
 from echo.emulator import dependencies
 
 log = logging.getLogger("echo.runner.local")
@@ -224,6 +230,45 @@ class LocalRunner(Runner):
         if not response.get("ok"):
             raise FunctionError(function, response.get("kind", "raised"), response.get("detail", ""))
         return response.get("result")
+
+    def can_chain(self, specs: list[FunctionSpec]) -> bool:
+        """Whether ``specs`` can run in one worker round trip: Python functions of this pool
+        with folders (the JavaScript worker runs one function per call)."""
+        return (self.language == "python" and not self._closed
+                and all(spec.language == "python" and spec.path is not None for spec in specs))
+
+    async def invoke_chain(self, specs: list[FunctionSpec], event: Any,
+                           context: InvocationContext) -> list[ChainStep]:
+        """Run ``specs`` one after another in one worker call; return each one's step up to
+        the first that filtered (None) or failed (a FunctionError, last in the list). Raises
+        FunctionError when the call as a whole failed (the worker crashed or hung past every
+        timeout): which function did it is then unknown."""
+        call_id = next(self._ids)
+        request = {
+            "id": call_id,
+            "chain": [{"function": spec.name, "path": str(spec.path),
+                       "deps": self._deps_of(spec.path),  # type: ignore[arg-type]
+                       "handler": spec.handler, "timeout": spec.timeout} for spec in specs],
+            "event": event,
+            "context": context.as_dict(),
+        }
+        # each function's own timeout is kept in the worker; this one is the backstop
+        backstop = replace(specs[0], timeout=sum(spec.timeout for spec in specs) + KILL_GRACE)
+        answer = asyncio.get_running_loop().create_future()
+        self._waiting.append(_Call(backstop, call_id, orjson.dumps(request) + b"\n", answer))
+        self._dispatch()
+        response = await answer
+        if not response.get("ok"):
+            raise FunctionError(specs[0].name, response.get("kind", "raised"),
+                                response.get("detail", ""))
+        results: list[Any] = list(response.get("results") or [])
+        seconds: list[float] = list(response.get("seconds") or [])
+        failed = response.get("failed")
+        if failed is not None and len(results) < len(specs):
+            results.append(FunctionError(specs[len(results)].name, failed.get("kind", "raised"),
+                                         failed.get("detail", "")))
+        seconds += [0.0] * (len(results) - len(seconds))
+        return [ChainStep(result, took) for result, took in zip(results, seconds, strict=False)]
 
     def _deps_of(self, folder: Path) -> str | None:
         if folder not in self._deps:

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import select
+import signal
 import sys
 import threading
 import time
@@ -161,6 +162,64 @@ def handle(request: dict[str, Any]) -> dict[str, Any]:
     return response
 
 
+class _HopTimeout(BaseException):
+    """A chained function ran past its own timeout (not an Exception: the handler's own
+    ``except Exception`` must not swallow it)."""
+
+
+def _on_alarm(signum: int, frame: Any) -> None:
+    raise _HopTimeout
+
+
+def _strict_json(value: Any) -> Any:
+    """``value`` as the server would read it back, or ValueError: what a per-function call's
+    answer is held to (:func:`_encoded`), applied between chained functions."""
+    try:
+        out = orjson.dumps(value)
+        if b"null" in out:
+            json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise ValueError(f"returned {type(value).__name__}, which is not JSON this server "
+                         f"carries ({str(exc)[:200]})") from None
+    return orjson.loads(out)
+
+
+def handle_chain(request: dict[str, Any]) -> dict[str, Any]:
+    """Run a channel's functions one after another in this one round trip. The answer lists
+    each function's result up to the first that filtered the message (None) or failed
+    (``failed``: its kind and detail); the server applies each one's policy from there."""
+    value = request["event"]
+    results: list[Any] = []
+    seconds: list[float] = []
+    previous = signal.signal(signal.SIGALRM, _on_alarm)
+    try:
+        for hop in request["chain"]:
+            started = time.perf_counter()
+            signal.setitimer(signal.ITIMER_REAL, hop["timeout"])
+            try:
+                answer = _handle({**hop, "event": value, "context": request["context"]})
+            except _HopTimeout:
+                answer = {"ok": False, "kind": "timeout",
+                          "detail": f"no result within {hop['timeout']:g}s"}
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            seconds.append(time.perf_counter() - started)
+            if answer["ok"]:
+                try:
+                    value = _strict_json(answer["result"])
+                except ValueError as exc:
+                    answer = {"ok": False, "kind": "bad_result", "detail": str(exc)}
+            if not answer["ok"]:
+                return {"ok": True, "results": results, "seconds": seconds,
+                        "failed": {"kind": answer["kind"], "detail": answer["detail"]}}
+            results.append(value)
+            if value is None:
+                break
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    return {"ok": True, "results": results, "seconds": seconds}
+
+
 def _handle(request: dict[str, Any], traceback_wanted: bool = False) -> dict[str, Any]:
     try:
         handler = _load_handler(request)
@@ -286,7 +345,7 @@ def main() -> None:
 def _serve(answers: _Answers) -> None:
     for line, more_coming in _requests(sys.stdin.fileno()):
         request = orjson.loads(line)  # written by the server with orjson: no big integers
-        response = handle(request)
+        response = handle_chain(request) if "chain" in request else handle(request)
         response["id"] = request["id"]
         answers.add(_encoded(response) + b"\n", more_coming=more_coming)
 

@@ -45,6 +45,9 @@ pytestmark = pytest.mark.aws
 
 IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/echo:test"
 REDIS = "redis://redis.internal.example:6379/0"
+HTTP = "allow_http=true"  # a test deployment: no domain, so no certificate
+DOMAIN, ZONE = "chat.example.com", "Z0123456789ABCDEFGHIJ"
+CERT = "arn:aws:acm:us-east-1:123456789012:certificate/0b1c-2d3e"
 
 # moto's own server, plus a delete for route tables (moto's CloudFormation model lacks it)
 MOTO_LAUNCHER = """
@@ -137,12 +140,13 @@ def resources_of(template: dict[str, Any], kind: str) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("options", [
-    (),
-    ("long_polling=true", f"redis_url={REDIS}", "min_tasks=2", "max_tasks=8"),
-    ("certificate_arn=arn:aws:acm:us-east-1:123456789012:certificate/0b1c-2d3e",
+    (HTTP,),
+    (HTTP, "long_polling=true", f"redis_url={REDIS}", "min_tasks=2", "max_tasks=8"),
+    (f"domain={DOMAIN}", f"certificate_arn={CERT}",
      "task_cpu=1024", "task_memory=4096", "cache_node_type=cache.t4g.small",
      "architecture=arm64", f"image={IMAGE}"),
-], ids=["defaults", "long-polling-own-redis", "https-bigger"])
+    (f"domain={DOMAIN}", f"hosted_zone_id={ZONE}"),
+], ids=["http-test", "long-polling-own-redis", "own-certificate-bigger", "domain-hosted-zone"])
 def test_template_passes_cfn_lint(tmp_path: Path, options: tuple[str, ...]) -> None:
     project = make_project(tmp_path / "lint-me")
     synth(project, tmp_path / "out", *options)
@@ -159,7 +163,7 @@ def test_template_passes_cfn_lint(tmp_path: Path, options: tuple[str, ...]) -> N
 def test_template_wiring(tmp_path: Path) -> None:
     """What moto cannot create or keeps no record of, checked in the default template."""
     project = make_project(tmp_path / "wiring")
-    template = synth(project, tmp_path / "out")
+    template = synth(project, tmp_path / "out", HTTP)
 
     # ALB: idle timeout above Socket.IO's ping interval + timeout (25 + 20 s)
     (alb,) = resources_of(template, "AWS::ElasticLoadBalancingV2::LoadBalancer").values()
@@ -178,7 +182,7 @@ def test_template_wiring(tmp_path: Path) -> None:
     assert float(environment["ECHO_KEEP_ALIVE_TIMEOUT"]) > float(idle)
     tg_attributes = {a["Key"]: a["Value"] for a in group["Properties"]["TargetGroupAttributes"]}
     assert tg_attributes["stickiness.enabled"] == "false"
-    sticky = synth(project, tmp_path / "sticky", "long_polling=true")
+    sticky = synth(project, tmp_path / "sticky", HTTP, "long_polling=true")
     (group,) = resources_of(sticky, "AWS::ElasticLoadBalancingV2::TargetGroup").values()
     tg_attributes = {a["Key"]: a["Value"] for a in group["Properties"]["TargetGroupAttributes"]}
     assert tg_attributes["stickiness.enabled"] == "true"
@@ -232,6 +236,10 @@ def test_bad_options_are_refused_with_a_reason(tmp_path: Path) -> None:
         ("redis_url=redis://user:pw@host:6379/0",): "must not carry a user or password",
         ("long_polling=maybe",): "-o long_polling: expected true or false, got 'maybe'",
         ("region=mars",): "not a region name",
+        ("domain=-bad-.example.com",): "-o domain=-bad-.example.com: not a host name",
+        ("domain=nodot",): "-o domain=nodot: not a host name",
+        (f"domain={DOMAIN}", "hosted_zone_id=z123"): "not a Route 53 hosted zone id",
+        ("certificate_arn=arn:aws:acm:nope",): "not an ACM certificate ARN",
     }
     for options, message in cases.items():
         result = echoctl(project, "deploy", "--target", "aws", "--dry-run", "--out",
@@ -241,13 +249,84 @@ def test_bad_options_are_refused_with_a_reason(tmp_path: Path) -> None:
         assert "Traceback" not in result.stderr
 
 
+def test_no_domain_is_refused_unless_http_is_allowed(tmp_path: Path) -> None:
+    """Plain HTTP would carry every token in clear: refused unless asked for by name."""
+    project = make_project(tmp_path / "plain")
+    cases = {
+        (): "no domain: the endpoint would be plain HTTP",
+        (f"certificate_arn={CERT}",): "-o certificate_arn needs -o domain=NAME",
+        (f"hosted_zone_id={ZONE}",): "-o hosted_zone_id needs -o domain=NAME",
+        (f"domain={DOMAIN}",): f"-o domain={DOMAIN} needs -o hosted_zone_id=ZONE",
+    }
+    for options, message in cases.items():
+        for dry_run in (["--dry-run", "--out", str(tmp_path / "out")], []):
+            result = echoctl(project, "deploy", "--target", "aws", *dry_run,
+                             f"-oendpoint_url=http://127.0.0.1:{free_port()}",
+                             *[f"-o{o}" for o in options])
+            assert result.returncode == 1, (options, result.stderr)
+            text = " ".join(result.stderr.split())
+            assert message in text, (options, result.stderr)
+            assert "Traceback" not in result.stderr
+            if not options:  # the fix is named, all three ways
+                assert "-o domain=NAME -o hosted_zone_id=ZONE" in text
+                assert "-o domain=NAME -o certificate_arn=ARN" in text
+                assert "-o allow_http=true" in text
+    assert not (tmp_path / "out" / "template.json").exists()
+    assert not (project / ".echo" / "targets" / "aws.json").exists()
+
+
+def test_domain_with_hosted_zone_creates_certificate_and_alias(tmp_path: Path) -> None:
+    project = make_project(tmp_path / "zoned")
+    template = synth(project, tmp_path / "out", f"domain={DOMAIN}", f"hosted_zone_id={ZONE}")
+    resources = template["Resources"]
+    (certificate,) = resources_of(template, "AWS::CertificateManager::Certificate").values()
+    assert certificate["Properties"]["DomainName"] == DOMAIN
+    assert certificate["Properties"]["ValidationMethod"] == "DNS"
+    assert certificate["Properties"]["DomainValidationOptions"] == [
+        {"DomainName": DOMAIN, "HostedZoneId": ZONE}]
+    (record,) = resources_of(template, "AWS::Route53::RecordSet").values()
+    assert (record["Properties"]["HostedZoneId"], record["Properties"]["Name"],
+            record["Properties"]["Type"]) == (ZONE, DOMAIN, "A")
+    alias = record["Properties"]["AliasTarget"]
+    assert alias["DNSName"] == {"Fn::GetAtt": ["LoadBalancer", "DNSName"]}
+    assert alias["HostedZoneId"] == {"Fn::GetAtt": ["LoadBalancer", "CanonicalHostedZoneID"]}
+    https = resources["HttpsListener"]["Properties"]
+    assert (https["Port"], https["Protocol"]) == (443, "HTTPS")
+    assert https["Certificates"] == [{"CertificateArn": {"Ref": "Certificate"}}]
+    assert https["DefaultActions"] == [{"Type": "forward", "TargetGroupArn": {"Ref": "TargetGroup"}}]
+    redirect = resources["HttpListener"]["Properties"]
+    assert redirect["Port"] == 80
+    assert redirect["DefaultActions"][0]["RedirectConfig"]["Protocol"] == "HTTPS"
+    ports = {rule["FromPort"] for rule in resources["LoadBalancerSecurityGroup"]["Properties"][
+        "SecurityGroupIngress"]}
+    assert ports == {80, 443}
+    assert template["Outputs"]["Endpoint"]["Value"] == f"https://{DOMAIN}"
+
+
+def test_domain_with_own_certificate_says_where_to_point_dns(tmp_path: Path) -> None:
+    project = make_project(tmp_path / "own-cert")
+    template = synth(project, tmp_path / "out", f"domain={DOMAIN.upper()}.",
+                     f"certificate_arn={CERT}")
+    assert not resources_of(template, "AWS::CertificateManager::Certificate")
+    assert not resources_of(template, "AWS::Route53::RecordSet")
+    https = template["Resources"]["HttpsListener"]["Properties"]
+    assert (https["Port"], https["Certificates"]) == (443, [{"CertificateArn": CERT}])
+    assert template["Resources"]["HttpListener"]["Properties"]["DefaultActions"][0]["Type"] \
+        == "redirect"
+    endpoint = template["Outputs"]["Endpoint"]
+    assert endpoint["Value"] == f"https://{DOMAIN}"
+    assert f"once {DOMAIN} points at the load balancer" in endpoint["Description"]
+    assert template["Outputs"]["LoadBalancerDNSName"]["Value"] == {
+        "Fn::GetAtt": ["LoadBalancer", "DNSName"]}
+
+
 # -- dry run --------------------------------------------------------------------------
 
 
 def test_dry_run_writes_template_and_zips_and_deploys_nothing(moto: MotoServer, tmp_path: Path) -> None:
     project = make_project(tmp_path / "dry")
     out = tmp_path / "synth"
-    template = synth(project, out, f"endpoint_url={moto.url}")
+    template = synth(project, out, f"endpoint_url={moto.url}", HTTP)
     assert template["Resources"]
     manifest = json.loads((out / "manifest.json").read_text())
     expected = lambda_functions(project)
@@ -276,12 +355,13 @@ def test_unreachable_aws_and_docker_give_a_next_step(tmp_path: Path) -> None:
     project = make_project(tmp_path / "nowhere")
     dead = f"http://127.0.0.1:{free_port()}"
     result = echoctl(project, "deploy", "--target", "aws", f"-oendpoint_url={dead}",
-                     f"-oimage={IMAGE}")
+                     f"-oimage={IMAGE}", f"-o{HTTP}")
     assert result.returncode == 1
     assert "cannot reach AWS" in result.stderr and "Traceback" not in result.stderr
     # no image given and no Docker engine: the build is impossible, say what to do
     env = {**aws_env(tmp_path), "DOCKER_HOST": "unix:///nonexistent/docker.sock"}
-    result = echoctl(project, "deploy", "--target", "aws", f"-oendpoint_url={dead}", env=env)
+    result = echoctl(project, "deploy", "--target", "aws", f"-oendpoint_url={dead}", f"-o{HTTP}",
+                     env=env)
     assert result.returncode == 1
     assert "Docker is not reachable" in result.stderr and "-o image=URI" in result.stderr
     assert "Traceback" not in result.stderr
@@ -391,7 +471,8 @@ def _stack_roles(iam: Any, stack: str) -> dict[str, str]:
 def test_deploy_status_push_functions_redeploy_teardown(moto: MotoServer, tmp_path: Path) -> None:
     project = make_project(tmp_path / "echo-e2e")
     stack, prefix = "echo-e2e", "echo-e2e_"
-    options = [f"-oendpoint_url={moto.url}", f"-oimage={IMAGE}", f"-oredis_url={REDIS}"]
+    options = [f"-oendpoint_url={moto.url}", f"-oimage={IMAGE}", f"-oredis_url={REDIS}",
+               f"-o{HTTP}"]
     cfn, lam, s3, ecs, iam, elbv2, sm = (moto.client(s) for s in (
         "cloudformation", "lambda", "s3", "ecs", "iam", "elbv2", "secretsmanager"))
     transcript: list[str] = []
@@ -633,7 +714,7 @@ def test_built_image_fetches_associations_from_s3_and_serves(moto: MotoServer,
                         "(or set ECHO_TEST_BASE_IMAGE)")
     project = make_project(tmp_path / "echo-image")
     deployed = echoctl(project, "deploy", "--target", "aws", f"-oendpoint_url={moto.url}",
-                       f"-oredis_url={REDIS}",
+                       f"-oredis_url={REDIS}", f"-o{HTTP}",
                        *([f"-obase_image={base_image}"] if base_image else []), timeout=900)
     try:
         assert deployed.returncode == 1, deployed.stderr

@@ -36,7 +36,12 @@ OPTION_HELP: dict[str, str] = {
     "cache_node_type": "ElastiCache node type",
     "redis_url": "use this Redis instead of creating an ElastiCache node",
     "long_polling": "true: sticky target group, so HTTP long-polling clients work",
-    "certificate_arn": "ACM certificate: serve HTTPS on 443 and redirect 80 to it",
+    "domain": "the name clients use (chat.example.com): HTTPS on 443, 80 redirects to it",
+    "hosted_zone_id": "Route 53 zone of domain: create and DNS-validate its certificate, "
+                      "and alias the name to the load balancer",
+    "certificate_arn": "your ACM certificate for domain (then you point its DNS at the ALB)",
+    "allow_http": "true: without a domain, plain HTTP on 80 (tokens cross the network in "
+                  "clear; test deployments only)",
     "timeout": "minutes to wait for a stack change (1..180)",
 }
 
@@ -44,6 +49,9 @@ STACK_NAME = re.compile(r"^[a-zA-Z][-a-zA-Z0-9]{0,27}$")
 REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d$")
 CACHE_NODE = re.compile(r"^cache\.[a-z0-9]+\.[a-z0-9]+$")
 IMAGE = re.compile(r"^[a-z0-9][a-z0-9._/:@+-]*$", re.IGNORECASE)
+HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+HOSTED_ZONE = re.compile(r"^Z[A-Z0-9]{1,31}$")
 CERTIFICATE = re.compile(r"^arn:aws[a-z-]*:acm:[a-z0-9-]+:\d{12}:certificate/[A-Za-z0-9-]+$")
 
 
@@ -63,7 +71,10 @@ class AwsOptions:
     cache_node_type: str = "cache.t4g.micro"
     redis_url: str | None = None
     long_polling: bool = False
+    domain: str | None = None
+    hosted_zone_id: str | None = None
     certificate_arn: str | None = None
+    allow_http: bool = False
     timeout_minutes: int = 45
 
     @property
@@ -71,6 +82,32 @@ class AwsOptions:
         """Function names on Lambda: ``STACK_name``. Stack names cannot hold ``_``, so
         ``STACK_*`` matches this deployment's functions and no other stack's."""
         return f"{self.stack_name}_"
+
+    @property
+    def https(self) -> bool:
+        """HTTPS needs a name a certificate can cover: the ALB's own DNS name is not one."""
+        return self.domain is not None
+
+    def exposure_problem(self) -> str | None:
+        """Why this deployment must not go up as configured (None when it may).
+
+        Checked by deploy and ``--dry-run`` only, so status and teardown of an older
+        deployment still work with its remembered options.
+        """
+        fix = ("pass -o domain=NAME -o hosted_zone_id=ZONE (certificate and DNS created), "
+               "or -o domain=NAME -o certificate_arn=ARN (your certificate), or -o "
+               "allow_http=true for a test deployment whose tokens cross the network in clear")
+        if self.domain is None:
+            if self.hosted_zone_id or self.certificate_arn:
+                given = "hosted_zone_id" if self.hosted_zone_id else "certificate_arn"
+                return f"-o {given} needs -o domain=NAME, the name clients use; {fix}"
+            if not self.allow_http:
+                return f"no domain: the endpoint would be plain HTTP; {fix}"
+            return None
+        if not (self.hosted_zone_id or self.certificate_arn):
+            return (f"-o domain={self.domain} needs -o hosted_zone_id=ZONE (the Route 53 zone "
+                    "that holds it) or -o certificate_arn=ARN (an ACM certificate for it)")
+        return None
 
 
 def default_stack_name(project_dir: Path) -> str:
@@ -157,6 +194,19 @@ def parse_options(raw: dict[str, str], project_dir: Path) -> AwsOptions:
         values["redis_url"] = url
     if "long_polling" in raw:
         values["long_polling"] = to_bool("-o long_polling", raw["long_polling"])
+    if "domain" in raw:
+        domain = raw["domain"].lower().rstrip(".")
+        if not HOSTNAME.match(domain):
+            raise ValueError(f"-o domain={raw['domain']}: not a host name (e.g. chat.example.com)")
+        values["domain"] = domain
+    if "hosted_zone_id" in raw:
+        if not HOSTED_ZONE.match(raw["hosted_zone_id"]):
+            raise ValueError(
+                f"-o hosted_zone_id={raw['hosted_zone_id']}: not a Route 53 hosted zone id "
+                "(Z followed by capitals and digits, `aws route53 list-hosted-zones`)")
+        values["hosted_zone_id"] = raw["hosted_zone_id"]
+    if "allow_http" in raw:
+        values["allow_http"] = to_bool("-o allow_http", raw["allow_http"])
     if "certificate_arn" in raw:
         if not CERTIFICATE.match(raw["certificate_arn"]):
             raise ValueError(

@@ -142,6 +142,12 @@ class AwsTarget(Target):
     def repository(self) -> str:
         return self.opts.stack_name.lower()
 
+    def _require_safe_exposure(self) -> None:
+        """Refuse an endpoint whose tokens would cross the internet in clear, unless asked."""
+        problem = self.opts.exposure_problem()
+        if problem:
+            raise TargetError(problem)
+
     def _require_deployment(self) -> dict[str, Any]:
         details = self.load_state().get("details", {})
         if not details.get("bucket"):
@@ -188,6 +194,7 @@ class AwsTarget(Target):
 
     @_aws_errors
     def synth(self, out: Path, progress: Progress) -> list[Path]:
+        self._require_safe_exposure()
         specs = self.lambda_specs(progress)
         self.load_associations()
         out.mkdir(parents=True, exist_ok=True)
@@ -221,6 +228,7 @@ class AwsTarget(Target):
 
     @_aws_errors
     def deploy(self, progress: Progress) -> Outputs:
+        self._require_safe_exposure()
         started = time.monotonic()
         specs = self.lambda_specs(progress)
         associations = self.load_associations()
@@ -252,6 +260,9 @@ class AwsTarget(Target):
             **({"repository": self.repository} if not self.opts.image else {}),
         }
         endpoint = outputs["Endpoint"]
+        if self.opts.domain and not self.opts.hosted_zone_id:
+            progress(f"point {self.opts.domain} at {outputs.get('LoadBalancerDNSName')} (CNAME, "
+                     f"or an alias A record in Route 53): clients connect to {endpoint}")
         # recorded now, so teardown finds the stack even if a later step fails
         self.save_state({"endpoint": endpoint, "details": details, "options": self.given})
         changed, removed = self._sync_functions(specs, details["functionRoleArn"], progress)

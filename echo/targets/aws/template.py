@@ -112,7 +112,7 @@ def _network(opts: AwsOptions) -> Json:
 
 
 def _security_groups(opts: AwsOptions) -> Json:
-    alb_ports = [80, 443] if opts.certificate_arn else [80]
+    alb_ports = [80, 443] if opts.https else [80]
     resources: Json = {
         "LoadBalancerSecurityGroup": {"Type": "AWS::EC2::SecurityGroup", "Properties": {
             "GroupDescription": f"{opts.stack_name}: HTTP(S) from anywhere to the load balancer",
@@ -218,6 +218,49 @@ def _roles(opts: AwsOptions, image_repository_arn: str | Json | None) -> Json:
     }
 
 
+def _listeners(opts: AwsOptions) -> Json:
+    """HTTPS on 443 with 80 redirecting to it when there is a domain; else HTTP on 80 only."""
+    if not opts.https:
+        return {
+            "HttpListener": {"Type": "AWS::ElasticLoadBalancingV2::Listener", "Properties": {
+                "LoadBalancerArn": _ref("LoadBalancer"), "Port": 80, "Protocol": "HTTP",
+                "DefaultActions": [{"Type": "forward", "TargetGroupArn": _ref("TargetGroup")}]}},
+        }
+    certificate: Any = opts.certificate_arn or _ref("Certificate")
+    return {
+        "HttpsListener": {"Type": "AWS::ElasticLoadBalancingV2::Listener", "Properties": {
+            "LoadBalancerArn": _ref("LoadBalancer"), "Port": 443, "Protocol": "HTTPS",
+            "SslPolicy": "ELBSecurityPolicy-TLS13-1-2-2021-06",
+            "Certificates": [{"CertificateArn": certificate}],
+            "DefaultActions": [{"Type": "forward", "TargetGroupArn": _ref("TargetGroup")}]}},
+        "HttpListener": {"Type": "AWS::ElasticLoadBalancingV2::Listener", "Properties": {
+            "LoadBalancerArn": _ref("LoadBalancer"), "Port": 80, "Protocol": "HTTP",
+            "DefaultActions": [{"Type": "redirect", "RedirectConfig": {
+                "Protocol": "HTTPS", "Port": "443", "StatusCode": "HTTP_301"}}]}},
+    }
+
+
+def _dns(opts: AwsOptions) -> Json:
+    """With a hosted zone: the domain's certificate (validated by DNS in that zone, so the
+    stack needs no one to click an email) and an alias record from the domain to the ALB."""
+    if not (opts.domain and opts.hosted_zone_id):
+        return {}
+    resources: Json = {
+        "DnsRecord": {"Type": "AWS::Route53::RecordSet", "Properties": {
+            "HostedZoneId": opts.hosted_zone_id, "Name": opts.domain, "Type": "A",
+            "AliasTarget": {"DNSName": _att("LoadBalancer", "DNSName"),
+                            "HostedZoneId": _att("LoadBalancer", "CanonicalHostedZoneID"),
+                            "EvaluateTargetHealth": False}}},
+    }
+    if not opts.certificate_arn:
+        resources["Certificate"] = {"Type": "AWS::CertificateManager::Certificate", "Properties": {
+            "DomainName": opts.domain, "ValidationMethod": "DNS",
+            "DomainValidationOptions": [{"DomainName": opts.domain,
+                                         "HostedZoneId": opts.hosted_zone_id}],
+            "Tags": _tags(opts, "certificate")}}
+    return resources
+
+
 def _service(opts: AwsOptions, architecture: str) -> Json:
     redis_url: Any = opts.redis_url or _sub(
         "redis://${Cache.RedisEndpoint.Address}:${Cache.RedisEndpoint.Port}/0")
@@ -237,24 +280,7 @@ def _service(opts: AwsOptions, architecture: str) -> Json:
         {"Name": "ECHO_ASSOCIATIONS_S3", "Value": _sub(f"s3://${{Bucket}}/{ASSOCIATIONS_KEY}")},
     ]
     subnets = [_ref("PublicSubnetA"), _ref("PublicSubnetB")]
-    if opts.certificate_arn:
-        listeners: Json = {
-            "HttpsListener": {"Type": "AWS::ElasticLoadBalancingV2::Listener", "Properties": {
-                "LoadBalancerArn": _ref("LoadBalancer"), "Port": 443, "Protocol": "HTTPS",
-                "SslPolicy": "ELBSecurityPolicy-TLS13-1-2-2021-06",
-                "Certificates": [{"CertificateArn": opts.certificate_arn}],
-                "DefaultActions": [{"Type": "forward", "TargetGroupArn": _ref("TargetGroup")}]}},
-            "HttpListener": {"Type": "AWS::ElasticLoadBalancingV2::Listener", "Properties": {
-                "LoadBalancerArn": _ref("LoadBalancer"), "Port": 80, "Protocol": "HTTP",
-                "DefaultActions": [{"Type": "redirect", "RedirectConfig": {
-                    "Protocol": "HTTPS", "Port": "443", "StatusCode": "HTTP_301"}}]}},
-        }
-    else:
-        listeners = {
-            "HttpListener": {"Type": "AWS::ElasticLoadBalancingV2::Listener", "Properties": {
-                "LoadBalancerArn": _ref("LoadBalancer"), "Port": 80, "Protocol": "HTTP",
-                "DefaultActions": [{"Type": "forward", "TargetGroupArn": _ref("TargetGroup")}]}},
-        }
+    listeners = _listeners(opts)
     return {
         "LoadBalancer": {"Type": "AWS::ElasticLoadBalancingV2::LoadBalancer", "Properties": {
             "Type": "application", "Scheme": "internet-facing", "Subnets": subnets,
@@ -341,10 +367,19 @@ def _service(opts: AwsOptions, architecture: str) -> Json:
 def render(opts: AwsOptions, architecture: str = "x86_64",
            image_repository_arn: str | Json | None = None) -> Json:
     """The template for ``opts``: same options, same template (so no-op updates stay no-ops)."""
-    scheme = "https" if opts.certificate_arn else "http"
+    if not opts.domain:
+        endpoint: Json = {"Description": "Where clients connect (plain HTTP: test deployments)",
+                          "Value": _sub("http://${LoadBalancer.DNSName}")}
+    elif opts.hosted_zone_id:
+        endpoint = {"Description": "Where clients connect", "Value": f"https://{opts.domain}"}
+    else:
+        endpoint = {"Description": f"Where clients connect, once {opts.domain} points at the "
+                                   "load balancer (CNAME or alias to LoadBalancerDNSName)",
+                    "Value": f"https://{opts.domain}"}
     outputs: Json = {
-        "Endpoint": {"Description": "Where clients connect",
-                     "Value": _sub(f"{scheme}://${{LoadBalancer.DNSName}}")},
+        "Endpoint": endpoint,
+        "LoadBalancerDNSName": {"Description": "Point the domain's DNS here",
+                                "Value": _att("LoadBalancer", "DNSName")},
         "BucketName": {"Description": "Holds associations.json", "Value": _ref("Bucket")},
         "ClusterName": {"Value": _ref("Cluster")},
         "ServiceName": {"Value": _att("Service", "Name")},
@@ -365,7 +400,7 @@ def render(opts: AwsOptions, architecture: str = "x86_64",
         },
         "Resources": {
             **_network(opts), **_security_groups(opts), **_cache(opts), **_storage(opts),
-            **_roles(opts, image_repository_arn), **_service(opts, architecture),
+            **_roles(opts, image_repository_arn), **_service(opts, architecture), **_dns(opts),
         },
         "Outputs": outputs,
     }

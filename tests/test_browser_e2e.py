@@ -28,6 +28,7 @@ from tests.conftest import TEST_APP, Client, EchoProcess, connect
 from tests.test_browser_chat import WAIT_MS, Person, browser  # noqa: F401 (the fixture)
 
 pytestmark = pytest.mark.browser
+WIRE_TESTS = True  # every test here runs on both transports (conftest.py)
 
 try:
     from playwright.sync_api import expect

@@ -47,6 +47,7 @@ IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/echo:test"
 REDIS = "redis://redis.internal.example:6379/0"
 HTTP = "allow_http=true"  # a test deployment: no domain, so no certificate
 DOMAIN, ZONE = "chat.example.com", "Z0123456789ABCDEFGHIJ"
+VPC, SUBNETS = "vpc-0a1b2c3d4e5f60718", ("subnet-0a1b2c3d4e5f60719", "subnet-1a2b3c4d")
 CERT = "arn:aws:acm:us-east-1:123456789012:certificate/0b1c-2d3e"
 
 # moto's own server, plus a delete for route tables (moto's CloudFormation model lacks it)
@@ -146,7 +147,9 @@ def resources_of(template: dict[str, Any], kind: str) -> dict[str, Any]:
      "task_cpu=1024", "task_memory=4096", "cache_node_type=cache.t4g.small",
      "architecture=arm64", f"image={IMAGE}"),
     (f"domain={DOMAIN}", f"hosted_zone_id={ZONE}"),
-], ids=["http-test", "long-polling-own-redis", "own-certificate-bigger", "domain-hosted-zone"])
+    (HTTP, f"vpc_id={VPC}", f"subnet_ids={','.join(SUBNETS)}"),
+], ids=["http-test", "long-polling-own-redis", "own-certificate-bigger", "domain-hosted-zone",
+        "existing-vpc"])
 def test_template_passes_cfn_lint(tmp_path: Path, options: tuple[str, ...]) -> None:
     project = make_project(tmp_path / "lint-me")
     synth(project, tmp_path / "out", *options)
@@ -240,6 +243,11 @@ def test_bad_options_are_refused_with_a_reason(tmp_path: Path) -> None:
         ("domain=nodot",): "-o domain=nodot: not a host name",
         (f"domain={DOMAIN}", "hosted_zone_id=z123"): "not a Route 53 hosted zone id",
         ("certificate_arn=arn:aws:acm:nope",): "not an ACM certificate ARN",
+        (f"vpc_id={VPC}",): "-o vpc_id and -o subnet_ids go together",
+        (f"subnet_ids={SUBNETS[0]},{SUBNETS[1]}",): "-o vpc_id and -o subnet_ids go together",
+        ("vpc_id=vpc-xyz", f"subnet_ids={SUBNETS[0]},{SUBNETS[1]}"): "-o vpc_id=vpc-xyz: not a VPC",
+        (f"vpc_id={VPC}", f"subnet_ids={SUBNETS[0]},sub-1"): "'sub-1' is not a subnet id",
+        (f"vpc_id={VPC}", f"subnet_ids={SUBNETS[0]},{SUBNETS[0]}"): "at least two subnets",
     }
     for options, message in cases.items():
         result = echoctl(project, "deploy", "--target", "aws", "--dry-run", "--out",
@@ -318,6 +326,27 @@ def test_domain_with_own_certificate_says_where_to_point_dns(tmp_path: Path) -> 
     assert f"once {DOMAIN} points at the load balancer" in endpoint["Description"]
     assert template["Outputs"]["LoadBalancerDNSName"]["Value"] == {
         "Fn::GetAtt": ["LoadBalancer", "DNSName"]}
+
+
+def test_existing_vpc_creates_no_network_and_uses_its_ids(tmp_path: Path) -> None:
+    project = make_project(tmp_path / "in-vpc")
+    template = synth(project, tmp_path / "out", HTTP, f"vpc_id={VPC}",
+                     f"subnet_ids={SUBNETS[0]}, {SUBNETS[1]}")
+    for kind in ("VPC", "InternetGateway", "VPCGatewayAttachment", "RouteTable", "Route",
+                 "Subnet", "SubnetRouteTableAssociation"):
+        assert not resources_of(template, f"AWS::EC2::{kind}"), kind
+    resources = template["Resources"]
+    for name in ("LoadBalancerSecurityGroup", "TaskSecurityGroup", "CacheSecurityGroup",
+                 "TargetGroup"):
+        assert resources[name]["Properties"]["VpcId"] == VPC, name
+    assert resources["LoadBalancer"]["Properties"]["Subnets"] == list(SUBNETS)
+    network = resources["Service"]["Properties"]["NetworkConfiguration"]["AwsvpcConfiguration"]
+    assert network["Subnets"] == list(SUBNETS)
+    assert resources["CacheSubnetGroup"]["Properties"]["SubnetIds"] == list(SUBNETS)
+    assert "PublicRoute" not in resources["Service"]["DependsOn"]
+    # nothing refers to a resource the stack no longer has
+    text = json.dumps(template)
+    assert all(name not in text for name in ('"Vpc"', "PublicSubnet", "PublicRoute"))
 
 
 # -- dry run --------------------------------------------------------------------------

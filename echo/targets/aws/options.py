@@ -35,6 +35,9 @@ OPTION_HELP: dict[str, str] = {
     "max_tasks": "most tasks autoscaling starts",
     "cache_node_type": "ElastiCache node type",
     "redis_url": "use this Redis instead of creating an ElastiCache node",
+    "vpc_id": "deploy into this VPC (with subnet_ids) instead of creating one",
+    "subnet_ids": "comma-separated subnets of vpc_id, two or more in different AZs, with a "
+                  "route to the internet",
     "long_polling": "true: sticky target group, so HTTP long-polling clients work",
     "domain": "the name clients use (chat.example.com): HTTPS on 443, 80 redirects to it",
     "hosted_zone_id": "Route 53 zone of domain: create and DNS-validate its certificate, "
@@ -49,6 +52,8 @@ STACK_NAME = re.compile(r"^[a-zA-Z][-a-zA-Z0-9]{0,27}$")
 REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d$")
 CACHE_NODE = re.compile(r"^cache\.[a-z0-9]+\.[a-z0-9]+$")
 IMAGE = re.compile(r"^[a-z0-9][a-z0-9._/:@+-]*$", re.IGNORECASE)
+VPC = re.compile(r"^vpc-[0-9a-f]{8}(?:[0-9a-f]{9})?$")
+SUBNET = re.compile(r"^subnet-[0-9a-f]{8}(?:[0-9a-f]{9})?$")
 HOSTNAME = re.compile(
     r"^(?=.{1,253}$)(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 HOSTED_ZONE = re.compile(r"^Z[A-Z0-9]{1,31}$")
@@ -71,6 +76,8 @@ class AwsOptions:
     cache_node_type: str = "cache.t4g.micro"
     redis_url: str | None = None
     long_polling: bool = False
+    vpc_id: str | None = None
+    subnet_ids: tuple[str, ...] = ()
     domain: str | None = None
     hosted_zone_id: str | None = None
     certificate_arn: str | None = None
@@ -192,6 +199,20 @@ def parse_options(raw: dict[str, str], project_dir: Path) -> AwsOptions:
                 "task definition); use a Redis reachable only from the VPC"
             )
         values["redis_url"] = url
+    if ("vpc_id" in raw) != ("subnet_ids" in raw):
+        raise ValueError("-o vpc_id and -o subnet_ids go together: the VPC and two or more of "
+                         "its subnets (e.g. -o subnet_ids=subnet-aaa,subnet-bbb)")
+    if "vpc_id" in raw:
+        if not VPC.match(raw["vpc_id"]):
+            raise ValueError(f"-o vpc_id={raw['vpc_id']}: not a VPC id (vpc-0123abcd...)")
+        subnets = tuple(dict.fromkeys(s.strip() for s in raw["subnet_ids"].split(",") if s.strip()))
+        bad = [s for s in subnets if not SUBNET.match(s)]
+        if bad:
+            raise ValueError(f"-o subnet_ids: {bad[0]!r} is not a subnet id (subnet-0123abcd...)")
+        if len(subnets) < 2:
+            raise ValueError("-o subnet_ids: give at least two subnets, in different availability"
+                             " zones (the load balancer needs two)")
+        values["vpc_id"], values["subnet_ids"] = raw["vpc_id"], subnets
     if "long_polling" in raw:
         values["long_polling"] = to_bool("-o long_polling", raw["long_polling"])
     if "domain" in raw:

@@ -83,7 +83,21 @@ def ecr_repository_arn(image: str) -> str | None:
     return f"arn:{partition}:ecr:{parts[3]}:{parts[0]}:repository/{repository}"
 
 
+def _vpc(opts: AwsOptions) -> Any:
+    """The VPC everything sits in: the user's (``vpc_id``) or the stack's own."""
+    return opts.vpc_id or _ref("Vpc")
+
+
+def _subnets(opts: AwsOptions) -> list[Any]:
+    """Subnets of the ALB, the tasks and the cache: the user's or the stack's two."""
+    if opts.vpc_id:
+        return list(opts.subnet_ids)
+    return [_ref("PublicSubnetA"), _ref("PublicSubnetB")]
+
+
 def _network(opts: AwsOptions) -> Json:
+    if opts.vpc_id:  # the user's VPC: its subnets, routes and gateways are theirs
+        return {}
     resources: Json = {
         "Vpc": {"Type": "AWS::EC2::VPC", "Properties": {
             "CidrBlock": "10.40.0.0/16", "EnableDnsSupport": True, "EnableDnsHostnames": True,
@@ -116,14 +130,14 @@ def _security_groups(opts: AwsOptions) -> Json:
     resources: Json = {
         "LoadBalancerSecurityGroup": {"Type": "AWS::EC2::SecurityGroup", "Properties": {
             "GroupDescription": f"{opts.stack_name}: HTTP(S) from anywhere to the load balancer",
-            "VpcId": _ref("Vpc"),
+            "VpcId": _vpc(opts),
             "SecurityGroupIngress": [
                 {"IpProtocol": "tcp", "FromPort": port, "ToPort": port, "CidrIp": "0.0.0.0/0"}
                 for port in alb_ports],
             "Tags": _tags(opts, "alb")}},
         "TaskSecurityGroup": {"Type": "AWS::EC2::SecurityGroup", "Properties": {
             "GroupDescription": f"{opts.stack_name}: the server port, from the load balancer only",
-            "VpcId": _ref("Vpc"),
+            "VpcId": _vpc(opts),
             "SecurityGroupIngress": [{
                 "IpProtocol": "tcp", "FromPort": PORT, "ToPort": PORT,
                 "SourceSecurityGroupId": _att("LoadBalancerSecurityGroup", "GroupId")}],
@@ -132,7 +146,7 @@ def _security_groups(opts: AwsOptions) -> Json:
     if not opts.redis_url:
         resources["CacheSecurityGroup"] = {"Type": "AWS::EC2::SecurityGroup", "Properties": {
             "GroupDescription": f"{opts.stack_name}: Redis, from the server tasks only",
-            "VpcId": _ref("Vpc"),
+            "VpcId": _vpc(opts),
             "SecurityGroupIngress": [{
                 "IpProtocol": "tcp", "FromPort": 6379, "ToPort": 6379,
                 "SourceSecurityGroupId": _att("TaskSecurityGroup", "GroupId")}],
@@ -146,7 +160,7 @@ def _cache(opts: AwsOptions) -> Json:
     return {
         "CacheSubnetGroup": {"Type": "AWS::ElastiCache::SubnetGroup", "Properties": {
             "Description": f"{opts.stack_name}: Redis subnets",
-            "SubnetIds": [_ref("PublicSubnetA"), _ref("PublicSubnetB")]}},
+            "SubnetIds": _subnets(opts)}},
         "Cache": {"Type": "AWS::ElastiCache::CacheCluster", "Properties": {
             "Engine": "redis", "CacheNodeType": opts.cache_node_type, "NumCacheNodes": 1,
             "CacheSubnetGroupName": _ref("CacheSubnetGroup"),
@@ -279,7 +293,7 @@ def _service(opts: AwsOptions, architecture: str) -> Json:
         {"Name": "ECHO_ASSOCIATIONS", "Value": "/app/associations.json"},
         {"Name": "ECHO_ASSOCIATIONS_S3", "Value": _sub(f"s3://${{Bucket}}/{ASSOCIATIONS_KEY}")},
     ]
-    subnets = [_ref("PublicSubnetA"), _ref("PublicSubnetB")]
+    subnets = _subnets(opts)
     listeners = _listeners(opts)
     return {
         "LoadBalancer": {"Type": "AWS::ElasticLoadBalancingV2::LoadBalancer", "Properties": {
@@ -290,7 +304,7 @@ def _service(opts: AwsOptions, architecture: str) -> Json:
                 {"Key": "routing.http.drop_invalid_header_fields.enabled", "Value": "true"}],
             "Tags": _tags(opts, "alb")}},
         "TargetGroup": {"Type": "AWS::ElasticLoadBalancingV2::TargetGroup", "Properties": {
-            "VpcId": _ref("Vpc"), "TargetType": "ip", "Protocol": "HTTP", "Port": PORT,
+            "VpcId": _vpc(opts), "TargetType": "ip", "Protocol": "HTTP", "Port": PORT,
             # liveness, not readiness: a Redis blip (an ElastiCache maintenance reboot) fails
             # /ready on every task at once, and ECS would replace them all, dropping every socket
             "HealthCheckPath": "/health", "HealthCheckProtocol": "HTTP",
@@ -328,7 +342,8 @@ def _service(opts: AwsOptions, architecture: str) -> Json:
             }],
             "Tags": _tags(opts, "server")}},
         "Service": {"Type": "AWS::ECS::Service",
-                    "DependsOn": [*listeners, "PublicRoute"],
+                    # tasks pull their image over the public route: it must exist first
+                    "DependsOn": [*listeners, *([] if opts.vpc_id else ["PublicRoute"])],
                     "Properties": {
             "Cluster": _ref("Cluster"), "TaskDefinition": _ref("TaskDefinition"),
             # no DesiredCount: it would reset a scaled-out service to min_tasks on every deploy;

@@ -191,10 +191,25 @@ def test_template_wiring(tmp_path: Path) -> None:
     assert tg_attributes["stickiness.enabled"] == "true"
     assert tg_attributes["stickiness.type"] == "lb_cookie"
 
-    # ElastiCache Redis, reachable from the tasks only, wired into ECHO_REDIS_URL
-    (cache,) = resources_of(template, "AWS::ElastiCache::CacheCluster").values()
+    # ElastiCache Redis: TLS, AUTH, a replica; reachable from the tasks only
+    assert not resources_of(template, "AWS::ElastiCache::CacheCluster")
+    (cache,) = resources_of(template, "AWS::ElastiCache::ReplicationGroup").values()
     assert cache["Properties"]["Engine"] == "redis"
     assert cache["Properties"]["CacheNodeType"] == "cache.t4g.micro"
+    assert cache["Properties"]["TransitEncryptionEnabled"] is True
+    assert cache["Properties"]["AtRestEncryptionEnabled"] is True
+    assert (cache["Properties"]["NumCacheClusters"], cache["Properties"][
+        "AutomaticFailoverEnabled"], cache["Properties"]["MultiAZEnabled"]) == (2, True, True)
+    auth = template["Resources"]["CacheAuthSecret"]
+    assert auth["Type"] == "AWS::SecretsManager::Secret"
+    assert auth["Properties"]["GenerateSecretString"] == {
+        "PasswordLength": 32, "ExcludePunctuation": True}
+    token_ref = "{{resolve:secretsmanager:${CacheAuthSecret}:SecretString}}"
+    assert cache["Properties"]["AuthToken"] == {"Fn::Sub": token_ref}
+    url_secret = template["Resources"]["CacheUrlSecret"]
+    assert url_secret["Type"] == "AWS::SecretsManager::Secret"
+    assert url_secret["Properties"]["SecretString"] == {"Fn::Sub": f"rediss://:{token_ref}@"
+        "${Cache.PrimaryEndPoint.Address}:${Cache.PrimaryEndPoint.Port}/0"}
     assert resources_of(template, "AWS::ElastiCache::SubnetGroup")
     cache_sg = template["Resources"]["CacheSecurityGroup"]["Properties"]["SecurityGroupIngress"]
     assert cache_sg == [{"IpProtocol": "tcp", "FromPort": 6379, "ToPort": 6379,
@@ -202,14 +217,24 @@ def test_template_wiring(tmp_path: Path) -> None:
     (task_def,) = resources_of(template, "AWS::ECS::TaskDefinition").values()
     container = task_def["Properties"]["ContainerDefinitions"][0]
     environment = {e["Name"]: e["Value"] for e in container["Environment"]}
-    assert environment["ECHO_REDIS_URL"] == {
-        "Fn::Sub": "redis://${Cache.RedisEndpoint.Address}:${Cache.RedisEndpoint.Port}/0"}
+    # the URL holds the token: ECS injects it from the secret, it is no plain variable
+    assert "ECHO_REDIS_URL" not in environment
     assert environment["ECHO_RUNNER"] == "lambda"
     assert environment["ECHO_LAMBDA_PREFIX"] == "wiring_"
     assert environment["ECHO_ASSOCIATIONS_S3"] == {"Fn::Sub": "s3://${Bucket}/associations.json"}
     # the secret comes from Secrets Manager through the task definition, never as a value
     assert "ECHO_SECRET" not in environment
-    assert container["Secrets"] == [{"Name": "ECHO_SECRET", "ValueFrom": {"Ref": "SecretArn"}}]
+    assert container["Secrets"] == [{"Name": "ECHO_SECRET", "ValueFrom": {"Ref": "SecretArn"}},
+                                    {"Name": "ECHO_REDIS_URL",
+                                     "ValueFrom": {"Ref": "CacheUrlSecret"}}]
+    (read,) = [s for s in template["Resources"]["ExecutionRole"]["Properties"]["Policies"][0][
+        "PolicyDocument"]["Statement"] if s["Action"] == "secretsmanager:GetSecretValue"]
+    assert read["Resource"] == [{"Ref": "SecretArn"}, {"Ref": "CacheUrlSecret"}]
+    assert "{{resolve" not in json.dumps(task_def)
+    single = synth(project, tmp_path / "single", HTTP, "cache_replicas=0")
+    props = single["Resources"]["Cache"]["Properties"]
+    assert (props["NumCacheClusters"], props["AutomaticFailoverEnabled"],
+            props["MultiAZEnabled"], props["TransitEncryptionEnabled"]) == (1, False, False, True)
     assert task_def["Properties"]["RequiresCompatibilities"] == ["FARGATE"]
 
     # autoscaling: CPU and memory target tracking between min_tasks and max_tasks
@@ -239,6 +264,7 @@ def test_bad_options_are_refused_with_a_reason(tmp_path: Path) -> None:
         ("redis_url=redis://user:pw@host:6379/0",): "must not carry a user or password",
         ("long_polling=maybe",): "-o long_polling: expected true or false, got 'maybe'",
         ("region=mars",): "not a region name",
+        ("cache_replicas=6",): "-o cache_replicas",
         ("domain=-bad-.example.com",): "-o domain=-bad-.example.com: not a host name",
         ("domain=nodot",): "-o domain=nodot: not a host name",
         (f"domain={DOMAIN}", "hosted_zone_id=z123"): "not a Route 53 hosted zone id",

@@ -34,6 +34,8 @@ OPTION_HELP: dict[str, str] = {
     "min_tasks": "fewest tasks autoscaling keeps",
     "max_tasks": "most tasks autoscaling starts",
     "cache_node_type": "ElastiCache node type",
+    "cache_replicas": "ElastiCache replicas (0..5; 1 = a second node and Multi-AZ failover, "
+                      "0 = one node)",
     "redis_url": "use this Redis instead of creating an ElastiCache node",
     "vpc_id": "deploy into this VPC (with subnet_ids) instead of creating one",
     "subnet_ids": "comma-separated subnets of vpc_id, two or more in different AZs, with a "
@@ -74,6 +76,7 @@ class AwsOptions:
     min_tasks: int = 1
     max_tasks: int = 4
     cache_node_type: str = "cache.t4g.micro"
+    cache_replicas: int = 1
     redis_url: str | None = None
     long_polling: bool = False
     vpc_id: str | None = None
@@ -189,6 +192,8 @@ def parse_options(raw: dict[str, str], project_dir: Path) -> AwsOptions:
                 f"-o cache_node_type={raw['cache_node_type']}: not a node type (e.g. cache.t4g.micro)"
             )
         values["cache_node_type"] = raw["cache_node_type"]
+    if "cache_replicas" in raw:
+        values["cache_replicas"] = to_int("-o cache_replicas", raw["cache_replicas"], 0, 5)
     if "redis_url" in raw:
         url = raw["redis_url"]
         if not url.startswith(("redis://", "rediss://")):

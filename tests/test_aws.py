@@ -148,8 +148,9 @@ def resources_of(template: dict[str, Any], kind: str) -> dict[str, Any]:
      "architecture=arm64", f"image={IMAGE}"),
     (f"domain={DOMAIN}", f"hosted_zone_id={ZONE}"),
     (HTTP, f"vpc_id={VPC}", f"subnet_ids={','.join(SUBNETS)}"),
+    (HTTP, "redis_url=rediss://default:pw-0123456789@redis.internal.example:6380/0"),
 ], ids=["http-test", "long-polling-own-redis", "own-certificate-bigger", "domain-hosted-zone",
-        "existing-vpc"])
+        "existing-vpc", "own-redis-with-password"])
 def test_template_passes_cfn_lint(tmp_path: Path, options: tuple[str, ...]) -> None:
     project = make_project(tmp_path / "lint-me")
     synth(project, tmp_path / "out", *options)
@@ -261,7 +262,7 @@ def test_bad_options_are_refused_with_a_reason(tmp_path: Path) -> None:
         ("min_tasks=5", "max_tasks=2"): "max_tasks=2 is below min_tasks=5",
         ("colour=blue",): "unknown option 'colour'",
         ("stack_name=1-bad",): "must start with a letter",
-        ("redis_url=redis://user:pw@host:6379/0",): "must not carry a user or password",
+        ("redis_url=http://user:hunter2@host:6379/0",): "-o redis_url: not a redis:// or",
         ("long_polling=maybe",): "-o long_polling: expected true or false, got 'maybe'",
         ("region=mars",): "not a region name",
         ("cache_replicas=6",): "-o cache_replicas",
@@ -281,6 +282,7 @@ def test_bad_options_are_refused_with_a_reason(tmp_path: Path) -> None:
         assert result.returncode == 2, (options, result.stderr)
         assert message in " ".join(result.stderr.split()), (options, result.stderr)
         assert "Traceback" not in result.stderr
+        assert "hunter2" not in result.stderr  # a password is never echoed back
 
 
 def test_no_domain_is_refused_unless_http_is_allowed(tmp_path: Path) -> None:
@@ -818,3 +820,61 @@ def test_built_image_fetches_associations_from_s3_and_serves(moto: MotoServer,
                 client.images.remove(tag)
             except docker.errors.DockerException:
                 pass
+
+
+def test_redis_url_with_password_goes_through_secrets_manager(moto: MotoServer,
+                                                              tmp_path: Path) -> None:
+    """A password in ``redis_url`` is in no task definition, template or state file: the
+    deployer keeps it in ``echo/STACK/redis-url`` and ECS injects it."""
+    project = make_project(tmp_path / "echo-pw")
+    stack = "echo-pw"
+    first, second = ("rediss://default:first-pass-0123@redis.internal.example:6380/0",
+                     "rediss://default:second-pass-4567@redis.internal.example:6380/0")
+    cfn, ecs, iam, sm = (moto.client(s) for s in ("cloudformation", "ecs", "iam",
+                                                   "secretsmanager"))
+    transcript: list[str] = []
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        result = echoctl(project, *args)
+        transcript.extend([result.stdout, result.stderr])
+        assert result.returncode == 0, result.stderr
+        return result
+
+    def task_definition() -> dict[str, Any]:
+        outputs = {o["OutputKey"]: o["OutputValue"]
+                   for o in cfn.describe_stacks(StackName=stack)["Stacks"][0]["Outputs"]}
+        (service,) = ecs.describe_services(cluster=outputs["ClusterName"],
+                                           services=[outputs["ServiceName"]])["services"]
+        return dict(ecs.describe_task_definition(
+            taskDefinition=service["taskDefinition"])["taskDefinition"])
+
+    run("deploy", "--target", "aws", f"-oendpoint_url={moto.url}", f"-oimage={IMAGE}",
+        f"-oredis_url={first}", f"-o{HTTP}")
+    described = sm.describe_secret(SecretId=f"echo/{stack}/redis-url")
+    assert sm.get_secret_value(SecretId=described["ARN"])["SecretString"] == first
+    task_def = task_definition()
+    (container,) = task_def["containerDefinitions"]
+    assert {"name": "ECHO_REDIS_URL", "valueFrom": described["ARN"]} in container["secrets"]
+    assert "ECHO_REDIS_URL" not in {e["name"] for e in container["environment"]}
+    template = cfn.get_template(StackName=stack)["TemplateBody"]
+    template_text = template if isinstance(template, str) else json.dumps(template)
+    state_text = (project / ".echo" / "targets" / "aws.json").read_text()
+    for text in (json.dumps(task_def, default=str), template_text, state_text):
+        assert "first-pass-0123" not in text
+    roles = _stack_roles(iam, stack)
+    (read,) = [s for s in _role_policies(iam, roles["ExecutionRole"])
+               if s["Action"] == "secretsmanager:GetSecretValue"]
+    assert described["ARN"] in read["Resource"]
+
+    # remembered without the password: a bare deploy changes nothing
+    again = run("deploy", "--target", "aws")
+    assert "no changes" in again.stderr
+    assert sm.get_secret_value(SecretId=described["ARN"])["SecretString"] == first
+    # a new password updates the secret only (the task definition names the same secret)
+    rotated = run("deploy", "--target", "aws", f"-oredis_url={second}")
+    assert "updated the Redis URL in secret" in rotated.stderr and "no changes" in rotated.stderr
+    assert sm.get_secret_value(SecretId=described["ARN"])["SecretString"] == second
+    assert all("pass-0123" not in t and "pass-4567" not in t for t in transcript)
+
+    run("teardown", "--target", "aws", "--yes")
+    assert not [s for s in sm.list_secrets()["SecretList"] if s["Name"].startswith(f"echo/{stack}/")]

@@ -36,7 +36,8 @@ OPTION_HELP: dict[str, str] = {
     "cache_node_type": "ElastiCache node type",
     "cache_replicas": "ElastiCache replicas (0..5; 1 = a second node and Multi-AZ failover, "
                       "0 = one node)",
-    "redis_url": "use this Redis instead of creating an ElastiCache node",
+    "redis_url": "use this Redis instead of creating an ElastiCache node (a user/password "
+                 "in it goes to Secrets Manager, not the task definition)",
     "vpc_id": "deploy into this VPC (with subnet_ids) instead of creating one",
     "subnet_ids": "comma-separated subnets of vpc_id, two or more in different AZs, with a "
                   "route to the internet",
@@ -50,6 +51,8 @@ OPTION_HELP: dict[str, str] = {
     "timeout": "minutes to wait for a stack change (1..180)",
 }
 
+# what the state file remembers instead of a redis_url that holds a password
+REDIS_URL_STORED = "(kept in Secrets Manager)"
 STACK_NAME = re.compile(r"^[a-zA-Z][-a-zA-Z0-9]{0,27}$")
 REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d$")
 CACHE_NODE = re.compile(r"^cache\.[a-z0-9]+\.[a-z0-9]+$")
@@ -78,6 +81,7 @@ class AwsOptions:
     cache_node_type: str = "cache.t4g.micro"
     cache_replicas: int = 1
     redis_url: str | None = None
+    redis_url_secret: bool = False  # the URL holds credentials: ECS injects it from a secret
     long_polling: bool = False
     vpc_id: str | None = None
     subnet_ids: tuple[str, ...] = ()
@@ -92,6 +96,11 @@ class AwsOptions:
         """Function names on Lambda: ``STACK_name``. Stack names cannot hold ``_``, so
         ``STACK_*`` matches this deployment's functions and no other stack's."""
         return f"{self.stack_name}_"
+
+    @property
+    def own_redis(self) -> bool:
+        """A Redis of the user's (``redis_url``), so the stack creates no ElastiCache."""
+        return self.redis_url is not None or self.redis_url_secret
 
     @property
     def https(self) -> bool:
@@ -118,6 +127,11 @@ class AwsOptions:
             return (f"-o domain={self.domain} needs -o hosted_zone_id=ZONE (the Route 53 zone "
                     "that holds it) or -o certificate_arn=ARN (an ACM certificate for it)")
         return None
+
+
+def has_credentials(url: str) -> bool:
+    """Whether a URL carries a user or password (``scheme://user:pw@host``)."""
+    return "@" in url.split("//", 1)[-1].split("/", 1)[0]
 
 
 def default_stack_name(project_dir: Path) -> str:
@@ -196,14 +210,13 @@ def parse_options(raw: dict[str, str], project_dir: Path) -> AwsOptions:
         values["cache_replicas"] = to_int("-o cache_replicas", raw["cache_replicas"], 0, 5)
     if "redis_url" in raw:
         url = raw["redis_url"]
-        if not url.startswith(("redis://", "rediss://")):
-            raise ValueError(f"-o redis_url={url}: not a redis:// or rediss:// URL")
-        if "@" in url.split("//", 1)[1].split("/", 1)[0]:
-            raise ValueError(
-                "-o redis_url: must not carry a user or password (it would be readable in the "
-                "task definition); use a Redis reachable only from the VPC"
-            )
-        values["redis_url"] = url
+        if url == REDIS_URL_STORED:  # remembered: the value lives in Secrets Manager only
+            values["redis_url_secret"] = True
+        else:
+            if not url.startswith(("redis://", "rediss://")):
+                raise ValueError("-o redis_url: not a redis:// or rediss:// URL")
+            values["redis_url"] = url
+            values["redis_url_secret"] = has_credentials(url)
     if ("vpc_id" in raw) != ("subnet_ids" in raw):
         raise ValueError("-o vpc_id and -o subnet_ids go together: the VPC and two or more of "
                          "its subnets (e.g. -o subnet_ids=subnet-aaa,subnet-bbb)")

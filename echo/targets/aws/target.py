@@ -40,7 +40,7 @@ from echo.extras import require
 from echo.packaging import PackagingError, build_zip
 from echo.runners.lambda_deploy import LambdaDeployer
 from echo.targets.aws.deploy import StackDeployer
-from echo.targets.aws.options import OPTION_HELP, AwsOptions, parse_options
+from echo.targets.aws.options import OPTION_HELP, REDIS_URL_STORED, AwsOptions, parse_options
 from echo.targets.aws.template import ASSOCIATIONS_KEY, ecr_repository_arn, render
 from echo.targets.base import Outputs, Progress, Target, TargetError
 
@@ -107,6 +107,8 @@ class AwsTarget(Target):
             merged.pop("image")
         self.given = {k: v for k, v in merged.items() if k in REMEMBERED}
         self.opts: AwsOptions = parse_options(merged, settings.project_dir)
+        if self.opts.redis_url_secret:  # the state file holds no password: the secret does
+            self.given["redis_url"] = REDIS_URL_STORED
         boto3 = require("boto3", "aws", "the AWS target")
         from botocore.exceptions import ProfileNotFound
 
@@ -137,6 +139,10 @@ class AwsTarget(Target):
     @property
     def secret_name(self) -> str:
         return f"echo/{self.opts.stack_name}/jwt-secret"
+
+    @property
+    def redis_url_secret_name(self) -> str:
+        return f"echo/{self.opts.stack_name}/redis-url"
 
     @property
     def repository(self) -> str:
@@ -208,6 +214,10 @@ class AwsTarget(Target):
             {"ParameterKey": "SecretArn",
              "ParameterValue": f"<created at deploy: Secrets Manager secret {self.secret_name}>"},
         ]
+        if self.opts.redis_url_secret:
+            parameters.append({"ParameterKey": "RedisUrlSecretArn", "ParameterValue":
+                               f"<created at deploy: Secrets Manager secret "
+                               f"{self.redis_url_secret_name}>"})
         written[1].write_text(json.dumps(parameters, indent=2) + "\n", encoding="utf-8")
         manifest: dict[str, Any] = {"stack": self.opts.stack_name, "region": self.region,
                                     "lambdaPrefix": self.opts.lambda_prefix, "functions": {}}
@@ -241,6 +251,9 @@ class AwsTarget(Target):
             image, architecture = build_and_push(self.client("ecr"), self.settings,
                                                  self.repository, self.opts.base_image, progress)
         secret_arn = self._ensure_secret(progress)
+        redis_secret_arn = self._sync_redis_url_secret(progress)
+        parameters = {"ImageUri": image, "SecretArn": secret_arn,
+                      **({"RedisUrlSecretArn": redis_secret_arn} if redis_secret_arn else {})}
         # recorded before the stack exists, so teardown finds whatever a failed deploy left
         previous = self.load_state()
         self.save_state({**previous, "options": self.given, "details": {
@@ -248,8 +261,9 @@ class AwsTarget(Target):
             "secretArn": secret_arn}})
         template = render(self.opts, architecture, self._image_repo_arn())
         stack = self.stack(progress)
-        outcome = stack.apply(template, {"ImageUri": image, "SecretArn": secret_arn},
-                              {"echo:deployment": self.opts.stack_name})
+        outcome = stack.apply(template, parameters, {"echo:deployment": self.opts.stack_name})
+        if not redis_secret_arn:  # one from an earlier password URL: unused once the stack is
+            self._delete_secret(self.redis_url_secret_name, progress)
         outputs = stack.outputs()
         details = {
             "stack": self.opts.stack_name, "region": self.region,
@@ -320,12 +334,8 @@ class AwsTarget(Target):
             for group in page["logGroups"]:
                 progress(f"deleting log group {group['logGroupName']}")
                 logs.delete_log_group(logGroupName=group["logGroupName"])
-        secrets_manager = self.client("secretsmanager")
-        try:
-            secrets_manager.delete_secret(SecretId=self.secret_name, ForceDeleteWithoutRecovery=True)
-            progress(f"deleted secret {self.secret_name}")
-        except secrets_manager.exceptions.ResourceNotFoundException:
-            pass
+        for name in (self.secret_name, self.redis_url_secret_name):
+            self._delete_secret(name, progress)
         self._delete_repository(progress)
         if not (had_stack or removed or details):
             progress(f"nothing deployed as {self.opts.stack_name} in {self.region}")
@@ -418,6 +428,49 @@ class AwsTarget(Target):
         if described.get("DeletedDate"):
             client.restore_secret(SecretId=self.secret_name)
             progress(f"restored secret {self.secret_name}, which was scheduled for deletion")
+        return str(described["ARN"])
+
+    def _delete_secret(self, name: str, progress: Progress) -> bool:
+        """Delete a secret now (no recovery window: teardown means gone); False if none."""
+        client = self.client("secretsmanager")
+        try:
+            client.delete_secret(SecretId=name, ForceDeleteWithoutRecovery=True)
+        except client.exceptions.ResourceNotFoundException:
+            return False
+        progress(f"deleted secret {name}")
+        return True
+
+    def _sync_redis_url_secret(self, progress: Progress) -> str | None:
+        """A redis_url with a password goes to Secrets Manager (ECS injects it), so it is in
+        neither the template nor the task definition; return its ARN (None when not needed).
+
+        Written only when the value differs, so a deploy with nothing changed stays a no-op.
+        """
+        name = self.redis_url_secret_name
+        if not self.opts.redis_url_secret:
+            return None
+        client = self.client("secretsmanager")
+        try:
+            described = client.describe_secret(SecretId=name)
+        except client.exceptions.ResourceNotFoundException:
+            if self.opts.redis_url is None:
+                raise TargetError(
+                    f"secret {name} holding the Redis URL is gone; pass -o redis_url=URL "
+                    "again") from None
+            created = client.create_secret(
+                Name=name, SecretString=self.opts.redis_url,
+                Description=f"Echo {self.opts.stack_name}: the server's Redis URL (with password)",
+                Tags=[{"Key": "echo:deployment", "Value": self.opts.stack_name}])
+            progress(f"stored the Redis URL in secret {name} (value not shown)")
+            return str(created["ARN"])
+        if described.get("DeletedDate"):
+            client.restore_secret(SecretId=name)
+        if self.opts.redis_url is not None:
+            current = client.get_secret_value(SecretId=name)["SecretString"]
+            if current != self.opts.redis_url:
+                client.put_secret_value(SecretId=name, SecretString=self.opts.redis_url)
+                progress(f"updated the Redis URL in secret {name} (value not shown); running "
+                         "tasks keep the old one until they are replaced")
         return str(described["ARN"])
 
     def _sync_functions(self, specs: list[FunctionSpec], role_arn: str, progress: Progress,

@@ -148,7 +148,7 @@ def _security_groups(opts: AwsOptions) -> Json:
                 "SourceSecurityGroupId": _att("LoadBalancerSecurityGroup", "GroupId")}],
             "Tags": _tags(opts, "tasks")}},
     }
-    if not opts.redis_url:
+    if not opts.own_redis:
         resources["CacheSecurityGroup"] = {"Type": "AWS::EC2::SecurityGroup", "Properties": {
             "GroupDescription": f"{opts.stack_name}: Redis, from the server tasks only",
             "VpcId": _vpc(opts),
@@ -166,7 +166,7 @@ def _cache(opts: AwsOptions) -> Json:
     by a dynamic reference, so no one ever sees it; the server's URL (token included) is a
     second secret, given to the task by ECS, never as a plain environment variable.
     """
-    if opts.redis_url:
+    if opts.own_redis:
         return {}
     failover = opts.cache_replicas > 0
     return {
@@ -213,8 +213,10 @@ def _storage(opts: AwsOptions) -> Json:
 def _task_secrets(opts: AwsOptions) -> list[Json]:
     """What ECS injects at task start from Secrets Manager: never in the task definition."""
     secrets = [{"Name": "ECHO_SECRET", "ValueFrom": _ref("SecretArn")}]
-    if not opts.redis_url:
+    if not opts.own_redis:
         secrets.append({"Name": "ECHO_REDIS_URL", "ValueFrom": _ref("CacheUrlSecret")})
+    elif opts.redis_url_secret:
+        secrets.append({"Name": "ECHO_REDIS_URL", "ValueFrom": _ref("RedisUrlSecretArn")})
     return secrets
 
 
@@ -318,7 +320,9 @@ def _service(opts: AwsOptions, architecture: str) -> Json:
     environment = [
         {"Name": "ECHO_HOST", "Value": "0.0.0.0"},
         {"Name": "ECHO_PORT", "Value": str(PORT)},
-        *([{"Name": "ECHO_REDIS_URL", "Value": opts.redis_url}] if opts.redis_url else []),
+        # a URL without credentials may be seen; one with them comes in through Secrets
+        *([{"Name": "ECHO_REDIS_URL", "Value": opts.redis_url}]
+          if opts.redis_url and not opts.redis_url_secret else []),
         {"Name": "ECHO_RUNNER", "Value": "lambda"},
         # every connection arrives from the load balancer's addresses: a per-IP cap would
         # cap the whole service
@@ -440,16 +444,20 @@ def render(opts: AwsOptions, architecture: str = "x86_64",
         "LambdaPrefix": {"Value": opts.lambda_prefix},
         "LogGroupName": {"Value": _ref("LogGroup")},
     }
-    if not opts.redis_url:
+    if not opts.own_redis:
         outputs["RedisAddress"] = {"Value": _att("Cache", "PrimaryEndPoint.Address")}
+    parameters: Json = {
+        "ImageUri": {"Type": "String", "Description": "Echo server image"},
+        "SecretArn": {"Type": "String",
+                      "Description": "Secrets Manager secret holding the JWT secret"},
+    }
+    if opts.redis_url_secret:
+        parameters["RedisUrlSecretArn"] = {
+            "Type": "String", "Description": "Secrets Manager secret holding the Redis URL"}
     return {
         "AWSTemplateFormatVersion": "2010-09-09",
         "Description": f"Echo real-time messaging: deployment {opts.stack_name}",
-        "Parameters": {
-            "ImageUri": {"Type": "String", "Description": "Echo server image"},
-            "SecretArn": {"Type": "String",
-                          "Description": "Secrets Manager secret holding the JWT secret"},
-        },
+        "Parameters": parameters,
         "Resources": {
             **_network(opts), **_security_groups(opts), **_cache(opts), **_storage(opts),
             **_roles(opts, image_repository_arn), **_service(opts, architecture), **_dns(opts),

@@ -36,10 +36,10 @@ import pytest
 
 from echo.core.functions import discover
 from echo.packaging import build_zip
-from echo.targets.aws.bootstrap import fetch_associations
+from echo.targets.aws.bootstrap import fetch_associations, start_metrics_emitter
 from echo.targets.aws.deploy import StackDeployer
 from echo.targets.base import TargetError
-from tests.conftest import EchoProcess, MotoServer, free_port, make_project
+from tests.conftest import SECRET, EchoProcess, MotoServer, connect, free_port, make_project
 
 pytestmark = pytest.mark.aws
 
@@ -238,14 +238,25 @@ def test_template_wiring(tmp_path: Path) -> None:
             props["MultiAZEnabled"], props["TransitEncryptionEnabled"]) == (1, False, False, True)
     assert task_def["Properties"]["RequiresCompatibilities"] == ["FARGATE"]
 
-    # autoscaling: CPU and memory target tracking between min_tasks and max_tasks
+    # autoscaling between min_tasks and max_tasks: CPU and connections per task, no memory
+    # (memory never falls in a Python process: that policy would never scale in)
     (scalable,) = resources_of(template, "AWS::ApplicationAutoScaling::ScalableTarget").values()
     assert (scalable["Properties"]["MinCapacity"], scalable["Properties"]["MaxCapacity"]) == (1, 4)
-    metrics = sorted(
-        p["Properties"]["TargetTrackingScalingPolicyConfiguration"]
-        ["PredefinedMetricSpecification"]["PredefinedMetricType"]
-        for p in resources_of(template, "AWS::ApplicationAutoScaling::ScalingPolicy").values())
-    assert metrics == ["ECSServiceAverageCPUUtilization", "ECSServiceAverageMemoryUtilization"]
+    policies = {name: p["Properties"]["TargetTrackingScalingPolicyConfiguration"] for name, p in
+                resources_of(template, "AWS::ApplicationAutoScaling::ScalingPolicy").items()}
+    assert set(policies) == {"CpuScaling", "ConnectionsScaling"}
+    assert policies["CpuScaling"]["PredefinedMetricSpecification"] == {
+        "PredefinedMetricType": "ECSServiceAverageCPUUtilization"}
+    assert "Memory" not in json.dumps(policies)
+    assert policies["ConnectionsScaling"]["TargetValue"] == 5000
+    assert policies["ConnectionsScaling"]["CustomizedMetricSpecification"] == {
+        "Namespace": "Echo", "MetricName": "Connections", "Statistic": "Average", "Unit": "Count",
+        "Dimensions": [{"Name": "ServiceName", "Value": "wiring"}]}
+    # the emitter publishes under the same dimension value
+    assert environment["CLOUDWATCH_SERVICE_NAME"] == "wiring"
+    scaled = synth(project, tmp_path / "scaled", HTTP, "connections_per_task=800")
+    assert scaled["Resources"]["ConnectionsScaling"]["Properties"][
+        "TargetTrackingScalingPolicyConfiguration"]["TargetValue"] == 800
     # the deployment circuit breaker turns a broken image into a failed (rolled back) stack
     (service,) = resources_of(template, "AWS::ECS::Service").values()
     breaker = service["Properties"]["DeploymentConfiguration"]["DeploymentCircuitBreaker"]
@@ -266,6 +277,7 @@ def test_bad_options_are_refused_with_a_reason(tmp_path: Path) -> None:
         ("long_polling=maybe",): "-o long_polling: expected true or false, got 'maybe'",
         ("region=mars",): "not a region name",
         ("cache_replicas=6",): "-o cache_replicas",
+        ("connections_per_task=0",): "-o connections_per_task",
         ("domain=-bad-.example.com",): "-o domain=-bad-.example.com: not a host name",
         ("domain=nodot",): "-o domain=nodot: not a host name",
         (f"domain={DOMAIN}", "hosted_zone_id=z123"): "not a Route 53 hosted zone id",
@@ -503,6 +515,56 @@ def test_bootstrap_reads_associations_from_s3(moto: MotoServer, tmp_path: Path) 
     s3.put_object(Bucket="boot-bucket", Key="associations.json", Body=b'{"applications": {"a": {}}}')
     assert fetch_associations(environ, s3) == target
     assert json.loads(target.read_text()) == {"applications": {"a": {}}}
+
+
+@pytest.mark.anyio
+async def test_metrics_emitter_publishes_connections_as_emf(tmp_path: Path) -> None:
+    """The emitter against a real `echoctl serve` with one client: an EMF line CloudWatch
+    Logs turns into Echo/Connections = 1 (the autoscaling policy's metric)."""
+    import asyncio
+
+    assert start_metrics_emitter({}) is None  # outside the deployment nothing is started
+    # in it (the template sets CLOUDWATCH_SERVICE_NAME) the bootstrap starts the emitter,
+    # which here stops at once: no ECHO_SECRET to sign its requests with
+    unsigned = {k: v for k, v in os.environ.items() if k != "ECHO_SECRET"}
+    started_by_bootstrap = start_metrics_emitter({**unsigned, "CLOUDWATCH_SERVICE_NAME": "s"})
+    assert started_by_bootstrap is not None
+    assert started_by_bootstrap.args[-1] == "echo.targets.aws.metrics_emitter"
+    assert started_by_bootstrap.wait(30) == 1
+    project = make_project(tmp_path / "emf")
+    server = EchoProcess(project, command="serve").start()
+    client = None
+    emitter = None
+    try:
+        client = await connect(server)
+        emitter = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "echo.targets.aws.metrics_emitter", "--interval", "0.2",
+            "--url", server.url + "/metrics", stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, "ECHO_SECRET": SECRET, "CLOUDWATCH_SERVICE_NAME": "emf-stack"})
+        assert emitter.stdout is not None
+        started = time.time()
+        line = await asyncio.wait_for(emitter.stdout.readline(), timeout=20)
+        record = json.loads(line)
+        assert record["Connections"] == 1
+        assert record["ServiceName"] == "emf-stack"
+        block = record["_aws"]
+        assert isinstance(block["Timestamp"], int)
+        assert started * 1000 - 1000 <= block["Timestamp"] <= time.time() * 1000 + 1000
+        (directive,) = block["CloudWatchMetrics"]
+        assert directive == {"Namespace": "Echo", "Dimensions": [["ServiceName"]],
+                             "Metrics": [{"Name": "Connections", "Unit": "Count"}]}
+        await client.disconnect()
+        deadline = time.monotonic() + 20
+        while json.loads(await asyncio.wait_for(emitter.stdout.readline(), 20))[
+                "Connections"] != 0:
+            assert time.monotonic() < deadline, "the gauge did not fall back to 0"
+    finally:
+        if emitter is not None and emitter.returncode is None:
+            emitter.terminate()
+            await emitter.wait()
+        if client is not None:
+            await client.disconnect()
+        server.stop()
 
 
 # -- end to end ------------------------------------------------------------------------

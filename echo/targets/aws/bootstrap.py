@@ -6,6 +6,11 @@
 creating the stack). With Redis, that file only seeds an empty Redis; the current document
 lives in Redis and every node follows it.
 
+When ``CLOUDWATCH_SERVICE_NAME`` is set (the template sets it), it first starts
+:mod:`echo.targets.aws.metrics_emitter` as a separate process, which publishes the open
+connections for autoscaling; then it execs the server, which so keeps this PID and gets
+ECS's SIGTERM directly (no forwarding to get wrong).
+
 Run as ``python -m echo.targets.aws.bootstrap``; any further arguments go to ``echoctl serve``.
 """
 
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -53,12 +59,23 @@ def fetch_associations(environ: dict[str, str], client: object | None = None) ->
     return target
 
 
+def start_metrics_emitter(environ: dict[str, str]) -> subprocess.Popen[bytes] | None:
+    """The connections publisher, beside the server (it cannot run in it after the exec)."""
+    from echo.targets.aws.metrics_emitter import SERVICE_ENV
+
+    if not environ.get(SERVICE_ENV):
+        return None
+    return subprocess.Popen([sys.executable, "-m", "echo.targets.aws.metrics_emitter"],
+                            env=environ, stdin=subprocess.DEVNULL)
+
+
 def main() -> None:
     from echo.core import logs
 
     logs.configure("info", os.environ.get("ECHO_LOG_FORMAT", "plain"))
     environ = dict(os.environ)
     fetch_associations(environ)
+    start_metrics_emitter(environ)
     os.execvpe("echoctl", ["echoctl", "serve", *sys.argv[1:]], environ)
 
 

@@ -33,6 +33,7 @@ OPTION_HELP: dict[str, str] = {
     "task_memory": "MiB per task, valid for task_cpu",
     "min_tasks": "fewest tasks autoscaling keeps",
     "max_tasks": "most tasks autoscaling starts",
+    "connections_per_task": "autoscaling target: open connections per task (default 5000)",
     "cache_node_type": "ElastiCache node type",
     "cache_replicas": "ElastiCache replicas (0..5; 1 = a second node and Multi-AZ failover, "
                       "0 = one node)",
@@ -78,6 +79,7 @@ class AwsOptions:
     task_memory: int = 512
     min_tasks: int = 1
     max_tasks: int = 4
+    connections_per_task: int = 5000
     cache_node_type: str = "cache.t4g.micro"
     cache_replicas: int = 1
     redis_url: str | None = None
@@ -200,6 +202,9 @@ def parse_options(raw: dict[str, str], project_dir: Path) -> AwsOptions:
         raise ValueError(f"-o max_tasks={max_tasks} is below min_tasks={min_tasks}")
     values["min_tasks"], values["max_tasks"] = min_tasks, max_tasks
 
+    if "connections_per_task" in raw:
+        values["connections_per_task"] = to_int(
+            "-o connections_per_task", raw["connections_per_task"], 10, 1_000_000)
     if "cache_node_type" in raw:
         if not CACHE_NODE.match(raw["cache_node_type"]):
             raise ValueError(

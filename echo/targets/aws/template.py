@@ -17,7 +17,7 @@ What it creates (see the README's "Deploy to AWS"):
   check on ``/health`` (liveness: a Redis blip must not replace every task), a sticky target
   group when long-polling is on;
 - an ECS cluster and a Fargate service running the server (``echoctl serve`` through
-  :mod:`echo.targets.aws.bootstrap`), with CPU and memory target-tracking autoscaling and
+  :mod:`echo.targets.aws.bootstrap`), with CPU and connections target-tracking autoscaling and
   the deployment circuit breaker (a broken image fails the stack instead of hanging it);
 - ElastiCache Redis (TLS, AUTH token from Secrets Manager, a replica in another AZ by
   default) reachable only from the tasks, unless ``redis_url`` is given;
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from echo.targets.aws import metrics_emitter
 from echo.targets.aws.options import AwsOptions
 
 CONTAINER = "echo"
@@ -39,7 +40,8 @@ ASSOCIATIONS_KEY = "associations.json"
 # python-socketio's defaults: a ping every 25 s, a client gone after 20 s more without a pong.
 SOCKETIO_PING_INTERVAL, SOCKETIO_PING_TIMEOUT = 25, 20
 ALB_IDLE_TIMEOUT = 120  # must exceed 45 s, or the ALB cuts quiet websockets between pings
-CPU_TARGET, MEMORY_TARGET = 60.0, 75.0
+# no memory target: memory never falls in a Python process, so it would never scale in
+CPU_TARGET = 60.0
 CACHE_AUTH_TOKEN = "{{resolve:secretsmanager:${CacheAuthSecret}:SecretString}}"
 # TLS (rediss://) and AUTH; CloudFormation resolves the token when it creates the secret
 CACHE_URL = ("rediss://:" + CACHE_AUTH_TOKEN
@@ -316,6 +318,28 @@ def _dns(opts: AwsOptions) -> Json:
     return resources
 
 
+def _scaling(opts: AwsOptions) -> Json:
+    """Target tracking on CPU and on open connections per task (what a socket server carries;
+    published by :mod:`echo.targets.aws.metrics_emitter`, averaged over the tasks)."""
+    def policy(kind: str, target: float, metric: Json) -> Json:
+        return {"Type": "AWS::ApplicationAutoScaling::ScalingPolicy", "Properties": {
+            "PolicyName": f"{opts.stack_name}-{kind.lower()}",
+            "PolicyType": "TargetTrackingScaling",
+            "ScalingTargetId": _ref("ScalableTarget"),
+            "TargetTrackingScalingPolicyConfiguration": {
+                "TargetValue": target, **metric, "ScaleInCooldown": 120, "ScaleOutCooldown": 60}}}
+
+    return {
+        "CpuScaling": policy("Cpu", CPU_TARGET, {"PredefinedMetricSpecification": {
+            "PredefinedMetricType": "ECSServiceAverageCPUUtilization"}}),
+        "ConnectionsScaling": policy(
+            "Connections", float(opts.connections_per_task), {"CustomizedMetricSpecification": {
+                "Namespace": metrics_emitter.NAMESPACE, "MetricName": metrics_emitter.METRIC,
+                "Dimensions": [{"Name": metrics_emitter.DIMENSION, "Value": opts.stack_name}],
+                "Statistic": "Average", "Unit": "Count"}}),
+    }
+
+
 def _service(opts: AwsOptions, architecture: str) -> Json:
     environment = [
         {"Name": "ECHO_HOST", "Value": "0.0.0.0"},
@@ -333,6 +357,8 @@ def _service(opts: AwsOptions, architecture: str) -> Json:
         {"Name": "ECHO_AWS_REGION", "Value": _ref("AWS::Region")},
         {"Name": "ECHO_ASSOCIATIONS", "Value": "/app/associations.json"},
         {"Name": "ECHO_ASSOCIATIONS_S3", "Value": _sub(f"s3://${{Bucket}}/{ASSOCIATIONS_KEY}")},
+        # the dimension the connections metric is published under (see _scaling)
+        {"Name": metrics_emitter.SERVICE_ENV, "Value": opts.stack_name},
     ]
     subnets = _subnets(opts)
     listeners = _listeners(opts)
@@ -404,19 +430,7 @@ def _service(opts: AwsOptions, architecture: str) -> Json:
             "ServiceNamespace": "ecs", "ScalableDimension": "ecs:service:DesiredCount",
             "ResourceId": _sub("service/${Cluster}/${Service.Name}"),
             "MinCapacity": opts.min_tasks, "MaxCapacity": opts.max_tasks}},
-        **{
-            f"{kind}Scaling": {"Type": "AWS::ApplicationAutoScaling::ScalingPolicy", "Properties": {
-                "PolicyName": f"{opts.stack_name}-{kind.lower()}",
-                "PolicyType": "TargetTrackingScaling",
-                "ScalingTargetId": _ref("ScalableTarget"),
-                "TargetTrackingScalingPolicyConfiguration": {
-                    "TargetValue": target,
-                    "PredefinedMetricSpecification": {"PredefinedMetricType": metric},
-                    "ScaleInCooldown": 120, "ScaleOutCooldown": 60}}}
-            for kind, metric, target in (
-                ("Cpu", "ECSServiceAverageCPUUtilization", CPU_TARGET),
-                ("Memory", "ECSServiceAverageMemoryUtilization", MEMORY_TARGET))
-        },
+        **_scaling(opts),
     }
 
 

@@ -366,6 +366,13 @@ def test_domain_with_own_certificate_says_where_to_point_dns(tmp_path: Path) -> 
     assert f"once {DOMAIN} points at the load balancer" in endpoint["Description"]
     assert template["Outputs"]["LoadBalancerDNSName"]["Value"] == {
         "Fn::GetAtt": ["LoadBalancer", "DNSName"]}
+    # your certificate and a hosted zone: the record is created, no second certificate
+    both = synth(project, tmp_path / "both", f"domain={DOMAIN}", f"certificate_arn={CERT}",
+                 f"hosted_zone_id={ZONE}")
+    assert not resources_of(both, "AWS::CertificateManager::Certificate")
+    assert resources_of(both, "AWS::Route53::RecordSet")
+    assert both["Resources"]["HttpsListener"]["Properties"]["Certificates"] == [
+        {"CertificateArn": CERT}]
 
 
 def test_existing_vpc_creates_no_network_and_uses_its_ids(tmp_path: Path) -> None:

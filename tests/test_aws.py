@@ -194,6 +194,8 @@ def test_template_wiring(tmp_path: Path) -> None:
 
     # ElastiCache Redis: TLS, AUTH, a replica; reachable from the tasks only
     assert not resources_of(template, "AWS::ElastiCache::CacheCluster")
+    # a new logical id: an update cannot turn the old "Cache" CacheCluster into a group
+    assert "Cache" not in template["Resources"]
     (cache,) = resources_of(template, "AWS::ElastiCache::ReplicationGroup").values()
     assert cache["Properties"]["Engine"] == "redis"
     assert cache["Properties"]["CacheNodeType"] == "cache.t4g.micro"
@@ -210,7 +212,7 @@ def test_template_wiring(tmp_path: Path) -> None:
     url_secret = template["Resources"]["CacheUrlSecret"]
     assert url_secret["Type"] == "AWS::SecretsManager::Secret"
     assert url_secret["Properties"]["SecretString"] == {"Fn::Sub": f"rediss://:{token_ref}@"
-        "${Cache.PrimaryEndPoint.Address}:${Cache.PrimaryEndPoint.Port}/0"}
+        "${CacheGroup.PrimaryEndPoint.Address}:${CacheGroup.PrimaryEndPoint.Port}/0"}
     assert resources_of(template, "AWS::ElastiCache::SubnetGroup")
     cache_sg = template["Resources"]["CacheSecurityGroup"]["Properties"]["SecurityGroupIngress"]
     assert cache_sg == [{"IpProtocol": "tcp", "FromPort": 6379, "ToPort": 6379,
@@ -233,7 +235,7 @@ def test_template_wiring(tmp_path: Path) -> None:
     assert read["Resource"] == [{"Ref": "SecretArn"}, {"Ref": "CacheUrlSecret"}]
     assert "{{resolve" not in json.dumps(task_def)
     single = synth(project, tmp_path / "single", HTTP, "cache_replicas=0")
-    props = single["Resources"]["Cache"]["Properties"]
+    props = single["Resources"]["CacheGroup"]["Properties"]
     assert (props["NumCacheClusters"], props["AutomaticFailoverEnabled"],
             props["MultiAZEnabled"], props["TransitEncryptionEnabled"]) == (1, False, False, True)
     assert task_def["Properties"]["RequiresCompatibilities"] == ["FARGATE"]

@@ -45,7 +45,7 @@ CPU_TARGET = 60.0
 CACHE_AUTH_TOKEN = "{{resolve:secretsmanager:${CacheAuthSecret}:SecretString}}"
 # TLS (rediss://) and AUTH; CloudFormation resolves the token when it creates the secret
 CACHE_URL = ("rediss://:" + CACHE_AUTH_TOKEN
-             + "@${Cache.PrimaryEndPoint.Address}:${Cache.PrimaryEndPoint.Port}/0")
+             + "@${CacheGroup.PrimaryEndPoint.Address}:${CacheGroup.PrimaryEndPoint.Port}/0")
 
 Json = dict[str, Any]
 
@@ -180,7 +180,9 @@ def _cache(opts: AwsOptions) -> Json:
             # ElastiCache tokens: 16-128 printable characters without @ " /
             "GenerateSecretString": {"PasswordLength": 32, "ExcludePunctuation": True},
             "Tags": _tags(opts, "redis-auth")}},
-        "Cache": {"Type": "AWS::ElastiCache::ReplicationGroup", "Properties": {
+        # not "Cache", the single CacheCluster of earlier versions: CloudFormation cannot change
+        # a resource's type in place, so an update creates this and then deletes that one
+        "CacheGroup": {"Type": "AWS::ElastiCache::ReplicationGroup", "Properties": {
             "ReplicationGroupDescription": f"{opts.stack_name}: Echo's Redis",
             "Engine": "redis", "CacheNodeType": opts.cache_node_type, "Port": 6379,
             "NumCacheClusters": opts.cache_replicas + 1,
@@ -459,7 +461,7 @@ def render(opts: AwsOptions, architecture: str = "x86_64",
         "LogGroupName": {"Value": _ref("LogGroup")},
     }
     if not opts.own_redis:
-        outputs["RedisAddress"] = {"Value": _att("Cache", "PrimaryEndPoint.Address")}
+        outputs["RedisAddress"] = {"Value": _att("CacheGroup", "PrimaryEndPoint.Address")}
     parameters: Json = {
         "ImageUri": {"Type": "String", "Description": "Echo server image"},
         "SecretArn": {"Type": "String",

@@ -186,6 +186,15 @@ def test_template_wiring(tmp_path: Path) -> None:
     assert float(environment["ECHO_KEEP_ALIVE_TIMEOUT"]) > float(idle)
     tg_attributes = {a["Key"]: a["Value"] for a in group["Properties"]["TargetGroupAttributes"]}
     assert tg_attributes["stickiness.enabled"] == "false"
+    # drain before SIGTERM: the task watches its own target (drain_watch), which the ALB
+    # keeps serving for longer than Echo's drain takes (5 s to notice + 10 s at most)
+    assert environment["ECHO_TARGET_GROUP_ARN"] == {"Ref": "TargetGroup"}
+    assert int(tg_attributes["deregistration_delay.timeout_seconds"]) >= 5 + 10 + 15
+    container = template["Resources"]["TaskDefinition"]["Properties"]["ContainerDefinitions"][0]
+    assert container["StopTimeout"] > 10
+    task_policy = template["Resources"]["TaskRole"]["Properties"]["Policies"][0]["PolicyDocument"]
+    assert {"Effect": "Allow", "Action": "elasticloadbalancing:DescribeTargetHealth",
+            "Resource": "*"} in task_policy["Statement"]
     sticky = synth(project, tmp_path / "sticky", HTTP, "long_polling=true")
     (group,) = resources_of(sticky, "AWS::ElasticLoadBalancingV2::TargetGroup").values()
     tg_attributes = {a["Key"]: a["Value"] for a in group["Properties"]["TargetGroupAttributes"]}
@@ -681,7 +690,8 @@ def test_deploy_status_push_functions_redeploy_teardown(moto: MotoServer, tmp_pa
     object_access = [s for s in task_role if s["Action"] == ["s3:GetObject", "s3:PutObject"]]
     assert [s["Resource"] for s in object_access] == [f"arn:aws:s3:::{bucket}/*"]
     assert {json.dumps(s["Action"]) for s in task_role} == {
-        '"lambda:InvokeFunction"', '["s3:GetObject", "s3:PutObject"]', '"s3:ListBucket"'}
+        '"lambda:InvokeFunction"', '["s3:GetObject", "s3:PutObject"]', '"s3:ListBucket"',
+        '"elasticloadbalancing:DescribeTargetHealth"'}  # read-only, takes no resource ARN
     assert all("*" not in json.dumps(s["Action"]) for s in task_role)
     execution = _role_policies(iam, roles["ExecutionRole"])
     (read_secret,) = [s for s in execution if s["Action"] == "secretsmanager:GetSecretValue"]

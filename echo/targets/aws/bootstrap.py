@@ -8,7 +8,9 @@ lives in Redis and every node follows it.
 
 When ``CLOUDWATCH_SERVICE_NAME`` is set (the template sets it), it first starts
 :mod:`echo.targets.aws.metrics_emitter` as a separate process, which publishes the open
-connections for autoscaling; then it execs the server, which so keeps this PID and gets
+connections for autoscaling, and :mod:`echo.targets.aws.drain_watch` (with
+``ECHO_TARGET_GROUP_ARN``), which starts the drain when the ALB drains the task; then it
+execs the server, which so keeps this PID and gets
 ECS's SIGTERM directly (no forwarding to get wrong).
 
 Run as ``python -m echo.targets.aws.bootstrap``; any further arguments go to ``echoctl serve``.
@@ -69,6 +71,17 @@ def start_metrics_emitter(environ: dict[str, str]) -> subprocess.Popen[bytes] | 
                             env=environ, stdin=subprocess.DEVNULL)
 
 
+def start_drain_watch(environ: dict[str, str]) -> subprocess.Popen[bytes] | None:
+    """The watcher that starts Echo's drain when the ALB drains this task (SIGTERM comes
+    only after the ALB has closed the sockets)."""
+    from echo.targets.aws.drain_watch import TARGET_GROUP_ENV
+
+    if not environ.get(TARGET_GROUP_ENV):
+        return None
+    return subprocess.Popen([sys.executable, "-m", "echo.targets.aws.drain_watch"],
+                            env=environ, stdin=subprocess.DEVNULL)
+
+
 def main() -> None:
     from echo.core import logs
 
@@ -76,6 +89,7 @@ def main() -> None:
     environ = dict(os.environ)
     fetch_associations(environ)
     start_metrics_emitter(environ)
+    start_drain_watch(environ)
     os.execvpe("echoctl", ["echoctl", "serve", *sys.argv[1:]], environ)
 
 

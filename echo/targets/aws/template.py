@@ -39,6 +39,8 @@ PORT = 3000
 ASSOCIATIONS_KEY = "associations.json"
 # python-socketio's defaults: a ping every 25 s, a client gone after 20 s more without a pong.
 SOCKETIO_PING_INTERVAL, SOCKETIO_PING_TIMEOUT = 25, 20
+DEREGISTRATION_DELAY = 45
+STOP_TIMEOUT = 30
 ALB_IDLE_TIMEOUT = 120  # must exceed 45 s, or the ALB cuts quiet websockets between pings
 # no memory target: memory never falls in a Python process, so it would never scale in
 CPU_TARGET = 60.0
@@ -264,6 +266,9 @@ def _roles(opts: AwsOptions, image_repository_arn: str | Json | None) -> Json:
                 {"Effect": "Allow", "Action": ["s3:GetObject", "s3:PutObject"],
                  "Resource": _sub("${Bucket.Arn}/*")},
                 {"Effect": "Allow", "Action": "s3:ListBucket", "Resource": _att("Bucket", "Arn")},
+                # drain_watch: is this task draining? (the action takes no resource ARN)
+                {"Effect": "Allow", "Action": "elasticloadbalancing:DescribeTargetHealth",
+                 "Resource": "*"},
             ])]}},
         # used by the functions: write their own logs, nothing else
         "FunctionRole": {"Type": "AWS::IAM::Role", "Properties": {
@@ -361,6 +366,8 @@ def _service(opts: AwsOptions, architecture: str) -> Json:
         {"Name": "ECHO_ASSOCIATIONS_S3", "Value": _sub(f"s3://${{Bucket}}/{ASSOCIATIONS_KEY}")},
         # the dimension the connections metric is published under (see _scaling)
         {"Name": metrics_emitter.SERVICE_ENV, "Value": opts.stack_name},
+        # drain_watch starts Echo's drain when the ALB starts draining this task
+        {"Name": "ECHO_TARGET_GROUP_ARN", "Value": _ref("TargetGroup")},
     ]
     subnets = _subnets(opts)
     listeners = _listeners(opts)
@@ -381,7 +388,9 @@ def _service(opts: AwsOptions, architecture: str) -> Json:
             "HealthyThresholdCount": 2, "UnhealthyThresholdCount": 3,
             "Matcher": {"HttpCode": "200"},
             "TargetGroupAttributes": [
-                {"Key": "deregistration_delay.timeout_seconds", "Value": "30"},
+                # the ALB keeps a draining task's sockets this long: drain_watch sees the
+                # draining within 5 s and Echo's drain (10 s at most) moves the clients
+                {"Key": "deregistration_delay.timeout_seconds", "Value": str(DEREGISTRATION_DELAY)},
                 {"Key": "stickiness.enabled", "Value": "true" if opts.long_polling else "false"},
                 {"Key": "stickiness.type", "Value": "lb_cookie"},
                 {"Key": "stickiness.lb_cookie.duration_seconds", "Value": "86400"}],
@@ -401,6 +410,8 @@ def _service(opts: AwsOptions, architecture: str) -> Json:
             "ContainerDefinitions": [{
                 "Name": CONTAINER, "Image": _ref("ImageUri"), "Essential": True,
                 "Command": ["python", "-m", "echo.targets.aws.bootstrap"],
+                # SIGTERM to SIGKILL: room for the drain when a task stops without draining
+                "StopTimeout": STOP_TIMEOUT,
                 "PortMappings": [{"ContainerPort": PORT, "Protocol": "tcp"}],
                 "Environment": environment,
                 # the JWT secret: resolved by ECS at task start, never in here in plain text

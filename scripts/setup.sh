@@ -14,6 +14,16 @@ setup_python() {
   fi
 }
 
+setup_checkov() {
+  # tests/test_aws.py runs the checkov policy scanner on the AWS template. It lives in a venv
+  # of its own: its pins (packaging<24, boto3) conflict with the test environment's.
+  if [ ! -x .venv-checkov/bin/checkov ]; then
+    echo "==> installing checkov into .venv-checkov"
+    python3 -m venv .venv-checkov
+    .venv-checkov/bin/pip install --quiet --disable-pip-version-check "checkov>=3,<4"
+  fi
+}
+
 setup_npm() {
   local dir="$1"
   if ! command -v npm >/dev/null; then

@@ -141,7 +141,9 @@ def _security_groups(opts: AwsOptions) -> Json:
             "GroupDescription": f"{opts.stack_name}: HTTP(S) from anywhere to the load balancer",
             "VpcId": _vpc(opts),
             "SecurityGroupIngress": [
-                {"IpProtocol": "tcp", "FromPort": port, "ToPort": port, "CidrIp": "0.0.0.0/0"}
+                {"IpProtocol": "tcp", "FromPort": port, "ToPort": port, "CidrIp": "0.0.0.0/0",
+                 "Description": "clients" if port == 443 or not opts.https
+                 else "clients, redirected to HTTPS"}
                 for port in alb_ports],
             "Tags": _tags(opts, "alb")}},
         "TaskSecurityGroup": {"Type": "AWS::EC2::SecurityGroup", "Properties": {
@@ -149,6 +151,7 @@ def _security_groups(opts: AwsOptions) -> Json:
             "VpcId": _vpc(opts),
             "SecurityGroupIngress": [{
                 "IpProtocol": "tcp", "FromPort": PORT, "ToPort": PORT,
+                "Description": "the load balancer",
                 "SourceSecurityGroupId": _att("LoadBalancerSecurityGroup", "GroupId")}],
             "Tags": _tags(opts, "tasks")}},
     }
@@ -158,6 +161,7 @@ def _security_groups(opts: AwsOptions) -> Json:
             "VpcId": _vpc(opts),
             "SecurityGroupIngress": [{
                 "IpProtocol": "tcp", "FromPort": 6379, "ToPort": 6379,
+                "Description": "the server tasks",
                 "SourceSecurityGroupId": _att("TaskSecurityGroup", "GroupId")}],
             "Tags": _tags(opts, "cache")}}
     return resources
@@ -210,6 +214,11 @@ def _storage(opts: AwsOptions) -> Json:
             "BucketEncryption": {"ServerSideEncryptionConfiguration": [
                 {"ServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]},
             "OwnershipControls": {"Rules": [{"ObjectOwnership": "BucketOwnerEnforced"}]},
+            # every PUT of associations.json is kept a month: an operator can go back
+            "VersioningConfiguration": {"Status": "Enabled"},
+            "LifecycleConfiguration": {"Rules": [{
+                "Id": "old-associations", "Status": "Enabled",
+                "NoncurrentVersionExpiration": {"NoncurrentDays": 30}}]},
             "Tags": _tags(opts, "associations")}},
         "LogGroup": {"Type": "AWS::Logs::LogGroup", "Properties": {
             "LogGroupName": f"/echo/{opts.stack_name}", "RetentionInDays": 14}},

@@ -57,30 +57,36 @@ def start_server(work: Path, project: Path | None = None) -> tuple[subprocess.Po
     raise RuntimeError("the server did not start")
 
 
+async def bench_client(url: str, channel: str | None = None,
+                       on_message: Any = None) -> socketio.AsyncClient:
+    """A python-socketio client of the bench app, subscribed to ``channel`` if given."""
+    client = socketio.AsyncClient(reconnection=False)
+    if on_message is not None:
+        client.on("message", on_message, namespace="/" + APP)
+    await client.connect(url, namespaces=["/" + APP], auth={"jwt": token(APP)},
+                         transports=["websocket"], wait_timeout=10)
+    if channel is not None:
+        await client.call("subscribe", {"channels": [channel]}, namespace="/" + APP)
+    return client
+
+
 async def normal_phase(port: int, seconds: float, subscribers: int, rate: int) -> dict[str, Any]:
     url = f"http://127.0.0.1:{port}"
     latencies: list[float] = []
     received: dict[int, int] = {}
     clients = []
+
+    def on_message(message: Any) -> None:
+        body = message.get("message") if isinstance(message, dict) else None
+        sent = body.get("t") if isinstance(body, dict) else None  # (the flood's are strings)
+        if isinstance(sent, float):
+            latencies.append(time.time() - sent)
+            number = message["message"]["n"]
+            received[number] = received.get(number, 0) + 1
+
     for _ in range(subscribers):
-        client = socketio.AsyncClient(reconnection=False)
-
-        def on_message(message: Any) -> None:
-            body = message.get("message") if isinstance(message, dict) else None
-            sent = body.get("t") if isinstance(body, dict) else None  # (the flood's are strings)
-            if isinstance(sent, float):
-                latencies.append(time.time() - sent)
-                number = message["message"]["n"]
-                received[number] = received.get(number, 0) + 1
-
-        client.on("message", on_message, namespace="/" + APP)
-        await client.connect(url, namespaces=["/" + APP], auth={"jwt": token(APP)},
-                             transports=["websocket"], wait_timeout=10)
-        await client.call("subscribe", {"channels": ["plain"]}, namespace="/" + APP)
-        clients.append(client)
-    publisher = socketio.AsyncClient(reconnection=False)
-    await publisher.connect(url, namespaces=["/" + APP], auth={"jwt": token(APP)},
-                            transports=["websocket"], wait_timeout=10)
+        clients.append(await bench_client(url, "plain", on_message))
+    publisher = await bench_client(url)
     refused = 0
     sent = 0
     started = time.monotonic()

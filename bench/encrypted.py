@@ -25,10 +25,8 @@ import timeit
 from pathlib import Path
 from typing import Any
 
-import socketio
-
-from bench.adversarial import APP, start_server
-from bench.servers import make_project, token, workdir
+from bench.adversarial import APP, bench_client, start_server
+from bench.servers import make_project, workdir
 from echo.sdk import e2e
 
 KEY = os.urandom(32)
@@ -57,20 +55,13 @@ async def phase(port: int, pid: int, channel: str, message: Any, seconds: float,
     url = f"http://127.0.0.1:{port}"
     counts = [0]
     clients = []
+
+    def on_message(_: Any) -> None:
+        counts[0] += 1
+
     for _ in range(subscribers):
-        client = socketio.AsyncClient(reconnection=False)
-
-        def on_message(_: Any) -> None:
-            counts[0] += 1
-
-        client.on("message", on_message, namespace="/" + APP)
-        await client.connect(url, namespaces=["/" + APP], auth={"jwt": token(APP)},
-                             transports=["websocket"], wait_timeout=10)
-        await client.call("subscribe", {"channels": [channel]}, namespace="/" + APP)
-        clients.append(client)
-    publisher = socketio.AsyncClient(reconnection=False)
-    await publisher.connect(url, namespaces=["/" + APP], auth={"jwt": token(APP)},
-                            transports=["websocket"], wait_timeout=10)
+        clients.append(await bench_client(url, channel, on_message))
+    publisher = await bench_client(url)
     refused = 0
     sent = 0
     cpu_before, started = cpu_seconds(pid), time.monotonic()

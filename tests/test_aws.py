@@ -380,6 +380,18 @@ def test_no_domain_is_refused_unless_http_is_allowed(tmp_path: Path) -> None:
                 assert "-o allow_http=true" in text
     assert not (tmp_path / "out" / "template.json").exists()
     assert not (project / ".echo" / "targets" / "aws.json").exists()
+    # asked for by name: it goes ahead, and says what it means every time
+    warning = "tokens and messages cross the network in clear"
+    plain = echoctl(project, "deploy", "--target", "aws", "--dry-run", "--out",
+                    str(tmp_path / "http"), f"-o{HTTP}")
+    assert plain.returncode == 0 and warning in " ".join(plain.stderr.split()), plain.stderr
+    # with a domain allow_http is ignored: HTTPS, and no warning
+    https = echoctl(project, "deploy", "--target", "aws", "--dry-run", "--out",
+                    str(tmp_path / "https"), f"-o{HTTP}", f"-odomain={DOMAIN}",
+                    f"-ohosted_zone_id={ZONE}")
+    assert https.returncode == 0 and warning not in " ".join(https.stderr.split()), https.stderr
+    template = json.loads((tmp_path / "https" / "template.json").read_text())
+    assert template["Outputs"]["Endpoint"]["Value"] == f"https://{DOMAIN}"
 
 
 def test_domain_with_hosted_zone_creates_certificate_and_alias(tmp_path: Path) -> None:

@@ -148,11 +148,15 @@ class AwsTarget(Target):
     def repository(self) -> str:
         return self.opts.stack_name.lower()
 
-    def _require_safe_exposure(self) -> None:
-        """Refuse an endpoint whose tokens would cross the internet in clear, unless asked."""
+    def _require_safe_exposure(self, progress: Progress) -> None:
+        """Refuse an endpoint whose tokens would cross the internet in clear, unless asked;
+        when asked (``allow_http``), say so on every deploy, so no one forgets it is on."""
         problem = self.opts.exposure_problem()
         if problem:
             raise TargetError(problem)
+        if not self.opts.https:
+            progress("warning: -o allow_http=true: plain HTTP on the load balancer's own name; "
+                     "tokens and messages cross the network in clear (test deployments only)")
 
     def _require_deployment(self) -> dict[str, Any]:
         details = self.load_state().get("details", {})
@@ -200,7 +204,7 @@ class AwsTarget(Target):
 
     @_aws_errors
     def synth(self, out: Path, progress: Progress) -> list[Path]:
-        self._require_safe_exposure()
+        self._require_safe_exposure(progress)
         specs = self.lambda_specs(progress)
         self.load_associations()
         out.mkdir(parents=True, exist_ok=True)
@@ -238,7 +242,7 @@ class AwsTarget(Target):
 
     @_aws_errors
     def deploy(self, progress: Progress) -> Outputs:
-        self._require_safe_exposure()
+        self._require_safe_exposure(progress)
         started = time.monotonic()
         specs = self.lambda_specs(progress)
         associations = self.load_associations()

@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -643,6 +643,85 @@ async def test_metrics_emitter_publishes_connections_as_emf(tmp_path: Path) -> N
         if client is not None:
             await client.disconnect()
         server.stop()
+
+
+def _drain_target(moto: MotoServer, how: str) -> tuple[str, str, Callable[[], None]]:
+    """A target group with this "task" registered; and what stops it, the moto way.
+
+    moto reports no ``draining`` for a deregistered target (it goes straight to ``unused``),
+    which drain_watch treats as draining too; it does report ``draining`` for an instance
+    target whose instance was terminated, the state AWS shows for the deregistration delay.
+    """
+    ec2, elbv2 = moto.client("ec2"), moto.client("elbv2")
+    vpc = ec2.create_vpc(CidrBlock="10.40.0.0/16")["Vpc"]["VpcId"]
+    kind = "ip" if how == "deregistered" else "instance"
+    group = elbv2.create_target_group(
+        Name=f"drain-{how}-{os.getpid()}", Protocol="HTTP", Port=3000, VpcId=vpc,
+        TargetType=kind)["TargetGroups"][0]["TargetGroupArn"]
+    if how == "deregistered":
+        target = "10.40.0.17"
+    else:
+        image = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+        target = ec2.run_instances(ImageId=image, MinCount=1, MaxCount=1)["Instances"][0][
+            "InstanceId"]
+    elbv2.register_targets(TargetGroupArn=group, Targets=[{"Id": target, "Port": 3000}])
+
+    def stop() -> None:
+        if how == "deregistered":
+            elbv2.deregister_targets(TargetGroupArn=group, Targets=[{"Id": target, "Port": 3000}])
+        else:
+            ec2.terminate_instances(InstanceIds=[target])
+        state = elbv2.describe_target_health(TargetGroupArn=group, Targets=[
+            {"Id": target, "Port": 3000}])["TargetHealthDescriptions"][0]["TargetHealth"]["State"]
+        assert state == ("unused" if how == "deregistered" else "draining")
+
+    return group, target, stop
+
+
+def _start_drain_watch(env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "echo.targets.aws.drain_watch"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("how", ["draining", "deregistered"])
+async def test_the_alb_draining_a_task_starts_echos_drain(moto: MotoServer, tmp_path: Path,
+                                                         how: str) -> None:
+    """ECS sends SIGTERM only after the ALB has closed the sockets: drain_watch starts Echo's
+    drain when the target starts draining, so the clients hear the notice and move on."""
+    import asyncio
+
+    group, target, stop = _drain_target(moto, how)
+    server = EchoProcess(make_project(tmp_path / "drain"), command="serve").start()
+    assert server.process is not None
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_ENDPOINT_URL": moto.url, "ECHO_AWS_REGION": "us-east-1",
+           "ECHO_TARGET_GROUP_ARN": group, "ECHO_TARGET_IP": target, "ECHO_PORT": "3000",
+           "ECHO_DRAIN_PID": str(server.process.pid), "ECHO_DRAIN_POLL": "0.3"}
+    watcher = _start_drain_watch(env)
+    client = await connect(server)
+    try:
+        await client.call("subscribe", {"channels": ["plain"]})
+        await asyncio.sleep(1.5)  # several polls while registered and healthy: nothing happens
+        assert client.received["error"] == [] and server.process.poll() is None
+        stop()
+        await client.wait_for("error", 1, timeout=15)
+        assert [e["code"] for e in client.received["error"]] == ["server_shutdown"]
+        assert server.process.wait(timeout=20) is not None  # and the node went down by itself
+        output, _ = watcher.communicate(timeout=10)
+        seen = "draining" if how == "draining" else "unused"
+        assert f"({seen}): starting Echo's drain now" in output, output
+    finally:
+        await client.disconnect()
+        watcher.kill()
+        server.stop()
+
+
+def test_without_a_target_group_the_drain_watch_does_nothing() -> None:
+    done = subprocess.run([sys.executable, "-m", "echo.targets.aws.drain_watch"],
+                          env={k: v for k, v in os.environ.items() if not k.startswith("ECHO_")},
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and "not watching" in done.stderr
 
 
 # -- end to end ------------------------------------------------------------------------

@@ -40,8 +40,8 @@ OPTION_HELP: dict[str, str] = {
     "redis_url": "use this Redis instead of creating an ElastiCache node (a user/password "
                  "in it goes to Secrets Manager, not the task definition)",
     "vpc_id": "deploy into this VPC (with subnet_ids) instead of creating one",
-    "subnet_ids": "comma-separated subnets of vpc_id, two or more in different AZs, with a "
-                  "route to the internet",
+    "subnet_ids": "comma-separated public subnets of vpc_id (internet-facing ALB, tasks "
+                  "with public IPs), two or more in different AZs",
     "long_polling": "true: sticky target group, so HTTP long-polling clients work",
     "domain": "the name clients use (chat.example.com): HTTPS on 443, 80 redirects to it",
     "hosted_zone_id": "Route 53 zone of domain: create and DNS-validate its certificate, "

@@ -164,10 +164,20 @@ def encrypted_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple
     shout.mkdir()
     (shout / "index.js").write_text(
         "exports.handler = async (message) => ({ ...message, text: message.text.toUpperCase() });\n")
+    for name, source, toml in (
+            ("tell-all", "def handler(event, context):\n    raise ValueError(event['text'])\n", ""),
+            ("too-big-pass", "def handler(event, context):\n    return 'x' * 100000\n",
+             'on_error = "pass"\n')):
+        (project / "functions" / name).mkdir()
+        (project / "functions" / name / "handler.py").write_text(source)
+        (project / "functions" / name / "function.toml").write_text(toml)
     associations = json.loads((project / "associations.json").read_text())
-    associations["applications"][TEST_APP]["channels"].append(
+    associations["applications"][TEST_APP]["channels"] += [
         {"channelName": "vault-js", "functionNames": ["js-shout"], "trustedFunctions": ["js-shout"],
-         "encrypted": True})
+         "encrypted": True},
+        {"channelName": "vault-raise", "functionNames": ["tell-all"],
+         "trustedFunctions": ["tell-all"], "encrypted": True},
+        {"channelName": "big-pass", "functionNames": ["too-big-pass"]}]
     (project / "associations.json").write_text(json.dumps(associations))
     keys = json.dumps({kid: e2e.b64url(key) for kid, key in MASTER.items()})
     server = EchoProcess(project, env={"ECHO_REDIS_URL": redis.url, "ECHO_E2E_KEYS": keys}).start()
@@ -354,3 +364,64 @@ def test_base64url_is_what_browsers_write() -> None:
     assert e2e.b64url(b"\xfb\xff") == "-_8"
     assert e2e.unb64url("-_8") == b"\xfb\xff"
     assert base64.urlsafe_b64decode("-_8=") == b"\xfb\xff"
+
+
+async def test_an_encrypted_channels_function_error_never_carries_the_plaintext(
+        encrypted_server: tuple[EchoProcess, RedisServer]) -> None:
+    """An exception's text may quote the message (``ValueError(event['text'])``): on an
+    encrypted channel only its type leaves the function's host."""
+    server, redis = encrypted_server
+    monitor = Monitor(redis.port)
+    client = await sdk_client(server, {"vault-raise": ChannelCipher(kid="k1", get_key=derived)})
+    try:
+        with pytest.raises(EchoError) as caught:
+            await client.publish("vault-raise", {"text": "launch code 0000"})
+        assert caught.value.code == "function_error" and "ValueError" in caught.value.message
+        assert "launch code" not in caught.value.message
+    finally:
+        await client.close()
+    assert b"launch code" not in monitor.close()
+    assert "launch code" not in await dev_traces(server)
+
+
+async def test_a_refused_result_does_not_go_on_past_a_pass_function(
+        encrypted_server: tuple[EchoProcess, RedisServer]) -> None:
+    """on_error = "pass" goes on with the function's input, never with the result that was
+    just refused (here: over max_message_bytes)."""
+    server, _ = encrypted_server
+    client = await sdk_client(server, None)
+    try:
+        got = collector(client, "message")
+        await client.subscribe(["big-pass"])
+        assert (await client.publish("big-pass", {"text": "orig"}))["ok"]
+        await until(lambda: got)
+        assert got[0]["message"] == {"text": "orig"}
+    finally:
+        await client.close()
+
+
+@pytest.mark.unit
+def test_decrypt_fails_cleanly_on_what_a_key_holder_can_seal() -> None:
+    deep = "[" * 5000 + "]" * 5000  # sealed as raw text: not something encrypt() would write
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    iv = os.urandom(12)
+    for plaintext in (deep.encode(), b'{"x": NaN}', b"my pin is 1234"):
+        ct = AESGCM(KEY).encrypt(iv, plaintext, e2e.associated_data("a", "c", "k1"))
+        envelope = {"v": 1, "alg": "A256GCM", "kid": "k1", "iv": e2e.b64url(iv), "ct": e2e.b64url(ct)}
+        with pytest.raises(e2e.DecryptFailed) as caught:
+            e2e.decrypt(envelope, KEY, app="a", channel="c")
+        assert "pin" not in caught.value.reason
+        with pytest.raises(e2e.DecryptFailed):  # the worker's path too
+            trusted.open_event(envelope, {"app": "a", "channel": "c"}, {"k1": KEY})
+
+    def broken_lookup(kid: str) -> bytes:
+        raise RuntimeError("vault down")
+
+    sealed = e2e.encrypt("x", KEY, app="a", channel="c", kid="k1")
+    with pytest.raises(e2e.DecryptFailed, match="lookup"):
+        e2e.decrypt(sealed, broken_lookup, app="a", channel="c")
+    with pytest.raises(ValueError):  # browsers would refuse it: so does the sealer
+        e2e.encrypt({"x": float("nan")}, KEY, app="a", channel="c", kid="k1")
+    nfc, nfd = "caf\u00e9", "cafe\u0301"
+    assert e2e.key_from_passphrase(nfc, "a", "c") == e2e.key_from_passphrase(nfd, "a", "c")

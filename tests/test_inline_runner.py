@@ -52,6 +52,27 @@ async def test_inline_functions_run_copied_checked_and_reloaded(tmp_path: Path) 
     assert await runner.invoke(specs["shout"], event, CONTEXT) == {"v": 2}
 
 
+@pytest.mark.unit
+async def test_inline_functions_keep_their_own_modules_and_strict_results(tmp_path: Path) -> None:
+    for name in ("one", "two"):
+        folder = function(tmp_path, name, "import helper\n"
+                          "def handler(event, context):\n    return helper.WHO\n")
+        (folder / "helper.py").write_text(f"WHO = {name.upper()!r}\n")
+    function(tmp_path, "nan", "def handler(event, context):\n    return {'x': float('nan')}\n")
+    function(tmp_path, "quits", "import sys\ndef handler(event, context):\n    sys.exit(3)\n")
+    specs = discover(tmp_path / "functions")
+    runner = InlineRunner()
+    assert await runner.invoke(specs["one"], {}, CONTEXT) == "ONE"
+    assert await runner.invoke(specs["two"], {}, CONTEXT) == "TWO"  # its own helper
+    (tmp_path / "functions" / "one" / "helper.py").write_text("WHO = 'ONE, edited'\n")
+    runner.reload({"one"})
+    assert await runner.invoke(specs["one"], {}, CONTEXT) == "ONE, edited"
+    for name, kind in (("nan", FunctionErrorKind.BAD_RESULT), ("quits", FunctionErrorKind.RAISED)):
+        with pytest.raises(FunctionError) as caught:
+            await runner.invoke(specs[name], {}, CONTEXT)
+        assert caught.value.kind == kind, (name, caught.value)
+
+
 async def test_an_inline_function_on_a_channel_under_echoctl_dev(tmp_path: Path) -> None:
     project = make_project(tmp_path / "inline")
     function(project, "fast-angry", "def handler(event, context):\n"

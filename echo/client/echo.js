@@ -186,7 +186,7 @@ export async function importKey(key) {
  */
 export async function keyFromPassphrase(passphrase, appName, channel) {
   const crypto = subtle();
-  const material = await crypto.importKey("raw", utf8(String(passphrase)), "PBKDF2", false, ["deriveKey"]);
+  const material = await crypto.importKey("raw", utf8(String(passphrase).normalize("NFC")), "PBKDF2", false, ["deriveKey"]);
   return crypto.deriveKey(
     { name: "PBKDF2", hash: "SHA-256", salt: utf8(`echo-e2e/${E2E_VERSION}\n${appName}\n${channel}`),
       iterations: PBKDF2_ITERATIONS },

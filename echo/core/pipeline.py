@@ -326,17 +326,19 @@ class Pipeline:
                     started -= step.seconds  # its own time, for the metrics and reports
                     if isinstance(step.result, FunctionError):
                         raise step.result
-                    value = step.result
+                    result = step.result
                 else:
-                    value = await self._invoke(spec, value, context if hop is None
-                                               else replace(context, notes=hop.notes))
-                self._check_size(function, value)
-                if encrypted:
-                    _check_sealed(function, value)
+                    result = await self._invoke(spec, value, context if hop is None
+                                                else replace(context, notes=hop.notes))
+                # checked before it replaces the input: a refused result must not go on,
+                # not even past an on_error = "pass" function
+                self.check_result(function, result, encrypted)
+                value = result
                 if hop is not None and tracer is not None:
                     hop.result, hop.seconds = value, time.perf_counter() - started
                     tracer.hop(envelope, hop)
             except Exception as exc:
+                ahead = ahead[:index]  # what followed was computed from a refused result
                 error = _as_function_error(function, exc)
                 elapsed = time.perf_counter() - started
                 if hop is not None and tracer is not None:
@@ -381,6 +383,13 @@ class Pipeline:
             log.info("chain %s failed as a whole (%s); running each function on its own",
                      "+".join(chain), exc.kind)
             return []
+
+    def check_result(self, function: str, value: Any, encrypted: bool) -> None:
+        """Raise ``bad_result`` for what a function must not hand on: over the size a publish
+        may have, or, on an encrypted channel, anything but an envelope."""
+        self._check_size(function, value)
+        if encrypted:
+            _check_sealed(function, value)
 
     def _check_size(self, function: str, value: Any) -> None:
         """A result is held to the size a publish is (``max_message_bytes``): a function must

@@ -209,9 +209,10 @@ class Inspector:
             started = time.perf_counter()
             hop = Hop(function, value, notes=notes)
             try:
-                value = await self.server.runner.invoke(self.server.functions.get(function),
-                                                        value, context)
-                hop.result = value
+                result = await self.server.runner.invoke(self.server.functions.get(function),
+                                                         value, context)
+                self.server.realtime.pipeline.check_result(function, result, rule.encrypted)
+                value = hop.result = result
             except Exception as exc:
                 hop.error = exc if isinstance(exc, FunctionError) else FunctionError(
                     function, "load_failed", str(exc))

@@ -82,9 +82,17 @@ function openForFunction(envelope, context) {
   if (!text) throw new Error("this function runs on an encrypted channel but ECHO_E2E_KEYS is not set " +
     'in its environment (e.g. {"k1": "<base64url master key>"})');
   const kid = envelope?.kid;
-  const master = JSON.parse(text)[kid];
-  if (typeof master !== "string") throw new Error(`${context.channel}: no master key for kid ${JSON.stringify(kid)} in ECHO_E2E_KEYS`);
-  const key = channelKey(Buffer.from(master, "base64url"), context.app, context.channel);
+  let keys;
+  try {
+    keys = JSON.parse(text);
+  } catch {
+    throw new Error('ECHO_E2E_KEYS is not JSON: {"k1": "<base64url master key>"}'); // never quote it
+  }
+  const master = keys?.[kid];
+  if (typeof master !== "string") throw new Error(`no master key for this kid in ECHO_E2E_KEYS`);
+  const masterKey = Buffer.from(master, "base64url");
+  if (masterKey.length < 32) throw new Error("a master key in ECHO_E2E_KEYS is shorter than 32 bytes");
+  const key = channelKey(masterKey, context.app, context.channel);
   const sealed = Buffer.from(envelope.ct, "base64url");
   const decipher = createDecipheriv("aes-256-gcm", key, Buffer.from(envelope.iv, "base64url"));
   decipher.setAAD(associatedData(context.app, context.channel, kid));
@@ -98,7 +106,13 @@ function openForFunction(envelope, context) {
     const ct = Buffer.concat([cipher.update(Buffer.from(JSON.stringify(result))), cipher.final(), cipher.getAuthTag()]);
     return { v: 1, alg: "A256GCM", kid, iv: b64url(iv), ct: b64url(ct) };
   };
-  return { event: JSON.parse(plaintext.toString("utf8")), seal };
+  let event;
+  try {
+    event = JSON.parse(plaintext.toString("utf8"));
+  } catch {
+    throw new Error("the plaintext is not JSON"); // JSON.parse's own message quotes it
+  }
+  return { event, seal };
 }
 
 async function handle(request) {
@@ -127,6 +141,10 @@ async function handle(request) {
   } catch (error) {
     const stack = error?.stack ?? String(error);
     process.stderr.write(`[${request.function}] threw: ${stack}\n`);
+    if (seal) { // an error's text may quote the plaintext: it stays on this host's console
+      return { ok: false, kind: "raised", detail: `${error?.name ?? "Error"} (the channel is ` +
+        "encrypted: the message is on the function host's console)" };
+    }
     return { ok: false, kind: "raised", detail: describe(error),
       ...(request.capture ? { traceback: String(stack).slice(-8000) } : {}) };
   }

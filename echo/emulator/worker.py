@@ -171,7 +171,7 @@ def _on_alarm(signum: int, frame: Any) -> None:
     raise _HopTimeout
 
 
-def _strict_json(value: Any) -> Any:
+def strict_json(value: Any) -> Any:
     """``value`` as the server would read it back, or ValueError: what a per-function call's
     answer is held to (:func:`_encoded`), applied between chained functions."""
     try:
@@ -206,7 +206,7 @@ def handle_chain(request: dict[str, Any]) -> dict[str, Any]:
             seconds.append(time.perf_counter() - started)
             if answer["ok"]:
                 try:
-                    value = _strict_json(answer["result"])
+                    value = strict_json(answer["result"])
                 except ValueError as exc:
                     answer = {"ok": False, "kind": "bad_result", "detail": str(exc)}
             if not answer["ok"]:
@@ -236,16 +236,21 @@ def _handle(request: dict[str, Any], traceback_wanted: bool = False) -> dict[str
         request["context"],
     )
     event, sealer = request["event"], None
-    if request["context"].get("encrypted"):  # a trusted function on an encrypted channel
+    encrypted = bool(request["context"].get("encrypted"))
+    if encrypted:  # a trusted function on an encrypted channel
         from echo.runners import trusted
+        from echo.sdk.e2e import DecryptFailed
 
         try:
             event, sealer = trusted.open_event(event, request["context"])
-        except (LookupError, ValueError) as exc:
+        except (LookupError, DecryptFailed) as exc:  # our own words: no plaintext in them
             return {"ok": False, "kind": "raised", "detail": f"could not decrypt its input: {exc}"}
         except ImportError:
             return {"ok": False, "kind": "raised", "detail": "could not decrypt its input: "
                     "install the cryptography package (pip install 'echo-realtime[sdk]')"}
+        except Exception as exc:
+            return {"ok": False, "kind": "raised",
+                    "detail": f"could not decrypt its input: {type(exc).__name__}"}
     try:
         result = handler(event, context)
         if inspect.isawaitable(result):
@@ -258,8 +263,11 @@ def _handle(request: dict[str, Any], traceback_wanted: bool = False) -> dict[str
         traceback.print_exception(exc, file=sys.__stderr__)
         detail = (_missing_module(exc, request) if isinstance(exc, ModuleNotFoundError)
                   else _describe(exc))
+        if encrypted:  # an exception's text may quote the plaintext: it stays on this host
+            detail = (f"{type(exc).__name__} (the channel is encrypted: the message is on the "
+                      "function host's console)")
         answer: dict[str, Any] = {"ok": False, "kind": "raised", "detail": detail}
-        if traceback_wanted:
+        if traceback_wanted and not encrypted:
             # from the handler's own frame on (the worker's call into it says nothing)
             frames = exc.__traceback__.tb_next if exc.__traceback__ else None
             answer["traceback"] = "".join(

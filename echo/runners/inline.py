@@ -27,7 +27,7 @@ import orjson
 from echo.config import Settings
 from echo.core.functions import FunctionSpec
 from echo.core.runners import FunctionError, FunctionErrorKind, InvocationContext, Runner
-from echo.emulator.worker import LambdaContext
+from echo.emulator.worker import LambdaContext, strict_json
 
 
 class InlineRunner(Runner):
@@ -56,6 +56,7 @@ class InlineRunner(Runner):
         module = types.ModuleType(f"echo_inline_{spec.name.replace('-', '_')}")
         module.__file__ = str(source)
         folder = str(spec.path)
+        before = set(sys.modules)
         sys.path.insert(0, folder)  # let a handler import modules beside it
         try:
             exec(compile(source.read_bytes(), str(source), "exec"), module.__dict__)
@@ -64,6 +65,12 @@ class InlineRunner(Runner):
                                 f"{type(exc).__name__}: {exc}") from None
         finally:
             sys.path.remove(folder)
+            # modules it imported from its own folder stay its own (the handler holds them):
+            # another function's ``import helper`` gets its own, a reload a fresh one
+            for name in set(sys.modules) - before:
+                file = getattr(sys.modules[name], "__file__", None) or ""
+                if file.startswith(folder + "/"):
+                    del sys.modules[name]
         handler = getattr(module, spec.handler.split(".", 1)[1], None)
         if not callable(handler):
             raise FunctionError(spec.name, FunctionErrorKind.LOAD_FAILED,
@@ -82,15 +89,22 @@ class InlineRunner(Runner):
         try:
             result = handler(own, lambda_context)
             if inspect.isawaitable(result):
-                async with asyncio.timeout(spec.timeout):
-                    result = await result
-        except TimeoutError:
-            raise FunctionError(spec.name, FunctionErrorKind.TIMEOUT,
-                                f"no result within {spec.timeout:g}s") from None
-        except Exception as exc:
+                try:
+                    async with asyncio.timeout(spec.timeout):
+                        result = await result
+                except TimeoutError as exc:
+                    if exc.__context__ is None or isinstance(exc.__context__, asyncio.CancelledError):
+                        raise FunctionError(spec.name, FunctionErrorKind.TIMEOUT,
+                                            f"no result within {spec.timeout:g}s") from None
+                    raise
+        except FunctionError:
+            raise
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # SystemExit too: a function must not stop the server
             raise FunctionError(spec.name, FunctionErrorKind.RAISED,
                                 f"{type(exc).__name__}: {exc}") from None
         try:
-            return orjson.loads(orjson.dumps(result))  # JSON, as a worker's answer would be
-        except (TypeError, orjson.JSONDecodeError) as exc:
-            raise FunctionError(spec.name, FunctionErrorKind.BAD_RESULT, f"not JSON: {exc}") from None
+            return strict_json(result)
+        except ValueError as exc:
+            raise FunctionError(spec.name, FunctionErrorKind.BAD_RESULT, str(exc)) from None

@@ -75,7 +75,9 @@ def encrypt(message: Any, key: bytes, *, app: str, channel: str, kid: str) -> di
     if not KID.match(kid):
         raise ValueError(f"kid {kid!r}: 1-64 characters of letters, digits and . _ -")
     iv = os.urandom(IV_BYTES)
-    plaintext = json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode()
+    # no NaN or Infinity: browsers' JSON.parse refuses them, so the two would disagree
+    plaintext = json.dumps(message, separators=(",", ":"), ensure_ascii=False,
+                           allow_nan=False).encode()
     ct = _aesgcm(key).encrypt(iv, plaintext, associated_data(app, channel, kid))
     return {"v": VERSION, "alg": ALG, "kid": kid, "iv": b64url(iv), "ct": b64url(ct)}
 
@@ -90,18 +92,29 @@ def decrypt(envelope: Any, key: bytes | Callable[[str], bytes | None], *, app: s
     if problem is not None:
         raise DecryptFailed(channel, problem)
     kid = envelope["kid"]
-    found = key(kid) if callable(key) else key
+    try:
+        found = key(kid) if callable(key) else key
+    except Exception as exc:  # the app's own lookup failed: still a decrypt failure
+        raise DecryptFailed(channel, f"the key lookup for kid {kid!r} raised "
+                            f"{type(exc).__name__}") from None
     if found is None:
         raise DecryptFailed(channel, f"no key for kid {kid!r}")
     try:
         plaintext = _aesgcm(found).decrypt(unb64url(envelope["iv"]), unb64url(envelope["ct"]),
                                            associated_data(app, channel, kid))
-        return json.loads(plaintext)
     except InvalidTag:
         raise DecryptFailed(channel, "the ciphertext does not open with this key on this "
                             "channel (wrong key, tampered, or copied from elsewhere)") from None
-    except ValueError as exc:
+    except ValueError as exc:  # a key of the wrong length, bad base64
         raise DecryptFailed(channel, str(exc)[:120]) from None
+    try:
+        return json.loads(plaintext, parse_constant=_no_constant)
+    except (ValueError, RecursionError):  # never quote it: the message would be in the reason
+        raise DecryptFailed(channel, "the plaintext is not JSON (or nested too deeply)") from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def channel_key(master_key: bytes, app: str, channel: str) -> bytes:
@@ -120,9 +133,11 @@ def key_from_passphrase(passphrase: str, app: str, channel: str) -> bytes:
     """A channel key from a passphrase its users share (PBKDF2-SHA256, salted by the app and
     channel): as strong as the passphrase, no stronger."""
     import hashlib
+    import unicodedata
 
     salt = f"echo-e2e/{VERSION}\n{app}\n{channel}".encode()
-    return hashlib.pbkdf2_hmac("sha256", passphrase.encode(), salt, PBKDF2_ITERATIONS, KEY_BYTES)
+    typed = unicodedata.normalize("NFC", passphrase)  # "é" typed either way is one key
+    return hashlib.pbkdf2_hmac("sha256", typed.encode(), salt, PBKDF2_ITERATIONS, KEY_BYTES)
 
 
 def keys_from_text(text: str) -> dict[str, bytes]:

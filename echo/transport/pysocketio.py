@@ -546,7 +546,8 @@ class PySocketIOTransport(Transport):
         try:
             while conn.inbox:
                 held = conn.held_until - loop.time()
-                if held > 0 and isinstance(conn.inbox[0], Incoming):
+                if held > 0 and isinstance(conn.inbox[0], Incoming) and not any(
+                        isinstance(item, Leaving) for item in conn.inbox):  # gone: no waiting
                     await asyncio.sleep(held)  # throttled: its events wait in its inbox
                     continue
                 item = conn.inbox.popleft()

@@ -425,3 +425,18 @@ def test_decrypt_fails_cleanly_on_what_a_key_holder_can_seal() -> None:
         e2e.encrypt({"x": float("nan")}, KEY, app="a", channel="c", kid="k1")
     nfc, nfd = "caf\u00e9", "cafe\u0301"
     assert e2e.key_from_passphrase(nfc, "a", "c") == e2e.key_from_passphrase(nfd, "a", "c")
+
+
+@pytest.mark.unit
+def test_a_trusted_function_must_run_where_keys_can_open_envelopes(tmp_path: Path) -> None:
+    from echo.core.functions import missing_functions
+
+    for name, toml in (("local-one", ""), ("fast-one", 'runner = "inline"\n')):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "handler.py").write_text("def handler(e, c):\n    return e\n")
+        (tmp_path / name / "function.toml").write_text(toml)
+    doc = parse_associations({"applications": {"app": {"channels": [
+        {"channelName": "s", "encrypted": True, "functionNames": ["local-one", "fast-one"],
+         "trustedFunctions": ["local-one", "fast-one"]}]}}})
+    (problem,) = missing_functions(doc, tmp_path)
+    assert "trustedFunctions[1]" in problem and "inline runner" in problem

@@ -210,7 +210,9 @@ def _javascript_problem(file: Path, export: str) -> str | None:
 
 
 def missing_functions(associations: Associations, functions_dir: Path) -> list[str]:
-    """Each function the document names that has no folder, by its path in the document."""
+    """Each function the document names that has no folder, or that it trusts with an
+    encrypted channel's keys on a runner that cannot open envelopes; by its path in the
+    document."""
     problems: list[str] = []
     for app, app_doc in associations.document.get("applications", {}).items():
         for index, entry in enumerate(app_doc.get("channels", [])):
@@ -220,7 +222,21 @@ def missing_functions(associations: Associations, functions_dir: Path) -> list[s
                         f"applications.{app}.channels[{index}].functionNames[{position}]: no "
                         f"function {name!r} (no folder {functions_dir / name}; "
                         f"`echoctl functions new {name}` makes one)")
+            for position, name in enumerate(entry.get("trustedFunctions", [])):
+                runner = _runner_of(functions_dir / name)
+                if runner not in (None, "local"):  # only the local workers open envelopes
+                    problems.append(
+                        f"applications.{app}.channels[{index}].trustedFunctions[{position}]: "
+                        f"{name!r} runs on the {runner} runner, which cannot open an encrypted "
+                        "channel's messages (trusted functions run on the local runner)")
     return problems
+
+
+def _runner_of(folder: Path) -> str | None:
+    try:
+        return load_spec(folder).runner if folder.is_dir() else None
+    except FunctionConfigError:
+        return None  # reported as the function's own problem
 
 
 def is_function_name(name: str) -> bool:

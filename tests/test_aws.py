@@ -717,6 +717,35 @@ async def test_the_alb_draining_a_task_starts_echos_drain(moto: MotoServer, tmp_
         server.stop()
 
 
+def test_drain_watch_survives_an_elb_api_that_never_answers(tmp_path: Path) -> None:
+    """A hung DescribeTargetHealth gives up in seconds (it must not outlast the 45 s
+    deregistration delay) and is not taken for a drain: the server is left running."""
+    import select
+    import socket
+
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts connections, never replies
+    standin = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{silent.getsockname()[1]}",
+           "ECHO_AWS_REGION": "us-east-1", "ECHO_TARGET_IP": "10.40.0.18",
+           "ECHO_TARGET_GROUP_ARN": "arn:aws:elasticloadbalancing:us-east-1:123456789012:"
+                                    "targetgroup/silent/0123456789abcdef",
+           "ECHO_DRAIN_PID": str(standin.pid), "ECHO_DRAIN_POLL": "0.3"}
+    watcher = _start_drain_watch(env)
+    try:
+        assert watcher.stdout is not None
+        deadline, seen = time.monotonic() + 30, ""
+        while "target health unknown" not in seen:
+            ready, _, _ = select.select([watcher.stdout], [], [], deadline - time.monotonic())
+            assert ready, f"no give-up within 30 s: {seen}"
+            seen += watcher.stdout.readline()
+        assert watcher.poll() is None and standin.poll() is None  # no drain on no answer
+    finally:
+        watcher.kill()
+        standin.kill()
+        silent.close()
+
+
 def test_without_a_target_group_the_drain_watch_does_nothing() -> None:
     done = subprocess.run([sys.executable, "-m", "echo.targets.aws.drain_watch"],
                           env={k: v for k, v in os.environ.items() if not k.startswith("ECHO_")},

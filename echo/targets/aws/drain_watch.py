@@ -108,7 +108,11 @@ def main() -> None:
     if not target_group or not ip:
         log.info("no target group or task address: not watching for a drain")
         return
-    client = boto3.client("elbv2", region_name=environ.get("ECHO_AWS_REGION"))
+    from botocore.config import Config
+
+    # short timeouts: a hung call must not outlast the deregistration delay
+    client = boto3.client("elbv2", region_name=environ.get("ECHO_AWS_REGION"), config=Config(
+        connect_timeout=3, read_timeout=5, retries={"max_attempts": 2, "mode": "standard"}))
     poll = float(environ.get("ECHO_DRAIN_POLL", POLL_SECONDS))
     watch(client, target_group, ip, int(environ.get("ECHO_PORT", "3000")), server_pid, poll)
 

@@ -149,8 +149,9 @@ def resources_of(template: dict[str, Any], kind: str) -> dict[str, Any]:
     (f"domain={DOMAIN}", f"hosted_zone_id={ZONE}"),
     (HTTP, f"vpc_id={VPC}", f"subnet_ids={','.join(SUBNETS)}"),
     (HTTP, "redis_url=rediss://default:pw-0123456789@redis.internal.example:6380/0"),
+    (HTTP, "cache_replicas=0", "connections_per_task=800"),
 ], ids=["http-test", "long-polling-own-redis", "own-certificate-bigger", "domain-hosted-zone",
-        "existing-vpc", "own-redis-with-password"])
+        "existing-vpc", "own-redis-with-password", "single-cache-node"])
 def test_template_passes_cfn_lint(tmp_path: Path, options: tuple[str, ...]) -> None:
     project = make_project(tmp_path / "lint-me")
     synth(project, tmp_path / "out", *options)

@@ -158,6 +158,47 @@ class AwsTarget(Target):
             progress("warning: -o allow_http=true: plain HTTP on the load balancer's own name; "
                      "tokens and messages cross the network in clear (test deployments only)")
 
+    def _check_network(self, progress: Progress) -> None:
+        """Your VPC's subnets, checked before anything is created: a wrong id, a subnet of
+        another VPC or one AZ only would fail the stack minutes in. A subnet without a route
+        to an internet gateway is only warned about (the internet-facing ALB would be
+        unreachable there, unless the route goes through a firewall endpoint)."""
+        if not self.opts.vpc_id:
+            return
+        ec2, vpc, wanted = self.client("ec2"), self.opts.vpc_id, list(self.opts.subnet_ids)
+        listing = f"`aws ec2 describe-subnets --filters Name=vpc-id,Values={vpc}`"
+        # a filter, not SubnetIds=: an unknown id is then missing from the answer, not an error
+        subnets = ec2.describe_subnets(
+            Filters=[{"Name": "subnet-id", "Values": wanted}])["Subnets"]
+        missing = [s for s in wanted if s not in {subnet["SubnetId"] for subnet in subnets}]
+        if missing:
+            raise TargetError(f"-o subnet_ids: no subnet {missing[0]} in {self.region}; list "
+                              f"{vpc}'s subnets with {listing}")
+        for subnet in subnets:
+            if subnet["VpcId"] != vpc:
+                raise TargetError(f"-o subnet_ids: {subnet['SubnetId']} is in {subnet['VpcId']}"
+                                  f", not {vpc}; list {vpc}'s subnets with {listing}")
+        zones = sorted({subnet["AvailabilityZone"] for subnet in subnets})
+        if len(zones) < 2:
+            raise TargetError(f"-o subnet_ids: all in {zones[0]}; the load balancer needs "
+                              f"subnets in two availability zones ({listing})")
+        tables = ec2.describe_route_tables(Filters=[{"Name": "vpc-id", "Values": [vpc]}])
+        main, by_subnet = None, {}
+        for table in tables["RouteTables"]:
+            for association in table.get("Associations", []):
+                if association.get("Main"):
+                    main = table
+                elif association.get("SubnetId"):
+                    by_subnet[association["SubnetId"]] = table
+        for subnet in wanted:
+            table = by_subnet.get(subnet, main)
+            routes = table.get("Routes", []) if table else []
+            if not any(r.get("DestinationCidrBlock") == "0.0.0.0/0"
+                       and str(r.get("GatewayId", "")).startswith("igw-") for r in routes):
+                progress(f"warning: -o subnet_ids: {subnet} has no 0.0.0.0/0 route to an "
+                         "internet gateway; the internet-facing load balancer needs public "
+                         "subnets")
+
     def _require_deployment(self) -> dict[str, Any]:
         details = self.load_state().get("details", {})
         if not details.get("bucket"):
@@ -243,6 +284,7 @@ class AwsTarget(Target):
     @_aws_errors
     def deploy(self, progress: Progress) -> Outputs:
         self._require_safe_exposure(progress)
+        self._check_network(progress)
         started = time.monotonic()
         specs = self.lambda_specs(progress)
         associations = self.load_associations()

@@ -515,6 +515,40 @@ def test_unreachable_aws_and_docker_give_a_next_step(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_an_endpoint_answering_html_errors_gives_one_line(tmp_path: Path) -> None:
+    """A proxy's or emulator's HTML 500 page makes botocore raise ResponseParserError, which
+    is no BotoCoreError: still one line and a next step, no traceback."""
+    import http.server
+    import threading
+
+    class Broken(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            body = b"<!doctype html><title>500 Internal Server Error</title>"
+            self.send_response(500)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Broken)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        result = echoctl(make_project(tmp_path / "html"), "deploy", "--target", "aws",
+                         f"-oendpoint_url={url}", f"-oimage={IMAGE}", f"-o{HTTP}",
+                         f"-ovpc_id={VPC}", f"-osubnet_ids={','.join(SUBNETS)}")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "not an AWS reply" in result.stderr and "-o endpoint_url" in result.stderr
+
+
 class FakeCloudFormation:
     """Just enough of a CloudFormation client to replay a failed create."""
 

@@ -63,6 +63,7 @@ def _aws_errors(method: Callable[..., T]) -> Callable[..., T]:
             NoCredentialsError,
             NoRegionError,
         )
+        from botocore.parsers import ResponseParserError  # not a BotoCoreError
 
         try:
             return method(self, *args, **kwargs)
@@ -86,6 +87,11 @@ def _aws_errors(method: Callable[..., T]) -> Callable[..., T]:
                 from None
         except BotoCoreError as exc:
             raise TargetError(f"AWS call failed: {exc}; run the command again") from None
+        except ResponseParserError:  # an HTML error page from a proxy or an emulator, say
+            raise TargetError(
+                f"AWS answered with something that is not an AWS reply (at "
+                f"{self.opts.endpoint_url or self.region}); check -o endpoint_url or the "
+                "network's proxy, then run the command again") from None
         except (FunctionConfigError, PackagingError) as exc:
             raise TargetError(f"{exc}; fix the function and run the command again") from None
         except AssociationsError as exc:

@@ -172,10 +172,10 @@ ACCEPTED = {
                    "(or serves it with -o allow_http=true, a test deployment)",
     "CKV_AWS_149": "Secrets Manager's AWS-managed key, not a customer key: a CMK costs $1 a "
                    "month and adds key policy to get wrong, for no gain to this threat model",
-    "CKV_AWS_158": "the log group uses CloudWatch's default encryption (no CMK, as above); "
-                   "Echo's logs are bounded and hold no message payloads",
+    "CKV_AWS_158": "the log group uses CloudWatch Logs' own encryption at rest, not a CMK "
+                   "(the same trade as above)",
     "CKV_AWS_18": "no S3 access log for the associations bucket: it needs a second bucket, "
-                  "and every write is already a versioned object and a CloudTrail event",
+                  "and every write is kept as an object version for 30 days",
     "CKV_AWS_91": "no ALB access logs by default: a bucket and a cost per request; an "
                   "operator who wants them turns them on",
     "CKV_AWS_65": "container insights off: charged per metric; the Connections metric and "

@@ -10,8 +10,8 @@ When ``CLOUDWATCH_SERVICE_NAME`` is set (the template sets it), it first starts
 :mod:`echo.targets.aws.metrics_emitter` as a separate process, which publishes the open
 connections for autoscaling, and :mod:`echo.targets.aws.drain_watch` (with
 ``ECHO_TARGET_GROUP_ARN``), which starts the drain when the ALB drains the task; then it
-execs the server, which so keeps this PID and gets
-ECS's SIGTERM directly (no forwarding to get wrong).
+execs the server, which so keeps this PID and gets ECS's SIGTERM directly (no forwarding
+to get wrong).
 
 Run as ``python -m echo.targets.aws.bootstrap``; any further arguments go to ``echoctl serve``.
 """

@@ -239,7 +239,9 @@ def test_template_wiring(tmp_path: Path) -> None:
     assert environment["ECHO_TARGET_GROUP_ARN"] == {"Ref": "TargetGroup"}
     assert int(tg_attributes["deregistration_delay.timeout_seconds"]) >= 5 + 10 + 15
     container = template["Resources"]["TaskDefinition"]["Properties"]["ContainerDefinitions"][0]
-    assert container["StopTimeout"] > 10
+    # longer than ECS's default 30 s, twice Echo's longest shutdown (10 + 1 + 2 s of drain,
+    # uvicorn's 5 s), within Fargate's 120 s
+    assert 30 < 2 * (10 + 1 + 2 + 5) <= container["StopTimeout"] <= 120
     task_policy = template["Resources"]["TaskRole"]["Properties"]["Policies"][0]["PolicyDocument"]
     assert {"Effect": "Allow", "Action": "elasticloadbalancing:DescribeTargetHealth",
             "Resource": "*"} in task_policy["Statement"]

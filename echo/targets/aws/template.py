@@ -40,7 +40,10 @@ ASSOCIATIONS_KEY = "associations.json"
 # python-socketio's defaults: a ping every 25 s, a client gone after 20 s more without a pong.
 SOCKETIO_PING_INTERVAL, SOCKETIO_PING_TIMEOUT = 25, 20
 DEREGISTRATION_DELAY = 45
-STOP_TIMEOUT = 30
+# SIGTERM to SIGKILL. Echo's shutdown takes at most ~18 s (10 s for in-flight messages,
+# 3 s of flushes, uvicorn's 5 s); ECS's default of 30 s leaves a slow, loaded task little
+# room when drain_watch could not start the drain first
+STOP_TIMEOUT = 60
 ALB_IDLE_TIMEOUT = 120  # must exceed 45 s, or the ALB cuts quiet websockets between pings
 # no memory target: memory never falls in a Python process, so it would never scale in
 CPU_TARGET = 60.0
@@ -398,7 +401,7 @@ def _service(opts: AwsOptions, architecture: str) -> Json:
             "Matcher": {"HttpCode": "200"},
             "TargetGroupAttributes": [
                 # the ALB keeps a draining task's sockets this long: drain_watch sees the
-                # draining within 5 s and Echo's drain (10 s at most) moves the clients
+                # draining within 5 s and Echo's notice goes out within 10 s more
                 {"Key": "deregistration_delay.timeout_seconds", "Value": str(DEREGISTRATION_DELAY)},
                 {"Key": "stickiness.enabled", "Value": "true" if opts.long_polling else "false"},
                 {"Key": "stickiness.type", "Value": "lb_cookie"},

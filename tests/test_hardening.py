@@ -421,7 +421,9 @@ async def test_a_publish_flood_is_read_no_faster_than_it_is_allowed(
     latencies.sort()
     print(f"\nflood ({echo_server.transport}): {answered} of 5000 answered in 2 s; victim ack "
           f"p50 {latencies[len(latencies) // 2] * 1000:.1f} ms")
-    assert answered < 1000  # ~burst 100 + 50/s allowed + one refusal per hold
+    # native: ~burst 100 + 50/s allowed + one refusal per hold; python-socketio parses every
+    # frame and cuts the flooder off at its 1,000-event inbox; unthrottled, all 5,000 answer
+    assert answered < (1000 if echo_server.transport == "native" else 2500)
 
 
 async def test_a_long_polling_flood_waits_too(echo_server: EchoProcess) -> None:

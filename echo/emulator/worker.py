@@ -65,6 +65,19 @@ class LambdaContext:
 _handlers: dict[str, Any] = {}
 
 
+def exec_module(source_file: Path, folder: Path, module_name: str) -> types.ModuleType:
+    """A function's module, run fresh from its file (never cached in ``sys.modules``), with
+    its folder importable while it loads, so a handler can import modules beside it."""
+    module = types.ModuleType(module_name)
+    module.__file__ = str(source_file)
+    sys.path.insert(0, str(folder))
+    try:
+        exec(compile(source_file.read_bytes(), str(source_file), "exec"), module.__dict__)
+    finally:
+        sys.path.remove(str(folder))
+    return module
+
+
 def _load_handler(request: dict[str, Any]) -> Any:
     name = request["function"]
     if name in _handlers:
@@ -75,14 +88,7 @@ def _load_handler(request: dict[str, Any]) -> Any:
         sys.path.insert(0, deps)
     module_name, function_name = request["handler"].split(".", 1)
     source_file = folder / f"{module_name}.py"
-    module = types.ModuleType(f"echo_function_{name.replace('-', '_')}")
-    module.__file__ = str(source_file)
-    sys.path.insert(0, str(folder))  # let a handler import modules beside it
-    try:
-        code = compile(source_file.read_bytes(), str(source_file), "exec")
-        exec(code, module.__dict__)
-    finally:
-        sys.path.remove(str(folder))
+    module = exec_module(source_file, folder, f"echo_function_{name.replace('-', '_')}")
     handler = getattr(module, function_name, None)
     if not callable(handler):
         raise LookupError(f"{source_file.name} defines no function {function_name!r}")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import sys
-import types
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ import orjson
 from echo.config import Settings
 from echo.core.functions import FunctionSpec
 from echo.core.runners import FunctionError, FunctionErrorKind, InvocationContext, Runner
-from echo.emulator.worker import LambdaContext, strict_json
+from echo.emulator.worker import LambdaContext, exec_module, strict_json
 
 
 class InlineRunner(Runner):
@@ -53,18 +52,14 @@ class InlineRunner(Runner):
             raise FunctionError(spec.name, FunctionErrorKind.LOAD_FAILED,
                                 "the inline runner runs Python functions only")
         source: Path = spec.module_file
-        module = types.ModuleType(f"echo_inline_{spec.name.replace('-', '_')}")
-        module.__file__ = str(source)
         folder = str(spec.path)
         before = set(sys.modules)
-        sys.path.insert(0, folder)  # let a handler import modules beside it
         try:
-            exec(compile(source.read_bytes(), str(source), "exec"), module.__dict__)
+            module = exec_module(source, spec.path, f"echo_inline_{spec.name.replace('-', '_')}")
         except Exception as exc:
             raise FunctionError(spec.name, FunctionErrorKind.LOAD_FAILED,
                                 f"{type(exc).__name__}: {exc}") from None
         finally:
-            sys.path.remove(folder)
             # modules it imported from its own folder stay its own (the handler holds them):
             # another function's ``import helper`` gets its own, a reload a fresh one
             for name in set(sys.modules) - before:

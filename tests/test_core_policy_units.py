@@ -11,6 +11,7 @@ from pathlib import Path
 import jwt
 import pytest
 
+from echo.core import auth
 from echo.core.associations import parse_associations
 from echo.core.auth import AuthError, issue_management_token, issue_token, verify_token
 from echo.core.functions import FunctionConfigError, load_spec
@@ -45,6 +46,42 @@ def test_a_token_verifies_with_its_secret_and_names_its_app() -> None:
 def test_refused_tokens_say_why(token: object, why: str) -> None:
     with pytest.raises(AuthError, match=why):
         verify_token(SECRET, token, app="chat")
+
+
+def test_a_remembered_token_is_still_held_to_its_expiry_its_app_and_its_secret(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The verified-token cache saves the HMAC on a repeat, never a check that matters."""
+    token = issue_token(SECRET, "chat", admin=True, ttl=60)
+    assert verify_token(SECRET, token, app="chat").admin
+    assert (token, (SECRET,)) in auth.VERIFIED.entries  # the repeat below is a cache hit
+    with pytest.raises(AuthError, match="token is for app 'chat', not 'other'"):
+        verify_token(SECRET, token, app="other")
+    with pytest.raises(AuthError, match="bad token signature"):  # the secret was rotated away
+        verify_token(OTHER, token, app="chat")
+    later = time.time() + 60 + auth.LEEWAY_SECONDS + 1
+    monkeypatch.setattr(auth.time, "time", lambda: later)
+    with pytest.raises(AuthError, match="token expired"):
+        verify_token(SECRET, token, app="chat")
+    assert (token, (SECRET,)) not in auth.VERIFIED.entries
+    monkeypatch.undo()
+    not_before = int(time.time()) - 1
+    early = jwt.encode({"appName": "chat", "nbf": not_before}, SECRET, algorithm="HS256")
+    verify_token(SECRET, early)
+    monkeypatch.setattr(auth.time, "time", lambda: not_before - auth.LEEWAY_SECONDS - 10)
+    with pytest.raises(AuthError, match="not valid yet"):  # a clock set back: still checked
+        verify_token(SECRET, early)
+
+
+def test_the_verified_token_cache_keeps_only_accepted_tokens_and_is_bounded() -> None:
+    cache = auth.VerifiedTokens(size=3)
+    claims = verify_token(SECRET, issue_token(SECRET, "chat"))
+    for n in range(5):
+        cache.put(f"t{n}", (SECRET,), claims, {"exp": time.time() + 60})
+    assert list(cache.entries) == [(f"t{n}", (SECRET,)) for n in (2, 3, 4)]
+    before = len(auth.VERIFIED.entries)
+    with pytest.raises(AuthError):
+        verify_token(SECRET, issue_token(OTHER, "chat"))
+    assert len(auth.VERIFIED.entries) == before
 
 
 def test_capabilities_limit_operations_per_channel_pattern() -> None:

@@ -145,11 +145,60 @@ def verify_signed_document(secrets: Sequence[str], token: object) -> dict[str, o
     return {key: value for key, value in payload.items() if key not in REGISTERED_CLAIMS}
 
 
+class VerifiedTokens:
+    """Tokens whose signature and claims were checked, so a backend sending the same admin
+    token with every HTTP request (or a reconnect storm of one user's token) pays the HMAC
+    and the JSON once: a hit re-checks only ``exp``/``nbf`` against the clock. Keyed by the
+    token *and* the secrets it was verified with, so a rotated secret starts over; only
+    accepted tokens are kept (a forger cannot fill it), at most ``size``, oldest out first."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self.entries: dict[tuple[str, tuple[str, ...]], tuple[Claims, float, float]] = {}
+
+    def get(self, token: str, secrets: tuple[str, ...]) -> Claims | None:
+        entry = self.entries.get((token, secrets))
+        if entry is None:
+            return None
+        claims, expires, not_before = entry
+        now = time.time()
+        if now > expires + LEEWAY_SECONDS:
+            del self.entries[(token, secrets)]
+            raise AuthError("token expired: get a new one (`echoctl jwt APP`)")
+        if now < not_before - LEEWAY_SECONDS:
+            raise AuthError("token not valid yet (nbf is in the future)")
+        return claims
+
+    def put(self, token: str, secrets: tuple[str, ...], claims: Claims,
+            payload: dict[str, object]) -> None:
+        expires, not_before = payload.get("exp"), payload.get("nbf")
+        if len(self.entries) >= self.size:
+            del self.entries[next(iter(self.entries))]
+        self.entries[(token, secrets)] = (
+            claims, float(expires) if isinstance(expires, int | float) else float("inf"),
+            float(not_before) if isinstance(not_before, int | float) else float("-inf"))
+
+
+VERIFIED = VerifiedTokens()
+
+
 def verify_token(secrets: str | Sequence[str], token: object, *, app: str | None = None) -> Claims:
     """Check signature, expiry and claims; with ``app``, also that the token is for that app."""
     if not isinstance(token, str) or not token:
         raise AuthError("missing token: pass auth {jwt: <token>} (see `echoctl jwt APP`)")
-    payload = _decode(token, [secrets] if isinstance(secrets, str) else secrets)
+    keys = (secrets,) if isinstance(secrets, str) else tuple(secrets)
+    claims = VERIFIED.get(token, keys)
+    if claims is None:
+        payload = _decode(token, keys)
+        claims = _claims(payload)
+        VERIFIED.put(token, keys, claims, payload)
+    if app is not None and claims.app != app:
+        raise AuthError(f"token is for app {claims.app[:80]!r}, not {app[:80]!r}")
+    return claims
+
+
+def _claims(payload: dict[str, object]) -> Claims:
+    """The checked claims of a verified token's payload."""
     token_app = payload.get("appName")
     if not isinstance(token_app, str) or not token_app:
         raise AuthError("token appName claim must be a non-empty string")
@@ -157,8 +206,6 @@ def verify_token(secrets: str | Sequence[str], token: object, *, app: str | None
     manage = payload.get("manage", False)
     if not isinstance(admin, bool) or not isinstance(manage, bool):
         raise AuthError("token admin and manage claims must be true or false")
-    if app is not None and token_app != app:
-        raise AuthError(f"token is for app {token_app[:80]!r}, not {app[:80]!r}")
     capabilities = None
     if "capabilities" in payload:
         capabilities = Capabilities.parse(payload["capabilities"])

@@ -233,7 +233,10 @@ def _runs_table(result: dict[str, Any]) -> list[str]:
         if row.get("kind") == "idle":
             lines.append(
                 f"| {name} | {server} | idle, {row['connections']:,} conns "
-                f"(connected in {_fmt(row.get('connect_s'))} s) | | | | | | "
+                f"(connected in {_fmt(row.get('connect_s'))} s: "
+                f"{_fmt(row.get('connects_per_s'), 0, thousands=True)}/s, "
+                f"{_fmt(row.get('server_us_per_connect'), 0)} µs server CPU each; "
+                f"GC pause max {_fmt(row.get('gc_max_pause_ms'))} ms) | | | | | | "
                 f"{_fmt(row['server_cpu_pct'])} | | {_fmt(row['rss_mb'], 0)} | "
                 f"{_fmt(row['rss_per_conn_kb'])} | {gen_text} |"
             )

@@ -187,6 +187,10 @@ def measure(scenario: Scenario, target: str, servers: list[Server], redis: Redis
             "rss_mb": marks["idle_end"].rss_tree,
             "rss_per_conn_kb": 1024 * (marks["idle_end"].rss - marks["start"].rss) / connections,
             "connect_s": gen.get("connectSeconds"),
+            "connects_per_s": (connections / gen["connectSeconds"]
+                               if gen.get("connectSeconds") else None),
+            "server_us_per_connect": (1e6 * (marks["connected"].cpu - marks["start"].cpu)
+                                      / connections if "connected" in marks else None),
             "gen_cpu_pct": gen.get("genIdleCpuPct"),
             "gen_rss_mb": gen.get("genRssMb"),
         }

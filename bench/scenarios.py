@@ -41,6 +41,7 @@ class Scenario:
     over_redis: bool = False  # on Redis even with one node (the 1-node point of a scale-out series)
     group: str | None = None  # scenarios reported together (the scale-out series)
     history_of: str | None = None  # the same shape with history off (Echo being built only)
+    connect_concurrency: int = 100  # connections the generator opens at once (a storm: more)
 
     @property
     def needs_redis(self) -> bool:
@@ -52,7 +53,7 @@ class Scenario:
 
     @property
     def deadline(self) -> float:
-        connect = 30 + self.connections / 200  # generous: a slow server still finishes
+        connect = 30 + self.connections / 100  # generous: a slow server still finishes
         return connect + self.idle + self.warmup + self.measure + self.drain + 30
 
     def loadgen_config(self, urls: list[str], token: str) -> dict[str, Any]:
@@ -75,7 +76,7 @@ class Scenario:
             "drain": self.drain,
             "idle": self.idle,
             "payloadBytes": 100,
-            "connectConcurrency": 100,
+            "connectConcurrency": self.connect_concurrency,
             "connectTimeout": 30,
             "msgTimeout": 10,
             "maxMessages": 2_000_000,
@@ -171,6 +172,29 @@ def with_history(plain: Scenario) -> Scenario:
                    history_of=plain.name, idle=0, idle_name=None)
 
 
+IDLE_MAX = 19_000
+"""Connections of the biggest idle row: this machine's per-process open-file limit is a hard
+20,000 that root cannot raise (no CAP_SYS_RESOURCE), and server and generator each hold one
+descriptor per connection, so 50,000 on one node cannot be tried here."""
+
+
+def connections() -> list[Scenario]:
+    """What a connection costs: a connect storm (a node restart: every client at once) and the
+    most idle connections this machine lets one process hold."""
+    return [
+        Scenario("connect-storm-5k", "5,000 clients connect, authenticate and subscribe, 1,000 "
+                 "at a time (a node restart), then idle", rooms(100, 50, 0), mode="idle",
+                 idle=2, connect_concurrency=1000,
+                 notes="connects/s and server CPU per connect, from the first connect to the "
+                       "last subscribe ack"),
+        Scenario(f"idle-{IDLE_MAX // 1000}k", f"{IDLE_MAX:,} idle subscribers on 1,000 channels",
+                 rooms(1000, IDLE_MAX // 1000, 0), mode="idle", idle=10, connect_concurrency=500,
+                 targets=("echo", "node"),
+                 notes="the per-process open-file limit here (20,000, hard) bounds it: 50,000 "
+                       "could not be opened on this machine"),
+    ]
+
+
 def quick() -> list[Scenario]:
     """Under 2 minutes on 2 cores: the core shapes, short windows, no 10k-connection runs."""
     measure, warmup = 2.5, 0.5
@@ -197,6 +221,7 @@ def full() -> list[Scenario]:
                  window=4, measure=measure, warmup=warmup,
                  notes="baselines run the same traffic without the function"),
     ]
+    scenarios += connections()
     scale = [s for s in _base(measure, warmup)]
     scale.append(next(s for s in scenarios if s.name == "seed-10k-1hz"))
     scenarios += [

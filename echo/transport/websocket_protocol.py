@@ -387,6 +387,7 @@ class EchoWebSocketProtocol(asyncio.Protocol):
             response.headers[bytes(name).decode("latin-1")] = bytes(value).decode("latin-1")
         self.conn.send_response(response)
         self.accepted = True
+        self.response = None  # sent: its headers (a dict and a list per header) would stay
         self._flush()
 
     def _reject(self, status: int, text: str) -> None:

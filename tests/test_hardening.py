@@ -289,6 +289,22 @@ def test_half_sent_requests_are_dropped_and_one_address_cannot_hold_every_socket
         whole.settimeout(10)
         assert whole.recv(12) == b"HTTP/1.1 200"
         whole.close()
+
+        # kept alive: after whole requests (one with a body), a half-sent one is still timed
+        kept = socket.create_connection(("127.0.0.1", server.port))
+        kept.settimeout(5)
+        for request in (b"POST /health HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}",
+                        b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"):
+            kept.sendall(request)
+            assert kept.recv(65536).startswith(b"HTTP/1.1 ")
+        kept.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        started = time.monotonic()
+        try:
+            assert kept.recv(1) == b""
+        except ConnectionResetError:
+            pass
+        assert time.monotonic() - started < 4
+        kept.close()
     finally:
         for sock in held:
             sock.close()

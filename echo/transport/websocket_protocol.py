@@ -189,6 +189,7 @@ class EchoWebSocketProtocol(asyncio.Protocol):
             self.close_timer = None
         self._tell_app_disconnected(1006 if self.accepted and not self.close_sent else 1005)
         self._wake_writer()
+        _drop_tracebacks(self.conn.parser_exc)
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -486,6 +487,16 @@ class EchoWebSocketProtocol(asyncio.Protocol):
                 transport.write(data)
             elif not transport.is_closing():  # websockets' end of stream: we are done writing
                 transport.close()
+
+
+def _drop_tracebacks(exc: BaseException | None) -> None:
+    """A stream that ended mid-frame leaves websockets' ``parser_exc`` holding a traceback
+    whose frame holds the protocol: a cycle only the garbage collector could free. The
+    connection is over; the exception's message is all anyone reads."""
+    seen = 0
+    while exc is not None and seen < 8:
+        exc.__traceback__ = None
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
 
 
 def _add_default_headers(response: Response, headers: list[tuple[bytes, bytes]]) -> None:

@@ -236,7 +236,8 @@ def _runs_table(result: dict[str, Any]) -> list[str]:
                 f"(connected in {_fmt(row.get('connect_s'))} s: "
                 f"{_fmt(row.get('connects_per_s'), 0, thousands=True)}/s, "
                 f"{_fmt(row.get('server_us_per_connect'), 0)} µs server CPU each; "
-                f"GC pause max {_fmt(row.get('gc_max_pause_ms'))} ms) | | | | | | "
+                f"GC pause max {_fmt(row.get('gc_max_pause_ms'))} ms, "
+                f"work {_fmt(row.get('gc_max_work_ms'))} ms) | | | | | | "
                 f"{_fmt(row['server_cpu_pct'])} | | {_fmt(row['rss_mb'], 0)} | "
                 f"{_fmt(row['rss_per_conn_kb'])} | {gen_text} |"
             )
@@ -404,11 +405,38 @@ def _history_table(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+GC_GOAL_MS = 20
+
+
+def _gc_table(result: dict[str, Any]) -> list[str]:
+    """The longest garbage-collector pause of every Echo row (issue 19: none over 20 ms)."""
+    rows = [r for r in result["runs"] if is_product(r["target"]) and r.get("gc_max_pause_ms") is not None]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Garbage-collector pauses",
+        "",
+        "Longest pause of any Echo node since it started (connection ramp included), from "
+        "`gc.callbacks`: wall clock (what the event loop lost) and the collector's own CPU "
+        "time (the rest is the OS running something else meanwhile, on a saturated machine). "
+        f"Goal: none over {GC_GOAL_MS} ms.",
+        "",
+        "| scenario | server | connections | pause max ms | work max ms |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        over = " ⚠" if (r.get("gc_max_pause_ms") or 0) > GC_GOAL_MS else ""
+        lines.append(f"| {r['scenario']} | {short_label(r['target'])} | {r.get('connections', 0):,} | "
+                     f"{_fmt(r.get('gc_max_pause_ms'))}{over} | {_fmt(r.get('gc_max_work_ms'))} |")
+    return lines
+
+
 def markdown(result: dict[str, Any]) -> str:
     source, after = result.get("echo_source", {}), result.get("echo_source_after", {})
     lines = _intro(result) + _runs_table(result)
     lines += _before_after_table(result) + _baselines_table(result) + _history_table(result)
-    lines += _scale_table(result)
+    lines += _scale_table(result) + _gc_table(result)
     if after and after.get("echo_sha256") != source.get("echo_sha256"):
         lines[2:2] = ["**Warning: echo/ changed while this run was going on "
                       f"({source.get('echo_sha256')} → {after.get('echo_sha256')}): Echo rows "

@@ -124,26 +124,32 @@ def run_loadgen(config: dict[str, Any], deadline: float,
     return result
 
 
-def gc_max_pause_ms(servers: list[Server]) -> float | None:
-    """The longest garbage-collector pause any Echo node saw since it started (its
-    ``echo_gc_pause_max_seconds``), or None when no node answered."""
+def gc_longest_ms(servers: list[Server]) -> tuple[float | None, float | None]:
+    """The longest garbage-collector pause any Echo node saw since it started
+    (``echo_gc_pause_max_seconds``, wall clock) and the most CPU one collection took
+    (``echo_gc_work_max_seconds``), in ms; None where no node answered."""
     import httpx
 
     from bench.servers import SECRET
     from echo.core.auth import issue_management_token
 
     headers = {"authorization": "Bearer " + issue_management_token(SECRET)}
-    longest: float | None = None
+    longest: dict[str, float] = {}
     for server in servers:
         try:
             text = httpx.get(server.url + "/metrics", headers=headers, timeout=5).text
         except httpx.HTTPError:
             continue
         for line in text.splitlines():
-            if line.startswith("echo_gc_pause_max_seconds{"):
-                value = float(line.rsplit(" ", 1)[1]) * 1000
-                longest = value if longest is None else max(longest, value)
-    return None if longest is None else round(longest, 1)
+            for name in ("echo_gc_pause_max_seconds", "echo_gc_work_max_seconds"):
+                if line.startswith(name + "{"):
+                    value = float(line.rsplit(" ", 1)[1]) * 1000
+                    longest[name] = max(longest.get(name, 0.0), value)
+
+    def rounded(name: str) -> float | None:
+        return round(longest[name], 1) if name in longest else None
+
+    return rounded("echo_gc_pause_max_seconds"), rounded("echo_gc_work_max_seconds")
 
 
 def measure(scenario: Scenario, target: str, servers: list[Server], redis: Redis | None,
@@ -173,7 +179,7 @@ def measure(scenario: Scenario, target: str, servers: list[Server], redis: Redis
     base = {"scenario": scenario.name, "target": target, "nodes": scenario.nodes,
             "connections": gen.get("connections", 0)}
     if target.startswith("echo"):
-        base["gc_max_pause_ms"] = gc_max_pause_ms(servers)
+        base["gc_max_pause_ms"], base["gc_max_work_ms"] = gc_longest_ms(servers)
     row: dict[str, Any] = {**base, "ok": bool(gen.get("ok")), "error": gen.get("error")}
     if dead:
         row.update(ok=False, error=f"server died during the run: {', '.join(dead)}")

@@ -239,3 +239,12 @@ def test_gc_pauses_are_timed_for_metrics() -> None:
     assert 'echo_gc_pause_seconds_count{generation="2"}' in text
     assert gc_pauses.RECORDER.longest[2] > 0
     assert 'echo_gc_pause_max_seconds{generation="2"}' in text
+    cyclic = []
+    for _ in range(50_000):  # work for the collector: cycles it has to find
+        node: list[object] = []
+        node.append(node)
+        cyclic.append(node)
+    del cyclic, node
+    gc.collect()
+    assert 0 < gc_pauses.RECORDER.most_work[2] <= gc_pauses.RECORDER.longest[2] + 0.001
+    assert 'echo_gc_work_max_seconds{generation="2"}' in generate_latest().decode()

@@ -373,8 +373,9 @@ class LocalRunner(Runner):
             try:
                 # bounded even if the pipe outlives the worker (a descendant that escaped
                 # its group): the timeout, then a moment for the kill to close it
-                line = await asyncio.wait_for(process.stdout.readline(),
-                                              call.spec.timeout + KILL_GRACE)
+                # (asyncio.timeout: a timer, where wait_for also made a task per call)
+                async with asyncio.timeout(call.spec.timeout + KILL_GRACE):
+                    line = await process.stdout.readline()
             except TimeoutError:
                 worker.timed_out = True
                 worker.kill()

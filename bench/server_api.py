@@ -39,6 +39,8 @@ async def measure(url: str, pids: list[int], publishes: int, concurrency: int,
     received = 0
     wanted = publishes * subscribers
     done = asyncio.Event()
+    if not wanted:  # nobody subscribed: the publish path without deliveries
+        done.set()
     namespace = "/" + APP
 
     async def on_message(_: Any) -> None:
@@ -93,7 +95,7 @@ async def measure(url: str, pids: list[int], publishes: int, concurrency: int,
         "refused": refused, "delivered": received, "expected": wanted,
         "server_cpu_pct": round(100 * cpu / seconds, 1),
         "server_us_per_publish": round(1e6 * cpu / publishes, 1),
-        "server_us_per_delivery": round(1e6 * cpu / max(1, received), 2),
+        "server_us_per_delivery": round(1e6 * cpu / received, 2) if received else None,
         "p50_ms": round(p50, 2), "p99_ms": round(p99, 2), "generator_cpu_pct": generator_cpu,
     }
 
@@ -129,7 +131,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--publishes", type=int, default=2000)
     parser.add_argument("--http-publishes", type=int, default=30000,
-                        help="HTTP publishes to 1 subscriber (the throughput row)")
+                        help="HTTP publishes to 0 and 1 subscribers (the throughput rows)")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
@@ -141,9 +143,9 @@ def main() -> int:
     rows = []
     try:
         server.wait_ready()
-        for subscribers in (1, 100):
-            for via in ("http", "socket"):
-                publishes = (args.http_publishes if (via, subscribers) == ("http", 1)
+        for subscribers in (0, 1, 100):
+            for via in ("http",) if subscribers == 0 else ("http", "socket"):
+                publishes = (args.http_publishes if via == "http" and subscribers < 2
                              else args.publishes)
                 rows.append(asyncio.run(measure(server.url, server.pids(), publishes,
                                                 args.concurrency, subscribers, via)))
@@ -158,8 +160,8 @@ def main() -> int:
         "# Echo bench: the HTTP server API beside socket publishing", "",
         f"Run {started} on {os.cpu_count()} cores: one `echoctl serve` on default settings but "
         "`backend_publish_rate` off (2,000/s per app and node by default), "
-        f"{args.http_publishes} HTTP publishes to 1 subscriber and {args.publishes} in the "
-        f"other rows, {args.concurrency} in flight, from `POST /api/{APP}/publish` (admin "
+        f"{args.http_publishes} HTTP publishes to 0 and 1 subscribers and {args.publishes} in "
+        f"the other rows, {args.concurrency} in flight, from `POST /api/{APP}/publish` (admin "
         "token; Node http client, bench/node/httpload.mjs) or from one admin-token Socket.IO "
         "connection (python-socketio), to 1 or 100 python-socketio subscribers. The clients "
         "share the 2 cores with the server: the 100-subscriber rows and the socket rows are "
@@ -173,7 +175,7 @@ def main() -> int:
         lines.append(f"| {r['via']} | {r['subscribers']} | {r['publishes_per_s']} | "
                      f"{r['deliveries_per_s']} | {r['refused']} | {r['delivered']}/{r['expected']} | "
                      f"{r['p50_ms']} | {r['p99_ms']} | {r['server_cpu_pct']} | "
-                     f"{r['server_us_per_publish']} | {r['server_us_per_delivery']} | "
+                     f"{r['server_us_per_publish']} | {r['server_us_per_delivery'] or '-'} | "
                      f"{r['generator_cpu_pct'] if r['generator_cpu_pct'] is not None else ''} |")
     table = "\n".join(lines) + "\n"
     (args.out / "server-api.md").write_text(table)

@@ -226,9 +226,13 @@ def echoctl() -> str:
     return found
 
 
-HISTORY_RULE = {"channelName": "h:*", "functionNames": [], "history": {"size": 100, "ttl": 600}}
-"""Channels ``h:...`` keep history (Echo's default size and ttl) for the history scenarios;
-only in the project of the Echo being built: an Echo before history refuses the key."""
+HISTORY_RULES = (
+    {"channelName": "h:*", "functionNames": [], "history": {"size": 100, "ttl": 600}},
+    {"channelName": "hf1:*", "functionNames": ["bench-a"], "history": {"size": 100, "ttl": 600}},
+)
+"""Channels ``h:...`` keep history (Echo's default size and ttl) for the history scenarios,
+``hf1:...`` also run one function (the soak with ``--history``); only in the project of the
+Echo being built: an Echo before history refuses the key."""
 
 
 def make_project(root: Path, history: bool = True, name: str = "project") -> Path:
@@ -238,7 +242,7 @@ def make_project(root: Path, history: bool = True, name: str = "project") -> Pat
     if history:
         associations = project / "associations.json"
         data = json.loads(associations.read_text())
-        data["applications"][APP]["channels"].append(HISTORY_RULE)
+        data["applications"][APP]["channels"].extend(HISTORY_RULES)
         associations.write_text(json.dumps(data, indent=2))
     return project
 

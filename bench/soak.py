@@ -1,12 +1,13 @@
 """A bounded soak: many connections, steady publishing, Echo's memory sampled throughout.
 
-    python -m bench.soak [--connections 1000] [--minutes 3] [--rate 200]
+    python -m bench.soak [--connections 1000] [--minutes 3] [--rate 200] [--history]
 
 One ``echoctl serve`` (through one echo function on half the channels), the Node load
 generator in rate mode for the whole time, and the server's RSS sampled every 5 s. It
 reports RSS per connection and the growth over the steady part (the second half of the
 run), and exits non-zero if messages were lost or memory kept growing: more than
-``--max-growth-mb`` between the first and last quarter of the second half.
+``--max-growth-mb`` between the first and last quarter of the second half. ``--history``
+puts every channel on a history rule (100 messages, 600 s), the function half included.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=3.0)
     parser.add_argument("--rate", type=int, default=200, help="messages/s in total")
     parser.add_argument("--max-growth-mb", type=float, default=10.0)
+    parser.add_argument("--history", action="store_true",
+                        help="every channel keeps history (bench/servers.py HISTORY_RULES)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
 
@@ -38,12 +41,13 @@ def main() -> int:
     server.wait_ready()
     channels = 10
     subs = max(1, args.connections // channels - 1)
+    plain, through = ("h:", "hf1:") if args.history else ("", "f1:")
     config = {
         "urls": [server.url],
         "namespace": "/bench",
         "token": token(),
         # even channels plain, odd ones ("f1:*") through one function, bench-a: see bench/project
-        "channels": [{"name": f"soak-{n}" if n % 2 == 0 else f"f1:soak-{n}", "subs": subs,
+        "channels": [{"name": (plain if n % 2 == 0 else through) + f"soak-{n}", "subs": subs,
                       "pubs": 1} for n in range(channels)],
         "mode": "rate",
         "rate": args.rate,
@@ -78,6 +82,8 @@ def main() -> int:
         "connections": connections,
         "minutes": args.minutes,
         "rate": args.rate,
+        "history": args.history,
+        "channels": [c["name"] for c in config["channels"]],
         "ok": bool(result.get("ok")),
         "lost": result.get("lost"),
         "delivered": result.get("delivered"),

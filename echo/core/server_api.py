@@ -42,6 +42,7 @@ STATUS = {
     ErrorCode.SERVER_SHUTDOWN: 503, ErrorCode.UNAVAILABLE: 503, ErrorCode.INTERNAL: 500,
 }
 
+
 class OrjsonResponse(JSONResponse):
     """A JSON answer rendered by orjson: starlette's stdlib ``json.dumps`` was a tenth of the
     server's CPU per HTTP publish (bodies here are orjson-parsed, so orjson can render them)."""

@@ -80,10 +80,11 @@ def guarded_protocol(guard: Guard) -> type[HttpToolsProtocol]:
             if not guard.admit(address, transport):
                 transport.abort()  # uvicorn's connection_lost follows, as for any other
                 return
-            self._clock(guard.header_timeout, "headers")
+            self._clock(guard.header_timeout)
 
-        def _clock(self, seconds: float, what: str) -> None:
-            """Close the connection unless ``what`` is in within ``seconds``.
+        def _clock(self, seconds: float) -> None:
+            """Close the connection unless what is awaited (headers, a body) is in within
+            ``seconds``.
 
             One timer per connection, moved only when it fires early: a keep-alive client's
             every request sets a deadline (a float), not a new timer and a cancel (two per
@@ -127,7 +128,7 @@ def guarded_protocol(guard: Guard) -> type[HttpToolsProtocol]:
             super().on_message_begin()
             self._header_bytes = 0
             self._has_body = False
-            self._clock(guard.header_timeout, "headers")  # (again, on a kept-alive one)
+            self._clock(guard.header_timeout)  # (again, on a kept-alive one)
 
         def on_url(self, url: bytes) -> None:
             self._count(len(url))
@@ -143,7 +144,7 @@ def guarded_protocol(guard: Guard) -> type[HttpToolsProtocol]:
 
         def on_headers_complete(self) -> None:
             if self._has_body:
-                self._clock(guard.body_timeout, "body")
+                self._clock(guard.body_timeout)
             else:
                 self._stop_clock(cancel=True)
             super().on_headers_complete()
